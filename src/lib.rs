@@ -1,0 +1,18 @@
+//! `lcm`: latent consistency models on candle.
+//!
+//! The data path, one module per stage: [`tokenizer`] → [`clip`] (text encoder) → [`sampler`] over
+//! the [`unet`] (with [`schedule`] for the noise schedule) → [`vae`] → [`image_io`]; [`pipeline`]
+//! strings them together and [`source`] finds the weights.
+
+pub mod blocks;
+pub mod clip;
+pub mod config;
+pub mod nn;
+pub mod sampler;
+pub mod schedule;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod image_io;
+pub mod pipeline;
+pub mod source;

@@ -1,0 +1,331 @@
+//! The text-to-image pipeline, top to bottom: check the request → tokenize and encode the prompt →
+//! prepare the initial latents → loop over the sampler's timesteps (U-Net, then sampler step) →
+//! decode with the VAE → 8-bit images.
+//!
+//! Guidance follows diffusers: a U-Net with a guidance embedding (LCM, `time_cond_proj_dim`) gets
+//! w = guidance − 1 through the embedding and runs once per step; any other U-Net runs
+//! classifier-free guidance (batch [negative, positive], ε = ε_u + g·(ε_c − ε_u)) when guidance > 1.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+use crate::clip::ClipTextModel;
+use crate::config::{ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::image_io;
+use crate::sampler::{NoiseSource, Sampler, SamplerKind, SamplerOptions, StepOutput};
+use crate::source::{self, Defaults};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+
+/// Load safetensors weights as plain tensors (no autograd graph), converted to `dtype`.
+pub fn load_weights(files: &[std::path::PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for f in files {
+        // Validate the header first: a clear error beats a panic inside mmap parsing.
+        let mut fh = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+        let mut len = [0u8; 8];
+        std::io::Read::read_exact(&mut fh, &mut len)
+            .with_context(|| format!("{} is not a safetensors file (too short)", f.display()))?;
+        let size = fh.metadata()?.len();
+        if u64::from_le_bytes(len) + 8 > size {
+            bail!("{} is not a safetensors file (bad header length)", f.display())
+        }
+    }
+    // SAFETY: the files are opened read-only and not modified while mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .with_context(|| format!("cannot load weights {}", files[0].display()))?;
+    Ok(vb)
+}
+
+pub struct Pipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    /// Defaults from the folder's own pipeline class (LCM: lcm/4 steps/8.5; SD: ddim/50/7.5).
+    pub defaults: Defaults,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One generation request. `None`s take the pipeline's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub sampler: Option<SamplerKind>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub n: usize,
+    pub seed: u64,
+    pub tcd_gamma: Option<f64>,
+    /// Initial latents `[n, c, h/f, w/f]` (e.g. from `--latents`); drawn from `seed` when absent.
+    pub latents: Option<Tensor>,
+}
+
+/// The settings a request resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub tcd_gamma: f64,
+    pub timesteps: Vec<usize>,
+    pub cfg: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+    pub total: Duration,
+}
+
+pub struct Generation {
+    pub images: Vec<RgbImage>,
+    /// `[n, H, W, 3]` f32 in [0, 1] (diffusers' `output_type="np"`).
+    pub images_unit: Tensor,
+    /// The latents that were decoded (U-Net space).
+    pub latents: Tensor,
+    pub settings: Resolved,
+    pub timings: Timings,
+}
+
+/// What the denoising loop reports after each step.
+pub struct StepEvent<'a> {
+    pub index: usize,
+    pub timestep: usize,
+    /// The U-Net's output for the whole batch (with CFG: [uncond; cond]).
+    pub unet_output: &'a Tensor,
+    /// The ε the sampler used (after guidance).
+    pub model_output: &'a Tensor,
+    pub output: &'a StepOutput,
+}
+
+impl Pipeline {
+    /// Load a diffusers-layout folder. Weights are converted to `dtype` (the VAE always runs in
+    /// f32, as diffusers' `force_upcast` does for SD VAEs).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        source::complete_folder(dir)?;
+        let index: ModelIndex = crate::config::read_json(&dir.join("model_index.json"))?;
+        let scheduler_config = SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json"))?;
+        let te_cfg = ClipTextConfig::load(&dir.join("text_encoder/config.json"))?;
+        let unet_cfg = UNetConfig::load(&dir.join("unet/config.json"))?;
+        let vae_cfg = VaeConfig::load(&dir.join("vae/config.json"))?;
+
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
+        let component = |name: &str, dt: DType| -> Result<VarBuilder<'static>> {
+            load_weights(&source::weight_file(&dir.join(name))?, dt, device)
+        };
+        let text_encoder = ClipTextModel::new(&te_cfg, component("text_encoder", dtype)?)
+            .with_context(|| format!("text encoder in {}", dir.join("text_encoder").display()))?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, component("unet", dtype)?)
+            .with_context(|| format!("U-Net in {}", dir.join("unet").display()))?;
+        let vae = AutoencoderKL::new(&vae_cfg, component("vae", DType::F32)?)
+            .with_context(|| format!("VAE in {}", dir.join("vae").display()))?;
+
+        let defaults = class_defaults(&index, &scheduler_config, &unet, &vae_cfg);
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            defaults,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    /// Fill a request's gaps from `extra` (e.g. a pipeline definition), then the model's own
+    /// defaults, and check every value.
+    pub fn resolve(&self, req: &GenerateRequest, extra: &Defaults) -> Result<Resolved> {
+        let d = extra.or(&self.defaults);
+        let sampler = req.sampler.or(d.sampler).unwrap_or(SamplerKind::Lcm);
+        let steps = req.steps.or(d.steps).unwrap_or(4);
+        let guidance = req.guidance.or(d.guidance).unwrap_or(1.0);
+        let f = self.vae_scale_factor();
+        let native = self.unet.config.sample_size.unwrap_or(64) * f;
+        let width = req.width.or(d.width).unwrap_or(native);
+        let height = req.height.or(d.height).unwrap_or(native);
+        let tcd_gamma = req.tcd_gamma.or(d.tcd_gamma).unwrap_or(0.3);
+        if steps == 0 {
+            bail!("--steps must be at least 1")
+        }
+        if !guidance.is_finite() || guidance < 0.0 {
+            bail!("--guidance must be a finite number ≥ 0, got {guidance}")
+        }
+        for (flag, v) in [("--width", width), ("--height", height)] {
+            if v == 0 || v % f != 0 {
+                bail!("{flag} {v} must be a positive multiple of {f} (the VAE's downscaling factor)")
+            }
+        }
+        if req.n == 0 {
+            bail!("--n must be at least 1")
+        }
+        let opts = SamplerOptions { tcd_gamma, ..Default::default() };
+        let plan = Sampler::new(sampler, &self.scheduler_config, steps, opts)?;
+        let cfg = !self.unet.has_guidance_embedding() && guidance > 1.0;
+        Ok(Resolved {
+            sampler,
+            steps,
+            guidance,
+            width,
+            height,
+            tcd_gamma,
+            timesteps: plan.timesteps,
+            cfg,
+        })
+    }
+
+    /// `[1, tokens, hidden]` embedding of one prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_warn(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Generate images; `noise` supplies the initial latents (unless given) and any re-noising.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        extra: &Defaults,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(StepEvent),
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        let s = self.resolve(req, extra)?;
+        let n = req.n;
+        let f = self.vae_scale_factor();
+        let latent_shape = (n, self.unet.config.in_channels, s.height / f, s.width / f);
+
+        let t0 = Instant::now();
+        let cond = self.encode_prompt(&req.prompt)?.repeat((n, 1, 1))?;
+        let context = if s.cfg {
+            let neg = req.negative_prompt.as_deref().unwrap_or("");
+            let uncond = self.encode_prompt(neg)?.repeat((n, 1, 1))?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            if req.negative_prompt.as_deref().is_some_and(|p| !p.is_empty()) {
+                eprintln!("warning: the negative prompt is ignored without classifier-free guidance (guidance ≤ 1 or an LCM U-Net)");
+            }
+            cond
+        };
+        let text_encode = t0.elapsed();
+
+        let mut latents = match &req.latents {
+            Some(l) => {
+                if l.dims() != [latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3] {
+                    bail!(
+                        "initial latents have shape {:?}, expected {:?} for n={n} at {}x{}",
+                        l.dims(),
+                        latent_shape,
+                        s.width,
+                        s.height
+                    )
+                }
+                l.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+            None => noise.sample(&latent_shape.into(), &self.device)?,
+        };
+
+        let t1 = Instant::now();
+        let sampler = Sampler::new(
+            s.sampler,
+            &self.scheduler_config,
+            s.steps,
+            SamplerOptions { tcd_gamma: s.tcd_gamma, ..Default::default() },
+        )?;
+        let batch = if s.cfg { 2 * n } else { n };
+        let w_emb = match self.unet.config.time_cond_proj_dim {
+            Some(dim) => {
+                let w = Tensor::full((s.guidance - 1.0) as f32, batch, &self.device)?;
+                Some(crate::nn::guidance_embedding(&w, dim)?.to_dtype(self.dtype)?)
+            }
+            None => None,
+        };
+        for (i, &t) in sampler.timesteps.iter().enumerate() {
+            let model_in = if s.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let ts = Tensor::full(t as f32, batch, &self.device)?;
+            let out = self
+                .unet
+                .forward(&model_in.to_dtype(self.dtype)?, &ts, &context, w_emb.as_ref())?
+                .to_dtype(DType::F32)?;
+            let eps = if s.cfg {
+                let u = out.narrow(0, 0, n)?;
+                let c = out.narrow(0, n, n)?;
+                (&u + ((c - &u)? * s.guidance)?)?
+            } else {
+                out.clone()
+            };
+            let step = sampler.step(i, &eps, &latents, noise)?;
+            on_step(StepEvent {
+                index: i,
+                timestep: t,
+                unet_output: &out,
+                model_output: &eps,
+                output: &step,
+            });
+            latents = step.prev_sample;
+        }
+        let denoise = t1.elapsed();
+
+        let t2 = Instant::now();
+        let decoded = self.vae.decode(&self.vae.unscale(&latents)?)?;
+        let images_unit = image_io::to_unit_nhwc(&decoded)?;
+        let images = image_io::to_rgb8(&images_unit)?;
+        let decode = t2.elapsed();
+        Ok(Generation {
+            images,
+            images_unit,
+            latents,
+            settings: s,
+            timings: Timings { text_encode, denoise, decode, total: start.elapsed() },
+        })
+    }
+}
+
+/// Defaults implied by the folder itself, as the matching diffusers pipeline class would use.
+fn class_defaults(
+    index: &ModelIndex,
+    sched: &SchedulerConfig,
+    unet: &UNet2DConditionModel,
+    vae: &VaeConfig,
+) -> Defaults {
+    let scheduler_class = sched.class_name.as_deref().unwrap_or("");
+    let lcm_like = index.class_name == "LatentConsistencyModelPipeline"
+        || scheduler_class == "LCMScheduler"
+        || unet.has_guidance_embedding();
+    let size = unet.config.sample_size.map(|s| s * vae.scale_factor());
+    let (sampler, steps, guidance) = if scheduler_class == "TCDScheduler" {
+        (SamplerKind::Tcd, 4, 1.0)
+    } else if lcm_like {
+        (SamplerKind::Lcm, 4, 8.5)
+    } else {
+        (SamplerKind::Ddim, 50, 7.5)
+    };
+    Defaults {
+        sampler: Some(sampler),
+        steps: Some(steps),
+        guidance: Some(guidance),
+        width: size,
+        height: size,
+        tcd_gamma: None,
+    }
+}

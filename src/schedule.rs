@@ -1,0 +1,138 @@
+//! The DDPM noise schedule every sampler and the distillation share: betas → ᾱ_t (alphas_cumprod),
+//! forward noising, and the epsilon-parameterisation identities. Pure functions over tensors.
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+
+use crate::config::SchedulerConfig;
+
+#[derive(Debug, Clone)]
+pub struct NoiseSchedule {
+    /// ᾱ_t for t = 0 … T−1, rounded to f32 as diffusers stores them, held as f64.
+    pub alphas_cumprod: Vec<f64>,
+    /// ᾱ used for a "previous" timestep below zero (`set_alpha_to_one`).
+    pub final_alpha_cumprod: f64,
+}
+
+impl NoiseSchedule {
+    pub fn from_config(cfg: &SchedulerConfig) -> Result<Self> {
+        let n = cfg.num_train_timesteps;
+        let lin = |a: f64, b: f64| -> Vec<f64> {
+            (0..n)
+                .map(|i| if n == 1 { a } else { a + (b - a) * i as f64 / (n - 1) as f64 })
+                .collect()
+        };
+        let betas: Vec<f64> = match cfg.beta_schedule.as_str() {
+            "scaled_linear" => lin(cfg.beta_start.sqrt(), cfg.beta_end.sqrt())
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+            "linear" => lin(cfg.beta_start, cfg.beta_end),
+            other => bail!("beta_schedule {other:?} is not supported"),
+        };
+        let mut acc = 1.0f64;
+        let alphas_cumprod: Vec<f64> = betas
+            .iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                acc as f32 as f64
+            })
+            .collect();
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        Ok(Self {
+            alphas_cumprod,
+            final_alpha_cumprod,
+        })
+    }
+
+    pub fn num_train_timesteps(&self) -> usize {
+        self.alphas_cumprod.len()
+    }
+
+    /// ᾱ_t, or the final ᾱ for t < 0.
+    pub fn alpha_bar(&self, t: i64) -> f64 {
+        if t < 0 {
+            self.final_alpha_cumprod
+        } else {
+            self.alphas_cumprod[(t as usize).min(self.alphas_cumprod.len() - 1)]
+        }
+    }
+
+    /// x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise with one t per sample (`timesteps.len()` = batch).
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        let a: Vec<f64> = timesteps.iter().map(|&t| self.alpha_bar(t as i64)).collect();
+        let sa = per_sample(&a.iter().map(|a| a.sqrt()).collect::<Vec<_>>(), x0)?;
+        let sb = per_sample(&a.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(), x0)?;
+        Ok(x0.broadcast_mul(&sa)?.add(&noise.broadcast_mul(&sb)?)?)
+    }
+}
+
+/// `[b, 1, 1, …]` tensor of per-sample scalars, shaped to broadcast against `like`, in its dtype.
+pub fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![values.len()];
+    shape.extend(std::iter::repeat_n(1, like.rank().saturating_sub(1)));
+    let t = Tensor::from_vec(
+        values.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+        shape,
+        like.device(),
+    )?;
+    Ok(t.to_dtype(like.dtype())?)
+}
+
+/// x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ, with `alpha_bar` broadcastable against `x` (scalar or per sample).
+pub fn x0_from_eps(x: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Result<Tensor> {
+    let sa = alpha_bar.sqrt()?;
+    let sb = alpha_bar.affine(-1.0, 1.0)?.sqrt()?;
+    Ok(x.sub(&eps.broadcast_mul(&sb)?)?.broadcast_div(&sa)?)
+}
+
+/// √ᾱ·x0 + √(1−ᾱ)·ε: the inverse of [`x0_from_eps`] and the deterministic DDIM step.
+pub fn ddim_combine(x0: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Result<Tensor> {
+    let sa = alpha_bar.sqrt()?;
+    let sb = alpha_bar.affine(-1.0, 1.0)?.sqrt()?;
+    Ok(x0.broadcast_mul(&sa)?.add(&eps.broadcast_mul(&sb)?)?)
+}
+
+/// Consistency-model boundary scalings at timestep `t` (sigma_data 0.5, diffusers'
+/// `get_scalings_for_boundary_condition_discrete`): c_skip(0) = 1, c_out(0) = 0.
+pub fn boundary_scalings(t: f64, timestep_scaling: f64) -> (f64, f64) {
+    let sigma_data2 = 0.25;
+    let s = t * timestep_scaling;
+    let c_skip = sigma_data2 / (s * s + sigma_data2);
+    let c_out = s / (s * s + sigma_data2).sqrt();
+    (c_skip, c_out)
+}
+
+/// Mean over all but the batch dimension, e.g. a per-sample loss.
+pub fn mean_per_sample(x: &Tensor) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    Ok(x.reshape((b, ()))?.mean(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundary_conditions_hold() {
+        let (s, o) = boundary_scalings(0.0, 10.0);
+        assert_eq!((s, o), (1.0, 0.0));
+        let (s, o) = boundary_scalings(999.0, 10.0);
+        assert!(s < 1e-8 && (o - 1.0).abs() < 1e-8);
+    }
+
+    #[test]
+    fn alpha_bar_decreases_and_final_follows_config() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.set_alpha_to_one = Some(false);
+        let s = NoiseSchedule::from_config(&cfg).unwrap();
+        assert!(s.alphas_cumprod.windows(2).all(|w| w[1] < w[0]));
+        assert_eq!(s.alpha_bar(-1), s.alphas_cumprod[0]);
+        cfg.set_alpha_to_one = Some(true);
+        assert_eq!(NoiseSchedule::from_config(&cfg).unwrap().alpha_bar(-5), 1.0);
+    }
+}

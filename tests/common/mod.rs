@@ -1,0 +1,67 @@
+//! Helpers shared by the integration tests: fixture paths, golden tensors, tolerance checks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+
+/// Tests run in parallel on 2 cores: candle's spin-waiting thread pool must not oversubscribe.
+pub fn setup() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var("CANDLE_NUM_THREADS").is_err() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+    });
+}
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn golden() -> &'static HashMap<String, Tensor> {
+    static G: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
+    G.get_or_init(|| {
+        candle_core::safetensors::load(fixtures().join("golden.safetensors"), &Device::Cpu)
+            .expect("tests/fixtures/golden.safetensors")
+    })
+}
+
+pub fn g(name: &str) -> Tensor {
+    golden()
+        .get(name)
+        .unwrap_or_else(|| panic!("golden tensor {name} missing"))
+        .clone()
+}
+
+pub fn golden_json() -> &'static serde_json::Value {
+    static J: OnceLock<serde_json::Value> = OnceLock::new();
+    J.get_or_init(|| {
+        let text = std::fs::read_to_string(fixtures().join("golden.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// Largest |a − b| after casting both to f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.to_dtype(DType::F64).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Assert |actual − expected| ≤ atol + rtol·max|expected| everywhere (the fixture README's rule).
+pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
+    let diff = max_abs_diff(actual, expected);
+    let bound = atol + rtol * max_abs(expected);
+    if std::env::var("LCM_TEST_VERBOSE").is_ok() {
+        eprintln!("{name}: max abs diff {diff:.3e} (bound {bound:.3e}, max ref {:.3})", max_abs(expected));
+    }
+    assert!(diff <= bound, "{name}: max abs diff {diff:.3e} exceeds {bound:.3e}");
+}
