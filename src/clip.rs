@@ -78,7 +78,11 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
-        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&xs)?)?)?)?;
+        let h = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.ln2.forward(&xs)?)?)?,
+        )?;
         xs + h
     }
 }
@@ -106,14 +110,17 @@ impl ClipTextModel {
         let emb = vb.pp("embeddings");
         let token_embedding =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding = emb.pp("position_embedding").get(
-            (cfg.max_position_embeddings, cfg.hidden_size),
-            "weight",
-        )?;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, act, vb.pp("encoder").pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let final_ln = LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let final_ln = LayerNorm::new(
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+            vb.pp("final_layer_norm"),
+        )?;
         Ok(Self {
             token_embedding,
             position_embedding,

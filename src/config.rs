@@ -150,7 +150,9 @@ impl UNetConfig {
             bail!("block_out_channels is empty")
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            bail!("down_block_types/up_block_types must have one entry per block_out_channels entry")
+            bail!(
+                "down_block_types/up_block_types must have one entry per block_out_channels entry"
+            )
         }
         for ty in &self.down_block_types {
             if ty != "CrossAttnDownBlock2D" && ty != "DownBlock2D" {
@@ -174,7 +176,10 @@ impl UNetConfig {
             ("addition_embed_type", self.addition_embed_type.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
-            ("dual_cross_attention", self.dual_cross_attention == Some(true)),
+            (
+                "dual_cross_attention",
+                self.dual_cross_attention == Some(true),
+            ),
             ("center_input_sample", self.center_input_sample),
         ];
         for (field, bad) in unsupported_some {
@@ -193,8 +198,16 @@ impl UNetConfig {
             }
         }
         let checks = [
-            ("time_embedding_type", &self.time_embedding_type, "positional"),
-            ("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default"),
+            (
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "positional",
+            ),
+            (
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "default",
+            ),
             ("attention_type", &self.attention_type, "default"),
         ];
         for (field, value, allowed) in checks {
@@ -226,8 +239,10 @@ impl UNetConfig {
     }
 
     pub fn transformer_layers(&self) -> Result<Vec<usize>> {
-        self.transformer_layers_per_block
-            .expand(self.block_out_channels.len(), "transformer_layers_per_block")
+        self.transformer_layers_per_block.expand(
+            self.block_out_channels.len(),
+            "transformer_layers_per_block",
+        )
     }
 
     pub fn time_embed_dim(&self) -> usize {
@@ -277,7 +292,11 @@ impl VaeConfig {
             bail!("{}: block_out_channels is empty", path.display())
         }
         if cfg.act_fn != "silu" {
-            bail!("{}: act_fn {:?} is not supported", path.display(), cfg.act_fn)
+            bail!(
+                "{}: act_fn {:?} is not supported",
+                path.display(),
+                cfg.act_fn
+            )
         }
         Ok(cfg)
     }
@@ -318,7 +337,7 @@ impl ClipTextConfig {
         let value = value.get("text_config").cloned().unwrap_or(value);
         let cfg: Self = serde_json::from_value(value)
             .with_context(|| format!("invalid text encoder config {}", path.display()))?;
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "{}: hidden_size {} is not divisible by num_attention_heads {}",
                 path.display(),
@@ -398,20 +417,34 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let cfg: Self = read_json(path)?;
-        let bad = |field: &str, why: &str| -> Result<()> {
-            bail!("{}: {field} {why}", path.display())
-        };
+        let bad =
+            |field: &str, why: &str| -> Result<()> { bail!("{}: {field} {why}", path.display()) };
         if !matches!(cfg.beta_schedule.as_str(), "scaled_linear" | "linear") {
-            bad("beta_schedule", &format!("{:?} is not supported", cfg.beta_schedule))?
+            bad(
+                "beta_schedule",
+                &format!("{:?} is not supported", cfg.beta_schedule),
+            )?
         }
         if cfg.prediction_type != "epsilon" {
-            bad("prediction_type", &format!("{:?} is not supported (only epsilon)", cfg.prediction_type))?
+            bad(
+                "prediction_type",
+                &format!("{:?} is not supported (only epsilon)", cfg.prediction_type),
+            )?
         }
         if cfg.clip_sample || cfg.thresholding || cfg.rescale_betas_zero_snr {
-            bad("clip_sample/thresholding/rescale_betas_zero_snr", "must be false")?
+            bad(
+                "clip_sample/thresholding/rescale_betas_zero_snr",
+                "must be false",
+            )?
         }
-        if !matches!(cfg.timestep_spacing.as_str(), "leading" | "trailing" | "linspace") {
-            bad("timestep_spacing", &format!("{:?} is not supported", cfg.timestep_spacing))?
+        if !matches!(
+            cfg.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
+            bad(
+                "timestep_spacing",
+                &format!("{:?} is not supported", cfg.timestep_spacing),
+            )?
         }
         if cfg.num_train_timesteps == 0 {
             bad("num_train_timesteps", "must be positive")?
@@ -436,7 +469,10 @@ mod tests {
     #[test]
     fn per_block_expands_and_checks_length() {
         assert_eq!(PerBlock::One(8).expand(3, "x").unwrap(), vec![8, 8, 8]);
-        assert_eq!(PerBlock::Many(vec![5, 10]).expand(2, "x").unwrap(), vec![5, 10]);
+        assert_eq!(
+            PerBlock::Many(vec![5, 10]).expand(2, "x").unwrap(),
+            vec![5, 10]
+        );
         let err = PerBlock::Many(vec![5]).expand(2, "heads").unwrap_err();
         assert!(err.to_string().contains("heads"));
     }

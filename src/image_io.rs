@@ -11,7 +11,10 @@ use image::RgbImage;
 /// x/2 + 0.5, clamped).
 pub fn to_unit_nhwc(decoded: &Tensor) -> Result<Tensor> {
     let x = decoded.to_dtype(DType::F32)?;
-    Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.contiguous()?)
+    Ok(((x / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?)
 }
 
 /// `[b, H, W, 3]` in [0, 1] → RGB images, rounding x·255 half-to-even in f32 as numpy does.
@@ -41,7 +44,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| {
         let _ = std::fs::remove_file(&tmp);
@@ -64,8 +71,14 @@ pub fn numbered_paths(base: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {
         return vec![base.to_path_buf()];
     }
-    let stem = base.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let ext = base.extension().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let ext = base
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     (0..n)
         .map(|i| base.with_file_name(format!("{stem}-{i}.{ext}")))
         .collect()
@@ -78,8 +91,11 @@ mod tests {
     #[test]
     fn rounding_is_half_to_even() -> Result<()> {
         // 0.5/255 → 0.5 → 0 (even); 1.5/255 → 2.
-        let t = Tensor::new(&[0.5f32 / 255.0, 1.5 / 255.0, 1.0], &candle_core::Device::Cpu)?
-            .reshape((1, 1, 1, 3))?;
+        let t = Tensor::new(
+            &[0.5f32 / 255.0, 1.5 / 255.0, 1.0],
+            &candle_core::Device::Cpu,
+        )?
+        .reshape((1, 1, 1, 3))?;
         let img = &to_rgb8(&t)?[0];
         assert_eq!(img.as_raw(), &vec![0u8, 2, 255]);
         Ok(())
@@ -88,8 +104,17 @@ mod tests {
     #[test]
     fn numbering() {
         let p = numbered_paths(Path::new("dir/cat.png"), 2);
-        assert_eq!(p, vec![PathBuf::from("dir/cat-0.png"), PathBuf::from("dir/cat-1.png")]);
-        assert_eq!(numbered_paths(Path::new("a.png"), 1), vec![PathBuf::from("a.png")]);
+        assert_eq!(
+            p,
+            vec![
+                PathBuf::from("dir/cat-0.png"),
+                PathBuf::from("dir/cat-1.png")
+            ]
+        );
+        assert_eq!(
+            numbered_paths(Path::new("a.png"), 1),
+            vec![PathBuf::from("a.png")]
+        );
     }
 
     #[test]

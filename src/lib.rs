@@ -4,15 +4,17 @@
 //! the [`unet`] (with [`schedule`] for the noise schedule) → [`vae`] → [`image_io`]; [`pipeline`]
 //! strings them together and [`source`] finds the weights.
 
+pub mod bench;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod image_io;
 pub mod nn;
+pub mod pipeline;
+pub mod runtime;
 pub mod sampler;
 pub mod schedule;
+pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
-pub mod image_io;
-pub mod pipeline;
-pub mod source;

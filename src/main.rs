@@ -1,1 +1,244 @@
-fn main() {}
+//! The `lcm` command line: a thin shell that parses flags, calls the library and prints.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use lcm::pipeline::{GenerateRequest, Pipeline};
+use lcm::sampler::{SamplerKind, SeededNoise};
+use lcm::source;
+
+#[derive(Parser)]
+#[command(
+    name = "lcm",
+    version,
+    about = "Latent consistency models: few-step text-to-image on candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a text prompt.
+    Generate(GenerateArgs),
+    /// Time the pipeline's components (text encoder, U-Net step, VAE decode, full run) and peak memory.
+    Bench(lcm::bench::BenchArgs),
+    /// List the named pipelines (`--model NAME`).
+    Models,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// A pipeline name (see `lcm models`), a diffusers-layout folder or a hub id (org/name).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, value_parser = parse_sampler)]
+    sampler: Option<SamplerKind>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (LCM: fed as w = guidance − 1 to the guidance embedding; otherwise CFG).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// TCD's gamma (stochasticity), 0..1.
+    #[arg(long)]
+    tcd_gamma: Option<f64>,
+    /// Random seed; a random one is drawn (and printed) when absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Initial latents: a safetensors file with a tensor `latents` of shape [n, c, h/f, w/f].
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    #[arg(long, default_value = "out.png")]
+    output: PathBuf,
+    #[command(flatten)]
+    runtime: lcm::runtime::RuntimeArgs,
+}
+
+fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Bench(args) => lcm::bench::run(&args),
+        Command::Models => models(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error chain on one line. candle appends a backtrace to its messages when RUST_BACKTRACE is
+/// set: keep only the first line of each cause.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        let first = msg.lines().next().unwrap_or("").trim().to_string();
+        if !first.is_empty() && !parts.iter().any(|p| p.contains(&first)) {
+            parts.push(first);
+        }
+    }
+    parts.join(": ")
+}
+
+fn models() -> Result<()> {
+    for def in source::builtin_pipelines()? {
+        let from = def.repo.or(def.path).unwrap_or_default();
+        println!("{:<12} {:<40} {}", def.name, from, def.description);
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let model_name = match &args.model {
+        Some(m) => m.clone(),
+        None => bail!(
+            "--model is required until the project ships its default model (see `lcm models`)"
+        ),
+    };
+    let (device, dtype) = args.runtime.resolve()?;
+    let resolved = source::resolve(&model_name)?;
+
+    let t_load = Instant::now();
+    let pipe = Pipeline::load(&resolved.dir, &device, dtype)
+        .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+    let load_time = t_load.elapsed();
+
+    let latents = match &args.latents {
+        Some(p) => Some(read_latents(p, &device)?),
+        None => None,
+    };
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        sampler: args.sampler,
+        steps: args.steps,
+        guidance: args.guidance,
+        width: args.width,
+        height: args.height,
+        n: args.n,
+        seed,
+        tcd_gamma: args.tcd_gamma,
+        latents,
+    };
+    let settings = pipe.resolve(&req, &resolved.defaults)?;
+    if let (Some(l), Some(p)) = (&req.latents, &args.latents) {
+        let f = pipe.vae_scale_factor();
+        let want = [
+            args.n,
+            pipe.unet.config.in_channels,
+            settings.height / f,
+            settings.width / f,
+        ];
+        if l.dims() != want {
+            bail!(
+                "--latents: `latents` in {} has shape {:?}, expected {:?} for --n {} at {}x{}",
+                p.display(),
+                l.dims(),
+                want,
+                args.n,
+                settings.width,
+                settings.height
+            )
+        }
+    }
+    let paths = lcm::image_io::numbered_paths(&args.output, args.n);
+
+    let bar = ProgressBar::new(settings.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{elapsed_precise}] {per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut noise = SeededNoise::new(seed);
+    let gen = pipe.generate(&req, &resolved.defaults, &mut noise, &mut |ev| {
+        bar.set_message(format!("t={}", ev.timestep));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+
+    for (img, path) in gen.images.iter().zip(&paths) {
+        lcm::image_io::save_png(img, path)?;
+    }
+    let s = &gen.settings;
+    let t = &gen.timings;
+    println!(
+        "model {} | sampler {} | steps {} | guidance {} | seed {} | {}x{} | n {}",
+        resolved.label, s.sampler, s.steps, s.guidance, seed, s.width, s.height, args.n
+    );
+    println!(
+        "time: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.3}s/step), decode {:.3}s, total {:.3}s",
+        load_time.as_secs_f64(),
+        t.text_encode.as_secs_f64(),
+        t.denoise.as_secs_f64(),
+        t.denoise.as_secs_f64() / s.steps as f64,
+        t.decode.as_secs_f64(),
+        t.total.as_secs_f64()
+    );
+    for p in &paths {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// The `latents` tensor of a safetensors file, as f32.
+fn read_latents(path: &PathBuf, device: &Device) -> Result<candle_core::Tensor> {
+    if !path.is_file() {
+        bail!("--latents: {} does not exist", path.display())
+    }
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("--latents: cannot read {} as safetensors", path.display()))?;
+    let t = tensors.get("latents").with_context(|| {
+        format!(
+            "--latents: {} has no tensor named `latents`",
+            path.display()
+        )
+    })?;
+    if t.rank() != 4 {
+        bail!(
+            "--latents: tensor `latents` in {} has shape {:?}, expected [n, c, h, w]",
+            path.display(),
+            t.dims()
+        )
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}

@@ -76,7 +76,7 @@ pub fn conv2d(
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!(
             "{}: {channels} channels cannot be split into {groups} norm groups",
             vb.prefix()
@@ -191,12 +191,22 @@ mod tests {
             eps: 1e-5,
         };
         let slow = ln.forward(&x)?;
-        let fused = candle_nn::ops::layer_norm(&x, &w.as_tensor().detach(), &b.as_tensor().detach(), 1e-5)?;
-        let diff = (slow.clone() - fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let fused =
+            candle_nn::ops::layer_norm(&x, &w.as_tensor().detach(), &b.as_tensor().detach(), 1e-5)?;
+        let diff = (slow.clone() - fused)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "slow and fused layer norm differ by {diff}");
         let grads = slow.sqr()?.sum_all()?.backward()?;
-        assert!(grads.get(w.as_tensor()).is_some(), "no gradient for the weight");
-        assert!(grads.get(b.as_tensor()).is_some(), "no gradient for the bias");
+        assert!(
+            grads.get(w.as_tensor()).is_some(),
+            "no gradient for the weight"
+        );
+        assert!(
+            grads.get(b.as_tensor()).is_some(),
+            "no gradient for the bias"
+        );
         Ok(())
     }
 
@@ -204,9 +214,14 @@ mod tests {
     fn softmax_keeps_the_graph_when_tracking() -> Result<()> {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5), &Device::Cpu)?)?;
         let y = softmax_last_dim(x.as_tensor())?;
-        let target = Tensor::new(&[[1f32, 0., 0., 0., 0.], [0., 1., 0., 0., 0.]], &Device::Cpu)?;
+        let target = Tensor::new(
+            &[[1f32, 0., 0., 0., 0.], [0., 1., 0., 0., 0.]],
+            &Device::Cpu,
+        )?;
         let grads = (y * target)?.sum_all()?.backward()?;
-        let g = grads.get(x.as_tensor()).expect("softmax dropped the gradient");
+        let g = grads
+            .get(x.as_tensor())
+            .expect("softmax dropped the gradient");
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         Ok(())
     }

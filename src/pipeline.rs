@@ -24,16 +24,24 @@ use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 
 /// Load safetensors weights as plain tensors (no autograd graph), converted to `dtype`.
-pub fn load_weights(files: &[std::path::PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn load_weights(
+    files: &[std::path::PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     for f in files {
         // Validate the header first: a clear error beats a panic inside mmap parsing.
-        let mut fh = std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+        let mut fh =
+            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
         let mut len = [0u8; 8];
         std::io::Read::read_exact(&mut fh, &mut len)
             .with_context(|| format!("{} is not a safetensors file (too short)", f.display()))?;
         let size = fh.metadata()?.len();
         if u64::from_le_bytes(len) + 8 > size {
-            bail!("{} is not a safetensors file (bad header length)", f.display())
+            bail!(
+                "{} is not a safetensors file (bad header length)",
+                f.display()
+            )
         }
     }
     // SAFETY: the files are opened read-only and not modified while mapped.
@@ -124,7 +132,8 @@ impl Pipeline {
         let unet_cfg = UNetConfig::load(&dir.join("unet/config.json"))?;
         let vae_cfg = VaeConfig::load(&dir.join("vae/config.json"))?;
 
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
+        let tokenizer =
+            ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
         let component = |name: &str, dt: DType| -> Result<VarBuilder<'static>> {
             load_weights(&source::weight_file(&dir.join(name))?, dt, device)
         };
@@ -173,14 +182,20 @@ impl Pipeline {
         }
         for (flag, v) in [("--width", width), ("--height", height)] {
             if v == 0 || v % f != 0 {
-                bail!("{flag} {v} must be a positive multiple of {f} (the VAE's downscaling factor)")
+                bail!(
+                    "{flag} {v} must be a positive multiple of {f} (the VAE's downscaling factor)"
+                )
             }
         }
         if req.n == 0 {
             bail!("--n must be at least 1")
         }
-        let opts = SamplerOptions { tcd_gamma, ..Default::default() };
-        let plan = Sampler::new(sampler, &self.scheduler_config, steps, opts)?;
+        let opts = SamplerOptions {
+            tcd_gamma,
+            ..Default::default()
+        };
+        let plan = Sampler::new(sampler, &self.scheduler_config, steps, opts)
+            .with_context(|| format!("--steps {steps} with --sampler {sampler}"))?;
         let cfg = !self.unet.has_guidance_embedding() && guidance > 1.0;
         Ok(Resolved {
             sampler,
@@ -222,7 +237,11 @@ impl Pipeline {
             let uncond = self.encode_prompt(neg)?.repeat((n, 1, 1))?;
             Tensor::cat(&[uncond, cond], 0)?
         } else {
-            if req.negative_prompt.as_deref().is_some_and(|p| !p.is_empty()) {
+            if req
+                .negative_prompt
+                .as_deref()
+                .is_some_and(|p| !p.is_empty())
+            {
                 eprintln!("warning: the negative prompt is ignored without classifier-free guidance (guidance ≤ 1 or an LCM U-Net)");
             }
             cond
@@ -231,7 +250,14 @@ impl Pipeline {
 
         let mut latents = match &req.latents {
             Some(l) => {
-                if l.dims() != [latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3] {
+                if l.dims()
+                    != [
+                        latent_shape.0,
+                        latent_shape.1,
+                        latent_shape.2,
+                        latent_shape.3,
+                    ]
+                {
                     bail!(
                         "initial latents have shape {:?}, expected {:?} for n={n} at {}x{}",
                         l.dims(),
@@ -250,7 +276,10 @@ impl Pipeline {
             s.sampler,
             &self.scheduler_config,
             s.steps,
-            SamplerOptions { tcd_gamma: s.tcd_gamma, ..Default::default() },
+            SamplerOptions {
+                tcd_gamma: s.tcd_gamma,
+                ..Default::default()
+            },
         )?;
         let batch = if s.cfg { 2 * n } else { n };
         let w_emb = match self.unet.config.time_cond_proj_dim {
@@ -261,11 +290,20 @@ impl Pipeline {
             None => None,
         };
         for (i, &t) in sampler.timesteps.iter().enumerate() {
-            let model_in = if s.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_in = if s.cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let ts = Tensor::full(t as f32, batch, &self.device)?;
             let out = self
                 .unet
-                .forward(&model_in.to_dtype(self.dtype)?, &ts, &context, w_emb.as_ref())?
+                .forward(
+                    &model_in.to_dtype(self.dtype)?,
+                    &ts,
+                    &context,
+                    w_emb.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
             let eps = if s.cfg {
                 let u = out.narrow(0, 0, n)?;
@@ -296,7 +334,12 @@ impl Pipeline {
             images_unit,
             latents,
             settings: s,
-            timings: Timings { text_encode, denoise, decode, total: start.elapsed() },
+            timings: Timings {
+                text_encode,
+                denoise,
+                decode,
+                total: start.elapsed(),
+            },
         })
     }
 }

@@ -84,7 +84,11 @@ impl NoiseSource for RecordedNoise {
             bail!("recorded noise exhausted")
         };
         if t.shape() != shape {
-            bail!("recorded noise has shape {:?}, sampler needs {:?}", t.shape(), shape)
+            bail!(
+                "recorded noise has shape {:?}, sampler needs {:?}",
+                t.shape(),
+                shape
+            )
         }
         Ok(t.to_device(device)?)
     }
@@ -129,7 +133,11 @@ pub fn ddim_timesteps(cfg: &SchedulerConfig, n: usize) -> Result<Vec<usize>> {
         "linspace" => (0..n)
             .rev()
             .map(|i| {
-                let v = if n == 1 { 0.0 } else { i as f64 * (t - 1) as f64 / (n - 1) as f64 };
+                let v = if n == 1 {
+                    0.0
+                } else {
+                    i as f64 * (t - 1) as f64 / (n - 1) as f64
+                };
                 v.round_ties_even() as usize
             })
             .collect(),
@@ -227,11 +235,16 @@ impl Sampler {
                 let prev_sample = if last {
                     denoised.clone()
                 } else {
-                    let z = noise.sample(sample.shape(), sample.device())?.to_dtype(sample.dtype())?;
+                    let z = noise
+                        .sample(sample.shape(), sample.device())?
+                        .to_dtype(sample.dtype())?;
                     let a_prev = self.scalar(self.schedule.alpha_bar(prev_t as i64), sample)?;
                     ddim_combine(&denoised, &z, &a_prev)?
                 };
-                Ok(StepOutput { prev_sample, denoised })
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised,
+                })
             }
             SamplerKind::Tcd => {
                 let prev_t = if last { 0 } else { self.timesteps[i + 1] };
@@ -240,20 +253,28 @@ impl Sampler {
                 let x0 = x0_from_eps(sample, eps, &a_t)?;
                 let denoised = ddim_combine(&x0, eps, &self.scalar(a_s, sample)?)?;
                 let prev_sample = if self.gamma > 0.0 && !last {
-                    let z = noise.sample(sample.shape(), sample.device())?.to_dtype(sample.dtype())?;
+                    let z = noise
+                        .sample(sample.shape(), sample.device())?
+                        .to_dtype(sample.dtype())?;
                     let ratio = self.schedule.alpha_bar(prev_t as i64) / a_s;
                     ((&denoised * ratio.sqrt())? + (z * (1.0 - ratio).sqrt())?)?
                 } else {
                     denoised.clone()
                 };
-                Ok(StepOutput { prev_sample, denoised })
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised,
+                })
             }
             SamplerKind::Ddim => {
                 let prev_t = t as i64 - (self.num_train / self.timesteps.len()) as i64;
                 let a_prev = self.scalar(self.schedule.alpha_bar(prev_t), sample)?;
                 let x0 = x0_from_eps(sample, eps, &a_t)?;
                 let prev_sample = ddim_combine(&x0, eps, &a_prev)?;
-                Ok(StepOutput { prev_sample, denoised: x0 })
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised: x0,
+                })
             }
         }
     }
@@ -266,7 +287,10 @@ mod tests {
     #[test]
     fn lcm_grid_matches_diffusers_examples() {
         assert_eq!(lcm_timesteps(1000, 50, 1).unwrap(), vec![999]);
-        assert_eq!(lcm_timesteps(1000, 50, 4).unwrap(), vec![999, 759, 499, 259]);
+        assert_eq!(
+            lcm_timesteps(1000, 50, 4).unwrap(),
+            vec![999, 759, 499, 259]
+        );
         assert!(lcm_timesteps(1000, 50, 0).is_err());
         assert!(lcm_timesteps(1000, 50, 51).is_err());
     }

@@ -19,7 +19,13 @@ impl NoiseSchedule {
         let n = cfg.num_train_timesteps;
         let lin = |a: f64, b: f64| -> Vec<f64> {
             (0..n)
-                .map(|i| if n == 1 { a } else { a + (b - a) * i as f64 / (n - 1) as f64 })
+                .map(|i| {
+                    if n == 1 {
+                        a
+                    } else {
+                        a + (b - a) * i as f64 / (n - 1) as f64
+                    }
+                })
                 .collect()
         };
         let betas: Vec<f64> = match cfg.beta_schedule.as_str() {
@@ -64,7 +70,10 @@ impl NoiseSchedule {
 
     /// x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise with one t per sample (`timesteps.len()` = batch).
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
-        let a: Vec<f64> = timesteps.iter().map(|&t| self.alpha_bar(t as i64)).collect();
+        let a: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| self.alpha_bar(t as i64))
+            .collect();
         let sa = per_sample(&a.iter().map(|a| a.sqrt()).collect::<Vec<_>>(), x0)?;
         let sb = per_sample(&a.iter().map(|a| (1.0 - a).sqrt()).collect::<Vec<_>>(), x0)?;
         Ok(x0.broadcast_mul(&sa)?.add(&noise.broadcast_mul(&sb)?)?)
@@ -127,8 +136,10 @@ mod tests {
 
     #[test]
     fn alpha_bar_decreases_and_final_follows_config() {
-        let mut cfg = SchedulerConfig::default();
-        cfg.set_alpha_to_one = Some(false);
+        let mut cfg = SchedulerConfig {
+            set_alpha_to_one: Some(false),
+            ..Default::default()
+        };
         let s = NoiseSchedule::from_config(&cfg).unwrap();
         assert!(s.alphas_cumprod.windows(2).all(|w| w[1] < w[0]));
         assert_eq!(s.alpha_bar(-1), s.alphas_cumprod[0]);

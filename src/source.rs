@@ -94,13 +94,22 @@ pub const CONFIG_FILES: &[&str] = &[
 pub const WEIGHT_FILES: &[(&str, &[&str])] = &[
     (
         "unet",
-        &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"],
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ],
     ),
     (
         "vae",
-        &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"],
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ],
     ),
-    ("text_encoder", &["model.safetensors", "model.fp16.safetensors"]),
+    (
+        "text_encoder",
+        &["model.safetensors", "model.fp16.safetensors"],
+    ),
 ];
 pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer/tokenizer.json",
@@ -144,11 +153,18 @@ fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
         (None, Some(p)) => {
             let dir = repo_root().join(p);
             if !dir.is_dir() {
-                bail!("pipeline {:?}: folder {} does not exist", def.name, dir.display())
+                bail!(
+                    "pipeline {:?}: folder {} does not exist",
+                    def.name,
+                    dir.display()
+                )
             }
             dir
         }
-        _ => bail!("pipeline {:?} must set exactly one of repo or path", def.name),
+        _ => bail!(
+            "pipeline {:?} must set exactly one of repo or path",
+            def.name
+        ),
     };
     Ok(ResolvedModel {
         label: def.name.clone(),
@@ -165,9 +181,11 @@ pub fn repo_root() -> PathBuf {
 fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
 }
 
 /// The cache folder hf-hub uses (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`).
@@ -193,7 +211,8 @@ pub fn hub_snapshot(id: &str, revision: Option<&str>) -> Result<PathBuf> {
     if offline {
         bail!("{id} is not in the hub cache and HF_HUB_OFFLINE is set: {how}")
     }
-    download(&cache, repo).map_err(|e| anyhow!("cannot fetch {id} from the Hugging Face hub ({e:#}): {how}"))
+    download(&cache, repo)
+        .map_err(|e| anyhow!("cannot fetch {id} from the Hugging Face hub ({e}): {how}"))
 }
 
 fn snapshot_from_cache(cache: &hf_hub::CacheRepo) -> Option<PathBuf> {
@@ -213,7 +232,9 @@ fn download(cache: &hf_hub::Cache, repo: hf_hub::Repo) -> Result<PathBuf> {
         api.get(f)?;
     }
     for (component, names) in WEIGHT_FILES {
-        let ok = names.iter().any(|n| api.get(&format!("{component}/{n}")).is_ok());
+        let ok = names
+            .iter()
+            .any(|n| api.get(&format!("{component}/{n}")).is_ok());
         if !ok {
             bail!("no safetensors weights for {component}")
         }

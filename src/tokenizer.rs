@@ -13,11 +13,14 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
-use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The result of tokenizing one prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +75,10 @@ impl ClipTokenizer {
     fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Tokenizer> {
         for f in [vocab, merges] {
             if !f.exists() {
-                bail!("{} not found (and no tokenizer.json beside it)", f.display())
+                bail!(
+                    "{} not found (and no tokenizer.json beside it)",
+                    f.display()
+                )
             }
         }
         let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
@@ -82,8 +88,11 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| anyhow!("cannot build BPE from {}: {e}", vocab.display()))?;
         let mut tok = Tokenizer::new(bpe);
-        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| anyhow!("{e}"))?;
+        let ws = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         tok.with_normalizer(Some(NormSeq::new(vec![
             NormalizerWrapper::NFC(NFC),
             NormalizerWrapper::Replace(ws),
@@ -101,7 +110,10 @@ impl ClipTokenizer {
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
         ])));
         tok.with_decoder(Some(ByteLevel::default()));
-        let id = |t: &str| tok.token_to_id(t).ok_or_else(|| anyhow!("{t} missing from {}", vocab.display()));
+        let id = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| anyhow!("{t} missing from {}", vocab.display()))
+        };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
         tok.add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
             .map_err(|e| anyhow!("{e}"))?;
@@ -145,8 +157,7 @@ impl ClipTokenizer {
         if t.dropped > 0 {
             eprintln!(
                 "warning: prompt is {} tokens longer than the text encoder's {} and was truncated",
-                t.dropped,
-                self.max_len
+                t.dropped, self.max_len
             );
         }
         Ok(t.ids)
@@ -156,8 +167,12 @@ impl ClipTokenizer {
 /// The pad token named by tokenizer_config.json / special_tokens_map.json, if any.
 fn read_pad_token(dir: &Path) -> Option<String> {
     for f in ["special_tokens_map.json", "tokenizer_config.json"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(f)) else { continue };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(dir.join(f)) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
         match v.get("pad_token") {
             Some(serde_json::Value::String(s)) => return Some(s.clone()),
             Some(obj) => {

@@ -90,7 +90,10 @@ impl TransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + &xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + &xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -120,9 +123,21 @@ impl SpatialTransformer {
     ) -> Result<Self> {
         let proj = |name: &str| -> Result<Projection> {
             if cfg.use_linear_projection {
-                Ok(Projection::Linear(nn::linear(channels, channels, true, vb.pp(name))?))
+                Ok(Projection::Linear(nn::linear(
+                    channels,
+                    channels,
+                    true,
+                    vb.pp(name),
+                )?))
             } else {
-                Ok(Projection::Conv(nn::conv2d(channels, channels, 1, 1, 0, vb.pp(name))?))
+                Ok(Projection::Conv(nn::conv2d(
+                    channels,
+                    channels,
+                    1,
+                    1,
+                    0,
+                    vb.pp(name),
+                )?))
             }
         };
         let blocks = (0..layers)
@@ -244,12 +259,16 @@ impl UNet2DConditionModel {
             out_c = ch[i];
             let vb_b = vb.pp("down_blocks").pp(i);
             let cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
-            let mut level = Level { resnets: vec![], attentions: vec![] };
+            let mut level = Level {
+                resnets: vec![],
+                attentions: vec![],
+            };
             for j in 0..layers[i] {
                 let c_in = if j == 0 { in_c } else { out_c };
-                level
-                    .resnets
-                    .push(ResnetBlock2D::new(&spec(c_in, out_c, 1.0), vb_b.pp("resnets").pp(j))?);
+                level.resnets.push(ResnetBlock2D::new(
+                    &spec(c_in, out_c, 1.0),
+                    vb_b.pp("resnets").pp(j),
+                )?);
                 if cross {
                     level.attentions.push(SpatialTransformer::new(
                         out_c,
@@ -299,7 +318,10 @@ impl UNet2DConditionModel {
             let vb_b = vb.pp("up_blocks").pp(i);
             let cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
             let num = rev_layers[i] + 1;
-            let mut level = Level { resnets: vec![], attentions: vec![] };
+            let mut level = Level {
+                resnets: vec![],
+                attentions: vec![],
+            };
             for j in 0..num {
                 let skip_c = if j == num - 1 { in_c } else { out_c };
                 let res_in = if j == 0 { prev_c } else { out_c };
@@ -328,17 +350,41 @@ impl UNet2DConditionModel {
         let k_in = cfg.conv_in_kernel;
         let k_out = cfg.conv_out_kernel;
         Ok(Self {
-            conv_in: nn::conv2d(cfg.in_channels, ch[0], k_in, 1, (k_in - 1) / 2, vb.pp("conv_in"))?,
+            conv_in: nn::conv2d(
+                cfg.in_channels,
+                ch[0],
+                k_in,
+                1,
+                (k_in - 1) / 2,
+                vb.pp("conv_in"),
+            )?,
             time_linear_1,
             time_linear_2,
             cond_proj,
             down,
             mid,
             up,
-            norm_out: nn::group_norm(cfg.norm_num_groups, ch[0], cfg.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: nn::conv2d(ch[0], cfg.out_channels, k_out, 1, (k_out - 1) / 2, vb.pp("conv_out"))?,
+            norm_out: nn::group_norm(
+                cfg.norm_num_groups,
+                ch[0],
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: nn::conv2d(
+                ch[0],
+                cfg.out_channels,
+                k_out,
+                1,
+                (k_out - 1) / 2,
+                vb.pp("conv_out"),
+            )?,
             config: cfg.clone(),
         })
+    }
+
+    /// The dtype of the weights (inputs must match).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.conv_in.weight().dtype()
     }
 
     /// Whether this U-Net takes the LCM guidance embedding.
@@ -348,7 +394,11 @@ impl UNet2DConditionModel {
 
     /// The `[b, time_embed_dim]` embedding of per-sample timesteps `[b]` plus, for an LCM U-Net, the
     /// guidance embedding `[b, time_cond_proj_dim]`.
-    pub fn time_embedding(&self, timesteps: &Tensor, timestep_cond: Option<&Tensor>) -> Result<Tensor> {
+    pub fn time_embedding(
+        &self,
+        timesteps: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let t_emb = nn::timestep_embedding(
             timesteps,

@@ -51,7 +51,11 @@ impl SpatialSelfAttention {
         let k = self.k.forward(&tokens)?;
         let v = self.v.forward(&tokens)?;
         let attn = nn::attention(&q, &k, &v, None)?;
-        let out = self.out.forward(&attn)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let out = self
+            .out
+            .forward(&attn)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
         out + xs
     }
 }
@@ -74,7 +78,11 @@ impl MidBlock {
             output_scale: 1.0,
         };
         let attn = if attention {
-            Some(SpatialSelfAttention::new(channels, groups, vb.pp("attentions").pp(0))?)
+            Some(SpatialSelfAttention::new(
+                channels,
+                groups,
+                vb.pp("attentions").pp(0),
+            )?)
         } else {
             None
         };
@@ -125,7 +133,14 @@ impl Encoder {
             out_c = c;
             let vb_b = vb.pp("down_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| resnet(if j == 0 { in_c } else { out_c }, out_c, g, vb_b.pp("resnets").pp(j)))
+                .map(|j| {
+                    resnet(
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        g,
+                        vb_b.pp("resnets").pp(j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let ds = if i + 1 < ch.len() {
                 Some(Downsample2D::new(out_c, 0, vb_b.pp("downsamplers").pp(0))?)
@@ -178,7 +193,14 @@ impl Decoder {
             out_c = c;
             let vb_b = vb.pp("up_blocks").pp(i);
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| resnet(if j == 0 { prev } else { out_c }, out_c, g, vb_b.pp("resnets").pp(j)))
+                .map(|j| {
+                    resnet(
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        g,
+                        vb_b.pp("resnets").pp(j),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let us = if i + 1 < rev.len() {
                 Some(Upsample2D::new(out_c, vb_b.pp("upsamplers").pp(0))?)
@@ -220,7 +242,8 @@ pub struct DiagonalGaussian {
 impl DiagonalGaussian {
     /// mean + std·noise, with `noise` drawn by the caller (so runs are reproducible).
     pub fn sample_with(&self, noise: &Tensor) -> Result<Tensor> {
-        self.mean.add(&(self.logvar.affine(0.5, 0.0)?.exp()? * noise)?)
+        self.mean
+            .add(&(self.logvar.affine(0.5, 0.0)?.exp()? * noise)?)
     }
 }
 

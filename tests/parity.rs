@@ -22,17 +22,31 @@ const DEV: Device = Device::Cpu;
 fn unet(model: &str) -> UNet2DConditionModel {
     let dir = fixtures().join(model).join("unet");
     let cfg = UNetConfig::load(&dir.join("config.json")).unwrap();
-    UNet2DConditionModel::new(&cfg, load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap()).unwrap()
+    UNet2DConditionModel::new(
+        &cfg,
+        load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap(),
+    )
+    .unwrap()
 }
 
 fn vae() -> AutoencoderKL {
     let dir = fixtures().join("tiny-lcm/vae");
     let cfg = VaeConfig::load(&dir.join("config.json")).unwrap();
-    AutoencoderKL::new(&cfg, load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap()).unwrap()
+    AutoencoderKL::new(
+        &cfg,
+        load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap(),
+    )
+    .unwrap()
 }
 
 fn golden_ids(row: usize) -> Vec<u32> {
-    g("tok_input_ids").get(row).unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap()
+    g("tok_input_ids")
+        .get(row)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -43,7 +57,12 @@ fn tokenizer_ids_match_from_json_and_from_vocab_merges() {
     // Same folder without tokenizer.json, as runwayml's SD1.5 ships it.
     let tmp = std::env::temp_dir().join(format!("lcm-tok-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         std::fs::copy(fixtures().join("tiny-lcm/tokenizer").join(f), tmp.join(f)).unwrap();
     }
     let from_bpe = ClipTokenizer::from_dir(&tmp, 77).unwrap();
@@ -79,16 +98,42 @@ fn text_encoder_matches_transformers() {
     setup();
     let dir = fixtures().join("tiny-lcm/text_encoder");
     let cfg = ClipTextConfig::load(&dir.join("config.json")).unwrap();
-    let te = ClipTextModel::new(&cfg, load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap()).unwrap();
+    let te = ClipTextModel::new(
+        &cfg,
+        load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap(),
+    )
+    .unwrap();
     for i in 0..6 {
-        let ids = Tensor::new(golden_ids(i).as_slice(), &DEV).unwrap().unsqueeze(0).unwrap();
+        let ids = Tensor::new(golden_ids(i).as_slice(), &DEV)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let out = te.forward(&ids).unwrap();
-        assert_close(&format!("te_hidden_{i}"), &out, &g(&format!("te_hidden_{i}")), 1e-4, 0.0);
+        assert_close(
+            &format!("te_hidden_{i}"),
+            &out,
+            &g(&format!("te_hidden_{i}")),
+            1e-4,
+            0.0,
+        );
     }
     // A batch gives the same rows as single prompts.
-    let ids = Tensor::stack(&[Tensor::new(golden_ids(0).as_slice(), &DEV).unwrap(), Tensor::new(golden_ids(1).as_slice(), &DEV).unwrap()], 0).unwrap();
+    let ids = Tensor::stack(
+        &[
+            Tensor::new(golden_ids(0).as_slice(), &DEV).unwrap(),
+            Tensor::new(golden_ids(1).as_slice(), &DEV).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
     let out = te.forward(&ids).unwrap();
-    assert_close("te batch row 1", &out.get(1).unwrap().unsqueeze(0).unwrap(), &g("te_hidden_1"), 1e-4, 0.0);
+    assert_close(
+        "te batch row 1",
+        &out.get(1).unwrap().unsqueeze(0).unwrap(),
+        &g("te_hidden_1"),
+        1e-4,
+        0.0,
+    );
 }
 
 #[test]
@@ -98,7 +143,13 @@ fn timestep_and_guidance_embeddings_match() {
     let temb = lcm::nn::timestep_embedding(&t, 32, true, 0.0).unwrap();
     assert_close("unet_t_emb", &temb, &g("unet_t_emb"), 1e-4, 0.0);
     let wemb = lcm::nn::guidance_embedding(&g("unet_w"), 32).unwrap();
-    assert_close("unet_timestep_cond", &wemb, &g("unet_timestep_cond"), 1e-3, 0.0);
+    assert_close(
+        "unet_timestep_cond",
+        &wemb,
+        &g("unet_timestep_cond"),
+        1e-3,
+        0.0,
+    );
     let lcd_w = g("lcd_w").flatten_all().unwrap();
     let lcd = lcm::nn::guidance_embedding(&lcd_w, 32).unwrap();
     assert_close("lcd_w_embedding", &lcd, &g("lcd_w_embedding"), 1e-3, 0.0);
@@ -113,14 +164,23 @@ fn unet_matches_diffusers_with_per_sample_timesteps_and_guidance() {
     let lcm_unet = unet("tiny-lcm");
     let wemb = lcm::nn::guidance_embedding(&g("unet_w"), 32).unwrap();
     let temb = lcm_unet.time_embedding(&ts, Some(&wemb)).unwrap();
-    assert_close("unet_time_embedding", &temb, &g("unet_time_embedding"), 1e-4, 0.0);
+    assert_close(
+        "unet_time_embedding",
+        &temb,
+        &g("unet_time_embedding"),
+        1e-4,
+        0.0,
+    );
     let out = lcm_unet.forward(&sample, &ts, &ctx, Some(&wemb)).unwrap();
     assert_close("unet_lcm_out", &out, &g("unet_lcm_out"), 1e-4, 0.0);
 
     let sd_unet = unet("tiny-sd");
     let out = sd_unet.forward(&sample, &ts, &ctx, None).unwrap();
     assert_close("unet_sd_out", &out, &g("unet_sd_out"), 1e-4, 0.0);
-    assert!(sd_unet.forward(&sample, &ts, &ctx, Some(&wemb)).is_err(), "w-embedding given to a U-Net without cond_proj");
+    assert!(
+        sd_unet.forward(&sample, &ts, &ctx, Some(&wemb)).is_err(),
+        "w-embedding given to a U-Net without cond_proj"
+    );
 }
 
 #[test]
@@ -129,7 +189,13 @@ fn vae_encode_and_decode_match() {
     let vae = vae();
     let post = vae.encode(&g("vae_enc_image")).unwrap();
     assert_close("vae_enc_mean", &post.mean, &g("vae_enc_mean"), 1e-4, 0.0);
-    assert_close("vae_enc_logvar", &post.logvar, &g("vae_enc_logvar"), 1e-4, 0.0);
+    assert_close(
+        "vae_enc_logvar",
+        &post.logvar,
+        &g("vae_enc_logvar"),
+        1e-4,
+        0.0,
+    );
     let z = vae.unscale(&g("vae_dec_latents")).unwrap();
     assert_close("vae_dec_input", &z, &g("vae_dec_input"), 1e-6, 1e-6);
     let img = vae.decode(&g("vae_dec_input")).unwrap();
@@ -139,33 +205,62 @@ fn vae_encode_and_decode_match() {
 #[test]
 fn schedules_timesteps_and_scalings_match() {
     setup();
-    let lcm_cfg = SchedulerConfig::load(&fixtures().join("tiny-lcm/scheduler/scheduler_config.json")).unwrap();
-    let ddim_cfg = SchedulerConfig::load(&fixtures().join("tiny-sd/scheduler/scheduler_config.json")).unwrap();
+    let lcm_cfg =
+        SchedulerConfig::load(&fixtures().join("tiny-lcm/scheduler/scheduler_config.json"))
+            .unwrap();
+    let ddim_cfg =
+        SchedulerConfig::load(&fixtures().join("tiny-sd/scheduler/scheduler_config.json")).unwrap();
     let sched = NoiseSchedule::from_config(&lcm_cfg).unwrap();
     let ac = Tensor::new(sched.alphas_cumprod.as_slice(), &DEV).unwrap();
-    assert_close("sched_alphas_cumprod", &ac, &g("sched_alphas_cumprod"), 1e-6, 0.0);
+    assert_close(
+        "sched_alphas_cumprod",
+        &ac,
+        &g("sched_alphas_cumprod"),
+        1e-6,
+        0.0,
+    );
 
     let lcm = &golden_json()["schedulers"]["lcm"]["steps"];
     for n in 1..=8usize {
         let rec = &lcm[n.to_string()];
         let expected: Vec<usize> = serde_json::from_value(rec["timesteps"].clone()).unwrap();
-        assert_eq!(sampler::lcm_timesteps(1000, 50, n).unwrap(), expected, "LCM timesteps for {n} steps");
+        assert_eq!(
+            sampler::lcm_timesteps(1000, 50, n).unwrap(),
+            expected,
+            "LCM timesteps for {n} steps"
+        );
         for step in rec["per_step"].as_array().unwrap() {
             let t = step["t"].as_f64().unwrap();
             let (c_skip, c_out) = boundary_scalings(t, 10.0);
             let rel = |a: f64, b: f64| ((a - b) / b).abs();
-            assert!(rel(c_skip, step["c_skip"].as_f64().unwrap()) < 1e-6, "c_skip at {t}");
-            assert!(rel(c_out, step["c_out"].as_f64().unwrap()) < 1e-6, "c_out at {t}");
+            assert!(
+                rel(c_skip, step["c_skip"].as_f64().unwrap()) < 1e-6,
+                "c_skip at {t}"
+            );
+            assert!(
+                rel(c_out, step["c_out"].as_f64().unwrap()) < 1e-6,
+                "c_out at {t}"
+            );
             let a = step["alpha_prod_t"].as_f64().unwrap();
-            assert!((sched.alpha_bar(t as i64) - a).abs() < 1e-6, "alpha_bar at {t}");
+            assert!(
+                (sched.alpha_bar(t as i64) - a).abs() < 1e-6,
+                "alpha_bar at {t}"
+            );
         }
     }
     let ddim = &golden_json()["schedulers"]["ddim"]["steps"];
     for n in [10usize, 25, 50] {
-        let expected: Vec<usize> = serde_json::from_value(ddim[n.to_string()]["timesteps"].clone()).unwrap();
-        assert_eq!(sampler::ddim_timesteps(&ddim_cfg, n).unwrap(), expected, "DDIM timesteps for {n} steps");
+        let expected: Vec<usize> =
+            serde_json::from_value(ddim[n.to_string()]["timesteps"].clone()).unwrap();
+        assert_eq!(
+            sampler::ddim_timesteps(&ddim_cfg, n).unwrap(),
+            expected,
+            "DDIM timesteps for {n} steps"
+        );
     }
-    let final_ac = golden_json()["schedulers"]["ddim"]["final_alpha_cumprod"].as_f64().unwrap();
+    let final_ac = golden_json()["schedulers"]["ddim"]["final_alpha_cumprod"]
+        .as_f64()
+        .unwrap();
     let ddim_sched = NoiseSchedule::from_config(&ddim_cfg).unwrap();
     assert!((ddim_sched.alpha_bar(-99) - final_ac).abs() < 1e-6);
 }
@@ -184,24 +279,67 @@ fn check_run(run: &str, pipe: &Pipeline, req: GenerateRequest, noise: Vec<Tensor
             let i = ev.index;
             let unet_ref = g(&format!("{run}_unet_out_step{i}"));
             // For the DDIM run this is the CFG batch [negative, positive], as in the golden.
-            assert_close(&format!("{run} unet step {i}"), ev.unet_output, &unet_ref, 1e-4, 0.0);
+            assert_close(
+                &format!("{run} unet step {i}"),
+                ev.unet_output,
+                &unet_ref,
+                1e-4,
+                0.0,
+            );
             if lcm {
                 let d = g(&format!("{run}_denoised_step{i}"));
-                assert_close(&format!("{run} denoised step {i}"), &ev.output.denoised, &d, 1e-4, 1e-5);
+                assert_close(
+                    &format!("{run} denoised step {i}"),
+                    &ev.output.denoised,
+                    &d,
+                    1e-4,
+                    1e-5,
+                );
             }
             let l = g(&format!("{run}_latents_step{i}"));
-            assert_close(&format!("{run} latents step {i}"), &ev.output.prev_sample, &l, 1e-4, 1e-5);
+            assert_close(
+                &format!("{run} latents step {i}"),
+                &ev.output.prev_sample,
+                &l,
+                1e-4,
+                1e-5,
+            );
             steps += 1;
         })
         .unwrap();
-    let expected_steps = golden_json()["pipelines"][run]["timesteps"].as_array().unwrap().len();
+    let expected_steps = golden_json()["pipelines"][run]["timesteps"]
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(steps, expected_steps);
-    assert_close(&format!("{run}_image"), &gen.images_unit, &g(&format!("{run}_image")), 1e-4, 0.0);
-    let u8_ref: Vec<u8> = g(&format!("{run}_image_u8")).flatten_all().unwrap().to_vec1().unwrap();
+    assert_close(
+        &format!("{run}_image"),
+        &gen.images_unit,
+        &g(&format!("{run}_image")),
+        1e-4,
+        0.0,
+    );
+    let u8_ref: Vec<u8> = g(&format!("{run}_image_u8"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let ours = gen.images[0].as_raw();
-    let off: Vec<i32> = ours.iter().zip(&u8_ref).map(|(a, b)| (*a as i32 - *b as i32).abs()).filter(|d| *d > 0).collect();
-    assert!(off.iter().all(|d| *d <= 1), "{run}: a pixel differs by more than 1");
-    assert!(off.len() as f64 <= 0.005 * u8_ref.len() as f64, "{run}: {} values differ", off.len());
+    let off: Vec<i32> = ours
+        .iter()
+        .zip(&u8_ref)
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .filter(|d| *d > 0)
+        .collect();
+    assert!(
+        off.iter().all(|d| *d <= 1),
+        "{run}: a pixel differs by more than 1"
+    );
+    assert!(
+        off.len() as f64 <= 0.005 * u8_ref.len() as f64,
+        "{run}: {} values differ",
+        off.len()
+    );
 }
 
 fn lcm_request(steps: usize, run: &str) -> GenerateRequest {
@@ -221,14 +359,24 @@ fn lcm_request(steps: usize, run: &str) -> GenerateRequest {
 #[test]
 fn lcm_one_step_run_matches() {
     setup();
-    check_run("lcm1", &load_pipeline("tiny-lcm"), lcm_request(1, "lcm1"), vec![]);
+    check_run(
+        "lcm1",
+        &load_pipeline("tiny-lcm"),
+        lcm_request(1, "lcm1"),
+        vec![],
+    );
 }
 
 #[test]
 fn lcm_four_step_run_matches_with_recorded_noise() {
     setup();
     let noise = (0..3).map(|i| g(&format!("lcm4_noise_step{i}"))).collect();
-    check_run("lcm4", &load_pipeline("tiny-lcm"), lcm_request(4, "lcm4"), noise);
+    check_run(
+        "lcm4",
+        &load_pipeline("tiny-lcm"),
+        lcm_request(4, "lcm4"),
+        noise,
+    );
 }
 
 #[test]
@@ -236,7 +384,13 @@ fn ddim_ten_step_cfg_run_with_negative_prompt_matches() {
     setup();
     let pipe = load_pipeline("tiny-sd");
     let neg = pipe.encode_prompt("blurry").unwrap();
-    assert_close("negative prompt embeds", &neg, &g("sd_ddim10_negative_prompt_embeds"), 1e-4, 0.0);
+    assert_close(
+        "negative prompt embeds",
+        &neg,
+        &g("sd_ddim10_negative_prompt_embeds"),
+        1e-4,
+        0.0,
+    );
     let req = GenerateRequest {
         prompt: "a photo of a cat".into(),
         negative_prompt: Some("blurry".into()),

@@ -49,11 +49,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 pub fn max_abs(a: &Tensor) -> f64 {
-    a.to_dtype(DType::F64).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    a.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Assert |actual − expected| ≤ atol + rtol·max|expected| everywhere (the fixture README's rule).
@@ -61,7 +75,13 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
     let diff = max_abs_diff(actual, expected);
     let bound = atol + rtol * max_abs(expected);
     if std::env::var("LCM_TEST_VERBOSE").is_ok() {
-        eprintln!("{name}: max abs diff {diff:.3e} (bound {bound:.3e}, max ref {:.3})", max_abs(expected));
+        eprintln!(
+            "{name}: max abs diff {diff:.3e} (bound {bound:.3e}, max ref {:.3})",
+            max_abs(expected)
+        );
     }
-    assert!(diff <= bound, "{name}: max abs diff {diff:.3e} exceeds {bound:.3e}");
+    assert!(
+        diff <= bound,
+        "{name}: max abs diff {diff:.3e} exceeds {bound:.3e}"
+    );
 }

@@ -1,0 +1,343 @@
+//! The `lcm` binary end to end: fixture runs reproduce diffusers' PNGs, and bad input exits
+//! non-zero with one line naming the problem (never a panic).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fixtures;
+
+fn lcm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args(args)
+        .env("CANDLE_NUM_THREADS", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run lcm")
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lcm-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fx(p: &str) -> String {
+    fixtures().join(p).to_string_lossy().into_owned()
+}
+
+fn pixels(p: &Path) -> Vec<u8> {
+    image::open(p).unwrap().to_rgb8().into_raw()
+}
+
+fn max_pixel_diff(a: &Path, b: &Path) -> u8 {
+    let (a, b) = (pixels(a), pixels(b));
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+}
+
+#[test]
+fn lcm_one_step_reproduces_the_diffusers_png() {
+    let dir = tmp_dir("lcm1");
+    let out = dir.join("cat.png");
+    let o = lcm(&[
+        "generate",
+        "--model",
+        &fx("tiny-lcm"),
+        "--prompt",
+        "a photo of a cat",
+        "--latents",
+        &fx("lcm1_latents.safetensors"),
+        "--steps",
+        "1",
+        "--guidance",
+        "8.5",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for word in [
+        "sampler lcm",
+        "steps 1",
+        "seed",
+        "text encode",
+        "denoise",
+        "decode",
+    ] {
+        assert!(stdout.contains(word), "summary lacks {word:?}: {stdout}");
+    }
+    assert!(max_pixel_diff(&out, &fixtures().join("lcm1_image.png")) <= 2);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn ddim_ten_steps_with_negative_prompt_reproduces_the_diffusers_png() {
+    let dir = tmp_dir("ddim");
+    let out = dir.join("cat.png");
+    let o = lcm(&[
+        "generate",
+        "--model",
+        &fx("tiny-sd"),
+        "--prompt",
+        "a photo of a cat",
+        "--negative-prompt",
+        "blurry",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "10",
+        "--guidance",
+        "7.5",
+        "--latents",
+        &fx("sd_ddim10_latents.safetensors"),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(max_pixel_diff(&out, &fixtures().join("sd_ddim10_image.png")) <= 2);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn several_images_get_numbered_files_and_a_seed_is_reproducible() {
+    let dir = tmp_dir("multi");
+    let run = |name: &str| {
+        let out = dir.join(name);
+        let o = lcm(&[
+            "generate",
+            "--model",
+            &fx("tiny-lcm"),
+            "--prompt",
+            "a red circle",
+            "--n",
+            "2",
+            "--seed",
+            "7",
+            "--steps",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run("a.png");
+    run("b.png");
+    for i in 0..2 {
+        let (a, b) = (
+            dir.join(format!("a-{i}.png")),
+            dir.join(format!("b-{i}.png")),
+        );
+        assert_eq!(pixels(&a), pixels(&b), "same seed, different image {i}");
+    }
+    assert_ne!(
+        pixels(&dir.join("a-0.png")),
+        pixels(&dir.join("a-1.png")),
+        "the two images of a batch are identical"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Run with bad input; expect failure with a single `error:` line containing every `needle`.
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let o = lcm(args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let err_line = lines.last().copied().unwrap_or_default();
+    for n in needles {
+        assert!(
+            err_line.contains(n),
+            "{args:?}: error {err_line:?} does not name {n:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_fails_with_one_line_naming_the_problem() {
+    let lcm_dir = fx("tiny-lcm");
+    let base = [
+        "generate",
+        "--model",
+        lcm_dir.as_str(),
+        "--prompt",
+        "x",
+        "--output",
+        "/tmp/lcm-never-written.png",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run = |extra: &[&str], needles: &[&str]| {
+        let args = with(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_error(&args, needles);
+    };
+    run(&["--width", "33"], &["--width", "33", "multiple of 2"]);
+    run(&["--steps", "0"], &["--steps"]);
+    run(&["--sampler", "euler"], &["euler"]);
+    run(
+        &["--latents", "/nonexistent/l.safetensors"],
+        &["--latents", "/nonexistent/l.safetensors"],
+    );
+    run(
+        &["--n", "2", "--latents", &fx("lcm1_latents.safetensors")],
+        &["latents", "[1, 4, 16, 16]"],
+    );
+    run(
+        &["--latents", &fx("golden.json")],
+        &["--latents", "golden.json"],
+    );
+    run(&["--steps", "60"], &["60", "original_inference_steps"]);
+    run(&["--device", "tpu"], &["--device", "tpu"]);
+    assert!(!Path::new("/tmp/lcm-never-written.png").exists());
+
+    // A safetensors file without a `latents` tensor.
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &lcm_dir,
+            "--prompt",
+            "x",
+            "--latents",
+            &fx("golden.safetensors"),
+        ],
+        &["no tensor named `latents`"],
+    );
+    // No such model.
+    expect_error(
+        &["generate", "--model", "/nonexistent/model", "--prompt", "x"],
+        &["/nonexistent/model"],
+    );
+    // A hub id that is not cached, offline.
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            "nobody/no-such-model",
+            "--prompt",
+            "x",
+        ],
+        &["nobody/no-such-model", "HF_HUB_OFFLINE", "--model DIR"],
+    );
+}
+
+#[test]
+fn broken_model_folders_are_named_in_the_error() {
+    let dir = tmp_dir("broken");
+    let copy = |dst: &Path| {
+        for entry in walk(&fixtures().join("tiny-lcm")) {
+            let rel = entry.strip_prefix(fixtures().join("tiny-lcm")).unwrap();
+            let to = dst.join(rel);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &to).unwrap();
+        }
+    };
+    // Unreadable config.
+    let m1 = dir.join("badconfig");
+    copy(&m1);
+    std::fs::write(m1.join("unet/config.json"), "{ not json").unwrap();
+    expect_error(
+        &["generate", "--model", m1.to_str().unwrap(), "--prompt", "x"],
+        &["unet/config.json"],
+    );
+    // Truncated weights.
+    let m2 = dir.join("badweights");
+    copy(&m2);
+    std::fs::write(
+        m2.join("vae/diffusion_pytorch_model.safetensors"),
+        b"\x10\x00",
+    )
+    .unwrap();
+    expect_error(
+        &["generate", "--model", m2.to_str().unwrap(), "--prompt", "x"],
+        &["vae/diffusion_pytorch_model.safetensors"],
+    );
+    // A config whose sizes disagree with the weights.
+    let m3 = dir.join("badshape");
+    copy(&m3);
+    let cfg = std::fs::read_to_string(m3.join("unet/config.json")).unwrap();
+    std::fs::write(
+        m3.join("unet/config.json"),
+        cfg.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48"),
+    )
+    .unwrap();
+    expect_error(
+        &["generate", "--model", m3.to_str().unwrap(), "--prompt", "x"],
+        &["U-Net", "shape"],
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn hub_ids_resolve_from_a_local_hf_hub_cache() {
+    // The layout hf-hub and huggingface_hub write: models--org--name/{refs/main, snapshots/<rev>/...}.
+    let home = tmp_dir("hfhome");
+    let repo = home.join("hub/models--test-org--tiny-lcm");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snap = repo.join("snapshots").join(rev);
+    for entry in walk(&fixtures().join("tiny-lcm")) {
+        let rel = entry.strip_prefix(fixtures().join("tiny-lcm")).unwrap();
+        std::fs::create_dir_all(snap.join(rel).parent().unwrap()).unwrap();
+        std::fs::copy(&entry, snap.join(rel)).unwrap();
+    }
+    let out = home.join("cat.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args([
+            "generate",
+            "--model",
+            "test-org/tiny-lcm",
+            "--prompt",
+            "a photo of a cat",
+        ])
+        .args([
+            "--latents",
+            &fx("lcm1_latents.safetensors"),
+            "--steps",
+            "1",
+            "--guidance",
+            "8.5",
+        ])
+        .args(["--output", out.to_str().unwrap()])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("CANDLE_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(max_pixel_diff(&out, &fixtures().join("lcm1_image.png")) <= 2);
+
+    // A cached snapshot that lacks a weight file is not used; offline, the error says what to do.
+    std::fs::remove_file(snap.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args(["generate", "--model", "test-org/tiny-lcm", "--prompt", "x"])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("test-org/tiny-lcm") && err.contains("--model DIR"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(home).ok();
+}
