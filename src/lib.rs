@@ -4,10 +4,12 @@
 //! the [`unet`] (with [`schedule`] for the noise schedule) → [`vae`] → [`image_io`]; [`pipeline`]
 //! strings them together and [`source`] finds the weights.
 
+pub mod attention;
 pub mod bench;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod image_io;
 pub mod nn;
 pub mod pipeline;

@@ -72,6 +72,11 @@ struct GenerateArgs {
     runtime: lcm::runtime::RuntimeArgs,
 }
 
+// Large tensors are allocated and freed every layer; glibc returns them to the OS and page-faults
+// them back in (≈30% of CPU time measured). mimalloc keeps and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
     s.parse().map_err(|e: anyhow::Error| e.to_string())
 }

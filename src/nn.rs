@@ -6,9 +6,47 @@
 //! helpers here take the fused kernel only when no gradient can flow through the inputs.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
-pub use candle_nn::{Conv2d, GroupNorm, Linear};
+pub use candle_nn::{GroupNorm, Linear};
+
+/// 2-D convolution (square kernel, symmetric padding). Stride-1 f32 inference on the CPU takes the
+/// im2col-free fast path in [`crate::conv`]; everything else (training, stride 2, other devices
+/// and dtypes) goes through candle's differentiable conv2d.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let tracked = xs.track_op() || self.weight.track_op();
+        let k = self.weight.dim(3)?;
+        let fast = !tracked
+            && self.stride == 1
+            && k > 1
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32;
+        let out = if fast {
+            crate::conv::conv2d_stride1(xs, &self.weight, self.padding)?
+        } else {
+            xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(out),
+        }
+    }
+}
 
 /// Softmax over the last dimension: fused kernel for inference, differentiable ops for training.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
@@ -67,12 +105,29 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
+    let bound = 1.0 / ((in_c * kernel * kernel) as f64).sqrt();
+    let weight = vb.get_with_hints(
+        (out_c, in_c, kernel, kernel),
+        "weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let bias = vb.get_with_hints(
+        out_c,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
         padding,
         stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+    })
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
@@ -99,7 +154,12 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
 /// additive mask broadcastable to `[batch·heads, q_tokens, k_tokens]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if mask.is_none() && !tracked && q.device().is_cpu() && q.dtype() == DType::F32 {
+        return crate::attention::fused_attention(q, k, v, scale as f32);
+    }
+    // Scaling q (n·d values) is cheaper than scaling the n² scores.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,

@@ -13,7 +13,12 @@ fn lcm_sched() -> SchedulerConfig {
     SchedulerConfig::load(&fixtures().join("tiny-lcm/scheduler/scheduler_config.json")).unwrap()
 }
 
-fn run(pipe: &Pipeline, sampler: SamplerKind, gamma: f64, noise: Vec<Tensor>) -> anyhow::Result<Tensor> {
+fn run(
+    pipe: &Pipeline,
+    sampler: SamplerKind,
+    gamma: f64,
+    noise: Vec<Tensor>,
+) -> anyhow::Result<Tensor> {
     let req = GenerateRequest {
         prompt: "a photo of a cat".into(),
         sampler: Some(sampler),
@@ -27,7 +32,9 @@ fn run(pipe: &Pipeline, sampler: SamplerKind, gamma: f64, noise: Vec<Tensor>) ->
         ..Default::default()
     };
     let mut noise = RecordedNoise(noise.into());
-    Ok(pipe.generate(&req, &Defaults::default(), &mut noise, &mut |_| {})?.latents)
+    Ok(pipe
+        .generate(&req, &Defaults::default(), &mut noise, &mut |_| {})?
+        .latents)
 }
 
 #[test]
@@ -45,7 +52,10 @@ fn tcd_gamma_one_tracks_lcm_and_gamma_zero_is_deterministic() {
     // gamma = 1 is LCM's multistep sampling except that diffusers' TCD re-noises from ᾱ_0 = 0.99915
     // instead of 1 and has no c_skip/c_out: a relative difference of order √(1−ᾱ_0) ≈ 0.03·|ε|/|x|.
     assert!(d1 < 5e-3, "TCD gamma 1 vs LCM: relative {d1:.2e}");
-    assert!(d03 > 10.0 * d1, "gamma 0.3 should differ from LCM far more than gamma 1 ({d03:.2e} vs {d1:.2e})");
+    assert!(
+        d03 > 10.0 * d1,
+        "gamma 0.3 should differ from LCM far more than gamma 1 ({d03:.2e} vs {d1:.2e})"
+    );
     // gamma = 0 draws no noise at all: an empty noise source must suffice.
     let a = run(&pipe, SamplerKind::Tcd, 0.0, vec![]).unwrap();
     let b = run(&pipe, SamplerKind::Tcd, 0.0, vec![]).unwrap();
@@ -58,12 +68,23 @@ fn tcd_gamma_one_tracks_lcm_and_gamma_zero_is_deterministic() {
 fn tcd_step_follows_the_published_update() {
     setup();
     let cfg = lcm_sched();
-    let s = Sampler::new(SamplerKind::Tcd, &cfg, 4, SamplerOptions { tcd_gamma: 0.3, ..Default::default() }).unwrap();
+    let s = Sampler::new(
+        SamplerKind::Tcd,
+        &cfg,
+        4,
+        SamplerOptions {
+            tcd_gamma: 0.3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(s.timesteps, vec![999, 759, 499, 259]);
     let x = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &Device::Cpu).unwrap();
     let eps = Tensor::new(&[[0.1f32, 0.2], [-0.3, 0.4]], &Device::Cpu).unwrap();
     let z = Tensor::new(&[[1.0f32, -1.0], [0.5, 0.0]], &Device::Cpu).unwrap();
-    let out = s.step(0, &eps, &x, &mut RecordedNoise(vec![z.clone()].into())).unwrap();
+    let out = s
+        .step(0, &eps, &x, &mut RecordedNoise(vec![z.clone()].into()))
+        .unwrap();
     // Step 0: t = 999, next t = 759, s = floor(0.7·759) = 531.
     let ac = &s.schedule.alphas_cumprod;
     let (a_t, a_prev, a_s) = (ac[999], ac[759], ac[531]);
@@ -76,6 +97,10 @@ fn tcd_step_follows_the_published_update() {
         let x0 = (x - (1.0 - a_t).sqrt() * e) / a_t.sqrt();
         let xs_ = a_s.sqrt() * x0 + (1.0 - a_s).sqrt() * e;
         let expect = (a_prev / a_s).sqrt() * xs_ + (1.0 - a_prev / a_s).sqrt() * z;
-        assert!((got[i] as f64 - expect).abs() < 1e-4 * expect.abs().max(1.0), "element {i}: {} vs {expect}", got[i]);
+        assert!(
+            (got[i] as f64 - expect).abs() < 1e-4 * expect.abs().max(1.0),
+            "element {i}: {} vs {expect}",
+            got[i]
+        );
     }
 }
