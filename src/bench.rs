@@ -89,10 +89,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         } else {
             measure_in_subprocess(args, c)?
         };
-        eprintln!(
-            "{:<9} median {:>9.4} s  peak RSS {:>8.0} MB  {}",
-            m.component, m.median_s, m.peak_rss_mb, m.detail
-        );
+        let child = wanted.len() == 1 && !args.in_process;
+        if !child {
+            eprintln!(
+                "{:<9} median {:>9.4} s  peak RSS {:>8.0} MB  {}",
+                m.component, m.median_s, m.peak_rss_mb, m.detail
+            );
+        }
         results.push(m);
     }
     let summary = serde_json::json!({

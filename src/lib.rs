@@ -11,6 +11,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod image_io;
+pub mod lcd;
 pub mod nn;
 pub mod pipeline;
 pub mod runtime;
