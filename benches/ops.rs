@@ -31,6 +31,19 @@ fn main() -> candle_core::Result<()> {
     time("conv3x3 shifted-gemm (lcm::conv)", || {
         lcm::conv::conv2d_stride1(&x, &w3, 1)
     });
+    let wk = lcm::conv::WinogradKernel::new(&w3)?;
+    time("conv3x3 winograd (lcm::conv)", || {
+        lcm::conv::conv3x3_winograd(&x, &wk, 1)
+    });
+    let xv = Tensor::randn(0f32, 1.0, (1, 128, 512, 512), &dev)?;
+    let wv = Tensor::randn(0f32, 0.02, (128, 128, 3, 3), &dev)?;
+    time("conv3x3 128->128 @512x512 shifted-gemm", || {
+        lcm::conv::conv2d_stride1(&xv, &wv, 1)
+    });
+    let wvk = lcm::conv::WinogradKernel::new(&wv)?;
+    time("conv3x3 128->128 @512x512 winograd", || {
+        lcm::conv::conv3x3_winograd(&xv, &wvk, 1)
+    });
     time("conv1x1 320->320 @64x64", || x.conv2d(&w1, 0, 1, 1, 1));
     let gn = candle_nn::GroupNorm::new(
         Tensor::ones(320, candle_core::DType::F32, &dev)?,

@@ -20,6 +20,9 @@ with torch.no_grad():
     w3 = torch.randn(320, 320, 3, 3) * 0.02
     w1 = torch.randn(320, 320, 1, 1) * 0.02
     t("conv3x3 320->320 @64x64", lambda: F.conv2d(x, w3, padding=1))
+    xv = torch.randn(1, 128, 512, 512)
+    wv = torch.randn(128, 128, 3, 3) * 0.02
+    t("conv3x3 128->128 @512x512", lambda: F.conv2d(xv, wv, padding=1))
     t("conv1x1 320->320 @64x64", lambda: F.conv2d(x, w1))
     t("group_norm 32 @320x64x64", lambda: F.group_norm(x, 32))
     t("silu @320x64x64", lambda: F.silu(x))

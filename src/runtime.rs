@@ -15,7 +15,11 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     pub fn resolve(&self) -> Result<(Device, DType)> {
-        Ok((parse_device(&self.device)?, parse_dtype(&self.dtype)?))
+        let (device, dtype) = (parse_device(&self.device)?, parse_dtype(&self.dtype)?);
+        if device.is_cpu() && dtype == DType::BF16 {
+            bail!("--dtype bf16 is not supported on the CPU (candle has no bf16 matmul there): use f32 or f16")
+        }
+        Ok((device, dtype))
     }
 }
 

@@ -405,3 +405,25 @@ fn ddim_ten_step_cfg_run_with_negative_prompt_matches() {
     };
     check_run("sd_ddim10", &pipe, req, vec![]);
 }
+
+#[test]
+fn half_precision_weights_stay_close_to_f32() {
+    // The fixture weights are stored in f16; computing in f16 (VAE kept in f32) is the `--dtype f16`
+    // path. f16 carries 11 significant bits; observed 5.8e-4 on the image, bound 5e-3.
+    setup();
+    let pipe = Pipeline::load(&fixtures().join("tiny-lcm"), &DEV, DType::F16).unwrap();
+    let gen = pipe
+        .generate(
+            &lcm_request(1, "lcm1"),
+            &Defaults::default(),
+            &mut RecordedNoise(Default::default()),
+            &mut |_| {},
+        )
+        .unwrap();
+    let diff = max_abs_diff(&gen.images_unit, &g("lcm1_image"));
+    eprintln!("f16 vs f32 golden image: max abs diff {diff:.2e}");
+    assert!(
+        diff < 5e-3,
+        "f16 image differs from the f32 golden by {diff}"
+    );
+}
