@@ -7,12 +7,15 @@
 pub mod attention;
 pub mod bench;
 pub mod blocks;
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod conv;
+pub mod data;
 pub mod image_io;
 pub mod lcd;
 pub mod nn;
+pub mod optim;
 pub mod pipeline;
 pub mod runtime;
 pub mod sampler;
