@@ -12,6 +12,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod data;
+pub mod distill;
 pub mod image_io;
 pub mod lcd;
 pub mod nn;
