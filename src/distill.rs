@@ -331,3 +331,321 @@ impl<'t> Trainer<'t> {
         Self::named(&self.student_vars.data().lock().expect("varmap lock"))
     }
 }
+
+/// `lcm distill`: flags as in the reference script (defaults equal to it unless noted).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DistillArgs {
+    /// Teacher: a diffusers-layout folder, a pipeline name or a hub id.
+    #[arg(long)]
+    pub teacher: String,
+    /// Image–caption folder (metadata.jsonl, or images with .txt captions).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output: a diffusers-layout LCM pipeline folder (also holds checkpoints/ and metrics.jsonl).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Training resolution (default: the teacher's native size).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
+    pub max_steps: u64,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 500)]
+    pub warmup_steps: u64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub w_min: f64,
+    #[arg(long, default_value_t = 15.0)]
+    pub w_max: f64,
+    #[arg(long, default_value_t = 256)]
+    pub w_embed_dim: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub ema: f64,
+    /// l2 or huber.
+    #[arg(long, default_value = "l2")]
+    pub loss: String,
+    #[arg(long, default_value_t = 0.001)]
+    pub huber_c: f64,
+    #[arg(long, default_value_t = 50)]
+    pub ddim_steps: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 500)]
+    pub save_every: u64,
+    /// Continue from DIR: a checkpoint folder, or an output folder (its latest checkpoint).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: crate::runtime::RuntimeArgs,
+}
+
+fn file_fingerprint(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => format!("{}:{}:{:?}", path.display(), m.len(), m.modified().ok()),
+        Err(_) => format!("{}:missing", path.display()),
+    }
+}
+
+/// Encode the dataset with the teacher's VAE and text encoder once; reuse the cache while the
+/// teacher, the resolution and the data are unchanged.
+fn encode_dataset(
+    pipe: &crate::pipeline::Pipeline,
+    teacher_dir: &Path,
+    args: &DistillArgs,
+    resolution: usize,
+    cache_dir: &Path,
+) -> Result<TrainData> {
+    use std::hash::{Hash, Hasher};
+    let examples = crate::data::scan(&args.data)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    resolution.hash(&mut h);
+    for c in ["unet", "vae", "text_encoder"] {
+        for f in crate::source::weight_file(&teacher_dir.join(c))? {
+            file_fingerprint(&f).hash(&mut h);
+        }
+    }
+    for ex in &examples {
+        file_fingerprint(&ex.image).hash(&mut h);
+        ex.caption.hash(&mut h);
+    }
+    let cache = cache_dir.join(format!("data-{:016x}.safetensors", h.finish()));
+    let dev = &pipe.device;
+    if cache.is_file() {
+        let t = candle_core::safetensors::load(&cache, dev)?;
+        if let (Some(l), Some(p), Some(u)) = (
+            t.get("latents"),
+            t.get("prompt_embeds"),
+            t.get("uncond_embeds"),
+        ) {
+            eprintln!("using cached encodings {}", cache.display());
+            return Ok(TrainData {
+                latents: l.clone(),
+                prompt_embeds: p.clone(),
+                uncond_embeds: u.clone(),
+            });
+        }
+    }
+    let (items, report) = crate::data::load_all(&examples, resolution, dev);
+    if !report.skipped.is_empty() {
+        eprintln!(
+            "skipped {} unreadable image(s) of {}",
+            report.skipped.len(),
+            examples.len()
+        );
+    }
+    if items.is_empty() {
+        bail!("--data {}: no readable images", args.data.display())
+    }
+    let mut noise = SeededNoise::new(args.seed ^ 0x0076_6165);
+    let mut latents = Vec::new();
+    let mut embeds = Vec::new();
+    for (img, caption) in &items {
+        let post = pipe.vae.encode(&img.unsqueeze(0)?)?;
+        let eps = noise.sample(post.mean.shape(), dev)?;
+        latents.push(pipe.vae.scale(&post.sample_with(&eps)?)?);
+        embeds.push(pipe.encode_prompt(caption)?);
+    }
+    let data = TrainData {
+        latents: Tensor::cat(&latents, 0)?,
+        prompt_embeds: Tensor::cat(&embeds, 0)?,
+        uncond_embeds: pipe.encode_prompt("")?,
+    };
+    std::fs::create_dir_all(cache_dir)?;
+    let tensors = HashMap::from([
+        ("latents".to_string(), data.latents.clone()),
+        ("prompt_embeds".to_string(), data.prompt_embeds.clone()),
+        ("uncond_embeds".to_string(), data.uncond_embeds.clone()),
+    ]);
+    let tmp = cache.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, &cache)?;
+    eprintln!(
+        "encoded {} examples at {resolution}² into {}",
+        items.len(),
+        cache.display()
+    );
+    Ok(data)
+}
+
+/// Write the student as a diffusers LatentConsistencyModelPipeline folder beside the teacher's
+/// VAE, text encoder and tokenizer.
+fn export(trainer: &Trainer, teacher_dir: &Path, out: &Path) -> Result<()> {
+    let copy_dir = |name: &str| -> Result<()> {
+        let (src, dst) = (teacher_dir.join(name), out.join(name));
+        std::fs::create_dir_all(&dst)?;
+        for e in
+            std::fs::read_dir(&src).with_context(|| format!("cannot read {}", src.display()))?
+        {
+            let p = e?.path();
+            if p.is_file() {
+                let bytes = std::fs::read(&p)?;
+                crate::image_io::write_atomic(
+                    &dst.join(p.file_name().expect("file name")),
+                    &bytes,
+                )?;
+            }
+        }
+        Ok(())
+    };
+    for c in ["vae", "text_encoder", "tokenizer"] {
+        copy_dir(c)?;
+    }
+    let mut unet_cfg: serde_json::Value =
+        crate::config::read_json(&teacher_dir.join("unet/config.json"))?;
+    unet_cfg["time_cond_proj_dim"] = trainer.config.w_embed_dim.into();
+    std::fs::create_dir_all(out.join("unet"))?;
+    crate::image_io::write_atomic(
+        &out.join("unet/config.json"),
+        &serde_json::to_vec_pretty(&unet_cfg)?,
+    )?;
+    let weights = out.join("unet/diffusion_pytorch_model.safetensors");
+    let tmp = weights.with_extension("tmp");
+    candle_core::safetensors::save(&trainer.student_weights(), &tmp)?;
+    std::fs::rename(&tmp, &weights)?;
+    let t: serde_json::Value =
+        crate::config::read_json(&teacher_dir.join("scheduler/scheduler_config.json"))?;
+    let sched = serde_json::json!({
+        "_class_name": "LCMScheduler",
+        "num_train_timesteps": t.get("num_train_timesteps").cloned().unwrap_or(1000.into()),
+        "beta_start": t.get("beta_start").cloned().unwrap_or(0.00085.into()),
+        "beta_end": t.get("beta_end").cloned().unwrap_or(0.012.into()),
+        "beta_schedule": t.get("beta_schedule").cloned().unwrap_or("scaled_linear".into()),
+        "original_inference_steps": trainer.config.ddim_steps,
+        "timestep_scaling": trainer.config.timestep_scaling,
+        "set_alpha_to_one": true, "steps_offset": 1, "prediction_type": "epsilon",
+        "timestep_spacing": "leading", "clip_sample": false, "thresholding": false,
+        "rescale_betas_zero_snr": false,
+    });
+    std::fs::create_dir_all(out.join("scheduler"))?;
+    crate::image_io::write_atomic(
+        &out.join("scheduler/scheduler_config.json"),
+        &serde_json::to_vec_pretty(&sched)?,
+    )?;
+    let index = serde_json::json!({
+        "_class_name": "LatentConsistencyModelPipeline",
+        "feature_extractor": [null, null], "image_encoder": [null, null], "safety_checker": [null, null],
+        "requires_safety_checker": false,
+        "scheduler": ["diffusers", "LCMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    crate::image_io::write_atomic(
+        &out.join("model_index.json"),
+        &serde_json::to_vec_pretty(&index)?,
+    )
+}
+
+/// The whole `lcm distill` run.
+pub fn run(args: &DistillArgs) -> Result<()> {
+    let (device, _) = args.runtime.resolve()?;
+    let teacher_src = crate::source::resolve(&args.teacher).context("--teacher")?;
+    let pipe = crate::pipeline::Pipeline::load(&teacher_src.dir, &device, DType::F32)
+        .with_context(|| format!("--teacher {}", teacher_src.dir.display()))?;
+    let f = pipe.vae_scale_factor();
+    let resolution = args
+        .resolution
+        .unwrap_or(pipe.unet.config.sample_size.unwrap_or(64) * f);
+    if resolution == 0 || !resolution.is_multiple_of(f) {
+        bail!("--resolution {resolution} must be a positive multiple of {f}")
+    }
+    let loss = match args.loss.as_str() {
+        "l2" => None,
+        "huber" => Some(args.huber_c),
+        other => bail!("--loss {other:?}: expected l2 or huber"),
+    };
+    let config = DistillConfig {
+        ddim_steps: args.ddim_steps,
+        w_min: args.w_min,
+        w_max: args.w_max,
+        w_embed_dim: args.w_embed_dim,
+        ema: args.ema,
+        huber_c: loss,
+        adamw: AdamWConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
+        warmup_steps: args.warmup_steps,
+        max_grad_norm: args.max_grad_norm,
+        grad_accum: args.grad_accum,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
+    };
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    let data = encode_dataset(
+        &pipe,
+        &teacher_src.dir,
+        args,
+        resolution,
+        &args.output.join("cache"),
+    )?;
+    let teacher_weights = {
+        let files = crate::source::weight_file(&teacher_src.dir.join("unet"))?;
+        let mut all = HashMap::new();
+        for f in files {
+            all.extend(candle_core::safetensors::load(&f, &device)?);
+        }
+        all
+    };
+    let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
+    let mut trainer = Trainer::new(&pipe.unet, &teacher_weights, schedule, config, &device)?;
+    let ckpt_dir = args.output.join("checkpoints");
+    if let Some(r) = &args.resume {
+        let dir = if r.join(checkpoint::STATE_FILE).is_file() {
+            r.clone()
+        } else {
+            checkpoint::latest(&r.join("checkpoints"))?.with_context(|| {
+                format!("--resume {}: no complete checkpoint found", r.display())
+            })?
+        };
+        trainer.resume(&dir)?;
+        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+    }
+    let log_path = args.output.join("metrics.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let bar = indicatif::ProgressBar::new(args.max_steps);
+    bar.set_position(trainer.step);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "step {pos}/{len} [{elapsed_precise}] {per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let start = std::time::Instant::now();
+    while trainer.step < args.max_steps {
+        let m = trainer.train_step(&data)?;
+        if !m.loss.is_finite() {
+            bail!("loss became {} at step {}", m.loss, m.step)
+        }
+        let line = serde_json::json!({"step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm, "time_s": start.elapsed().as_secs_f64()});
+        std::io::Write::write_all(&mut log, format!("{line}\n").as_bytes())?;
+        bar.set_message(format!("loss {:.5}", m.loss));
+        bar.inc(1);
+        if args.save_every > 0 && m.step % args.save_every == 0 {
+            trainer.save_checkpoint(&ckpt_dir)?;
+        }
+    }
+    bar.finish_and_clear();
+    trainer.save_checkpoint(&ckpt_dir)?;
+    export(&trainer, &teacher_src.dir, &args.output)?;
+    println!(
+        "distilled {} steps; wrote {}",
+        trainer.step,
+        args.output.display()
+    );
+    Ok(())
+}

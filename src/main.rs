@@ -30,6 +30,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Time the pipeline's components (text encoder, U-Net step, VAE decode, full run) and peak memory.
     Bench(lcm::bench::BenchArgs),
+    /// Distil a many-step teacher into a few-step LCM student (latent consistency distillation).
+    Distill(lcm::distill::DistillArgs),
     /// List the named pipelines (`--model NAME`).
     Models,
 }
@@ -98,6 +100,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => lcm::bench::run(&args),
+        Command::Distill(args) => lcm::distill::run(&args),
         Command::Models => models(),
     };
     match result {

@@ -5,6 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use image::GenericImageView;
 use lcm::config::{SchedulerConfig, UNetConfig};
 use lcm::distill::{DistillConfig, TrainData, Trainer};
 use lcm::pipeline::load_weights;
@@ -97,4 +98,120 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     let mut c = Trainer::new(&teacher, &weights, schedule, other, &Device::Cpu).unwrap();
     assert!(c.resume(&latest).is_err());
     std::fs::remove_dir_all(run).ok();
+}
+
+fn lcm_bin(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args(args)
+        .env("CANDLE_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+fn losses(metrics: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
+    let root = std::env::temp_dir().join(format!("lcm-distill-cli-{}", std::process::id()));
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut meta = String::new();
+    for (i, (name, rgb)) in [
+        ("red", [220u8, 30, 30]),
+        ("green", [30, 200, 40]),
+        ("blue", [20, 40, 230]),
+        ("yellow", [230, 220, 20]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut img = image::RgbImage::from_pixel(40, 32, image::Rgb([250, 250, 250]));
+        for y in 8..24 {
+            for x in (8 + 4 * i as u32)..(24 + 4 * i as u32) {
+                img.put_pixel(x, y, image::Rgb(*rgb));
+            }
+        }
+        img.save(data.join(format!("{name}.png"))).unwrap();
+        meta += &format!("{{\"file_name\": \"{name}.png\", \"text\": \"a {name} square\"}}\n");
+    }
+    std::fs::write(data.join("corrupt.png"), b"\x89PNG broken").unwrap();
+    meta += "{\"file_name\": \"corrupt.png\", \"text\": \"broken\"}\n";
+    std::fs::write(data.join("metadata.jsonl"), meta).unwrap();
+
+    let teacher = fixtures().join("tiny-sd");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--save-every",
+            "2",
+            "--w-embed-dim",
+            "32",
+            "--warmup-steps",
+            "1",
+            "--loss",
+            "huber",
+        ];
+        args.extend_from_slice(extra);
+        let o = lcm_bin(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let full = root.join("full");
+    let stderr = run(&full, &[]);
+    assert!(
+        stderr.contains("corrupt.png") && stderr.contains("skipped 1"),
+        "corrupt image not reported: {stderr}"
+    );
+    let l = losses(&full.join("metrics.jsonl"));
+    assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(l.iter().all(|x| x.1.is_finite()));
+    assert!(lcm::checkpoint::latest(&full.join("checkpoints"))
+        .unwrap()
+        .is_some());
+
+    // Resume a copy of the run from its step-2 checkpoint: step 3 must match exactly.
+    let resumed = root.join("resumed");
+    let ck2 = full.join("checkpoints/checkpoint-00000002");
+    let stderr = run(&resumed, &["--resume", ck2.to_str().unwrap()]);
+    assert!(stderr.contains("step 2"), "{stderr}");
+    assert_eq!(losses(&resumed.join("metrics.jsonl")), vec![l[2]]);
+
+    // The output folder is an LCM pipeline that `lcm generate` runs with 4 steps.
+    let png = root.join("out.png");
+    let o = lcm_bin(&[
+        "generate",
+        "--model",
+        full.to_str().unwrap(),
+        "--prompt",
+        "a red square",
+        "--steps",
+        "4",
+        "--seed",
+        "1",
+        "--output",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("sampler lcm"));
+    assert_eq!(image::open(&png).unwrap().dimensions(), (32, 32));
+    std::fs::remove_dir_all(root).ok();
 }
