@@ -380,6 +380,10 @@ pub struct DistillArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 500)]
     pub save_every: u64,
+    /// Every N steps write samples/step-N.png: 1-, 2- and 4-step LCM samples (columns) of up to four
+    /// of the dataset's captions (rows), fixed seeds. 0 turns it off.
+    #[arg(long, default_value_t = 500)]
+    pub sample_every: u64,
     /// Continue from DIR: a checkpoint folder, or an output folder (its latest checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -543,6 +547,46 @@ fn export(trainer: &Trainer, teacher_dir: &Path, out: &Path) -> Result<()> {
     )
 }
 
+/// A grid of the student's 1/2/4-step samples: one row per prompt, one column per step count.
+fn write_sample_grid(
+    sampler: &mut crate::pipeline::Pipeline,
+    trainer: &Trainer,
+    prompts: &[String],
+    resolution: usize,
+    path: &Path,
+) -> Result<()> {
+    sampler.unet = UNet2DConditionModel::new(
+        &trainer.student_cfg,
+        VarBuilder::from_tensors(trainer.student_weights(), DType::F32, &sampler.device),
+    )?;
+    let steps = [1usize, 2, 4];
+    let r = resolution as u32;
+    let mut grid = image::RgbImage::new(r * steps.len() as u32, r * prompts.len() as u32);
+    for (row, prompt) in prompts.iter().enumerate() {
+        for (col, &n) in steps.iter().enumerate() {
+            let req = crate::pipeline::GenerateRequest {
+                prompt: prompt.clone(),
+                sampler: Some(crate::sampler::SamplerKind::Lcm),
+                steps: Some(n),
+                guidance: Some(8.5),
+                width: Some(resolution),
+                height: Some(resolution),
+                n: 1,
+                ..Default::default()
+            };
+            let mut noise = SeededNoise::new(row as u64);
+            let generated = sampler.generate(&req, &Default::default(), &mut noise, &mut |_| {})?;
+            image::imageops::replace(
+                &mut grid,
+                &generated.images[0],
+                (col as u32 * r).into(),
+                (row as u32 * r).into(),
+            );
+        }
+    }
+    crate::image_io::save_png(&grid, path)
+}
+
 /// The whole `lcm distill` run.
 pub fn run(args: &DistillArgs) -> Result<()> {
     let (device, _) = args.runtime.resolve()?;
@@ -611,6 +655,21 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         trainer.resume(&dir)?;
         eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
     }
+    // A second copy of the teacher pipeline whose U-Net is swapped for the student when sampling.
+    let mut sample_pipe = if args.sample_every > 0 {
+        Some(crate::pipeline::Pipeline::load(
+            &teacher_src.dir,
+            &device,
+            DType::F32,
+        )?)
+    } else {
+        None
+    };
+    let sample_prompts: Vec<String> = crate::data::scan(&args.data)?
+        .into_iter()
+        .map(|e| e.caption)
+        .take(4)
+        .collect();
     let log_path = args.output.join("metrics.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -637,6 +696,12 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         bar.inc(1);
         if args.save_every > 0 && m.step % args.save_every == 0 {
             trainer.save_checkpoint(&ckpt_dir)?;
+        }
+        if let Some(sp) = sample_pipe.as_mut() {
+            if m.step % args.sample_every == 0 {
+                let path = args.output.join(format!("samples/step-{:08}.png", m.step));
+                write_sample_grid(sp, &trainer, &sample_prompts, resolution, &path)?;
+            }
         }
     }
     bar.finish_and_clear();
