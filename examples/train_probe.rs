@@ -1,4 +1,5 @@
-//! Times a few distillation steps on the fixture teacher (for profiling the training path).
+//! Times distillation steps on the fixture teacher (batch 8, Huber loss; beside
+//! scripts/bench_lcd_step_torch.py) and serves as a profiling target for the training path.
 use candle_core::{DType, Device};
 use lcm::distill::{DistillConfig, TrainData, Trainer};
 
@@ -27,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         w_embed_dim: 32,
         batch_size: 8,
         warmup_steps: 0,
+        huber_c: Some(0.001),
         ..Default::default()
     };
     let mut t = Trainer::new(
@@ -36,15 +38,22 @@ fn main() -> anyhow::Result<()> {
         c,
         &Device::Cpu,
     )?;
-    for _ in 0..3 {
+    // One warm-up step, then five timed (as scripts/bench_lcd_step_torch.py does).
+    let mut times = vec![];
+    for i in 0..6 {
         let s = std::time::Instant::now();
         let m = t.train_step(&data)?;
-        eprintln!(
-            "step {} loss {:.5} {:.2}s",
-            m.step,
-            m.loss,
-            s.elapsed().as_secs_f64()
-        );
+        let dt = s.elapsed().as_secs_f64();
+        eprintln!("step {} loss {:.5} {dt:.2}s", m.step, m.loss);
+        if i > 0 {
+            times.push(dt);
+        }
     }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "median {:.3} s per step (batch 8), peak RSS {:.0} MB",
+        times[times.len() / 2],
+        lcm::runtime::peak_rss_bytes() as f64 / 1e6
+    );
     Ok(())
 }
