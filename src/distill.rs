@@ -93,7 +93,8 @@ pub struct Trainer<'t> {
     solver: DdimSolver,
     teacher: &'t UNet2DConditionModel,
     pub student_cfg: UNetConfig,
-    student_vars: VarMap,
+    /// The student's trainable variables by checkpoint name (the VarMap is only needed to build it).
+    student_vars: HashMap<String, Var>,
     student: UNet2DConditionModel,
     target_vars: HashMap<String, Var>,
     target: UNet2DConditionModel,
@@ -144,9 +145,9 @@ impl<'t> Trainer<'t> {
                 }
             }
         }
-        let student_map: HashMap<String, Var> =
+        let student_vars: HashMap<String, Var> =
             student_vars.data().lock().expect("varmap lock").clone();
-        let target_vars: HashMap<String, Var> = student_map
+        let target_vars: HashMap<String, Var> = student_vars
             .iter()
             .map(|(k, v)| Ok((k.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
             .collect::<Result<_>>()?;
@@ -154,7 +155,7 @@ impl<'t> Trainer<'t> {
             &student_cfg,
             VarBuilder::from_tensors(frozen_view(&target_vars), DType::F32, device),
         )?;
-        let opt = AdamW::new(student_map, config.adamw)?;
+        let opt = AdamW::new(student_vars.clone(), config.adamw)?;
         let solver = DdimSolver::new(&schedule, config.ddim_steps)?;
         Ok(Self {
             config,
@@ -190,7 +191,11 @@ impl<'t> Trainer<'t> {
             w_embed_dim: Some(cfg.w_embed_dim),
             loss: cfg.huber_c.map_or(Loss::L2, |c| Loss::Huber { c }),
         };
-        let vars: Vec<Var> = self.student_vars.all_vars();
+        // Sorted by name: the gradient norm is a floating-point sum, and a resumed run must add
+        // in the same order as the uninterrupted one (HashMap order differs per instance).
+        let mut named: Vec<(&String, &Var)> = self.student_vars.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let vars: Vec<Var> = named.into_iter().map(|(_, v)| v.clone()).collect();
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut loss_sum = 0.0;
         for micro in 0..cfg.grad_accum {
@@ -253,13 +258,7 @@ impl<'t> Trainer<'t> {
             self.step + 1,
         );
         self.opt.step(&grads, lr)?;
-        let student_map = self
-            .student_vars
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .clone();
-        ema_update(&self.target_vars, &student_map, self.config.ema)?;
+        ema_update(&self.target_vars, &self.student_vars, self.config.ema)?;
         self.step += 1;
         Ok(StepMetrics {
             step: self.step,
@@ -269,16 +268,10 @@ impl<'t> Trainer<'t> {
         })
     }
 
-    fn named(vars: &HashMap<String, Var>) -> HashMap<String, Tensor> {
-        vars.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect()
-    }
-
     /// Write a checkpoint (student, target, optimizer moments, step, config) under `run_dir`.
     pub fn save_checkpoint(&self, run_dir: &Path) -> Result<PathBuf> {
-        let student = Self::named(&self.student_vars.data().lock().expect("varmap lock"));
-        let target = Self::named(&self.target_vars);
+        let student = frozen_view(&self.student_vars);
+        let target = frozen_view(&self.target_vars);
         let opt = self.opt.state();
         let state =
             serde_json::json!({ "config": self.config, "student_unet_config": self.student_cfg });
@@ -315,10 +308,7 @@ impl<'t> Trainer<'t> {
             }
             Ok(())
         };
-        set(
-            &self.student_vars.data().lock().expect("varmap lock"),
-            "student",
-        )?;
+        set(&self.student_vars, "student")?;
         set(&self.target_vars, "target")?;
         self.opt
             .load_state(&ck.group("optimizer", &self.device)?, ck.step)?;
@@ -328,7 +318,7 @@ impl<'t> Trainer<'t> {
 
     /// The student's weights, for export.
     pub fn student_weights(&self) -> HashMap<String, Tensor> {
-        Self::named(&self.student_vars.data().lock().expect("varmap lock"))
+        frozen_view(&self.student_vars)
     }
 }
 

@@ -8,17 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use lcm::config::{SchedulerConfig, UNetConfig};
 use lcm::lcd::{boundary_tensors, lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
-use lcm::pipeline::load_weights;
 use lcm::schedule::NoiseSchedule;
 use lcm::source::weight_file;
 use lcm::unet::UNet2DConditionModel;
-
-fn unet(model: &str) -> UNet2DConditionModel {
-    let dir = fixtures().join(model).join("unet");
-    let cfg = UNetConfig::load(&dir.join("config.json")).unwrap();
-    let vb = load_weights(&weight_file(&dir).unwrap(), DType::F32, &Device::Cpu).unwrap();
-    UNet2DConditionModel::new(&cfg, vb).unwrap()
-}
 
 fn usizes(name: &str) -> Vec<usize> {
     g(name)
@@ -72,7 +64,7 @@ fn distillation_step_matches_the_reference_script() {
     setup();
     let schedule = schedule();
     let solver = DdimSolver::new(&schedule, 50).unwrap();
-    let (teacher, student) = (unet("tiny-sd"), unet("tiny-lcm"));
+    let (teacher, student) = (fixture_unet("tiny-sd"), fixture_unet("tiny-lcm"));
     let index = usizes("lcd_index");
     let w: Vec<f64> = g("lcd_w")
         .flatten_all()
@@ -160,7 +152,7 @@ fn every_student_weight_receives_a_gradient_from_the_lcd_loss() {
         var.set(&weights[name].to_dtype(DType::F32).unwrap())
             .unwrap();
     }
-    let teacher = unet("tiny-sd");
+    let teacher = fixture_unet("tiny-sd");
     let schedule = schedule();
     let solver = DdimSolver::new(&schedule, 50).unwrap();
     let index = usizes("lcd_index");

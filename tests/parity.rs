@@ -8,26 +8,15 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use lcm::clip::ClipTextModel;
-use lcm::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use lcm::config::{ClipTextConfig, SchedulerConfig, VaeConfig};
 use lcm::pipeline::{load_weights, GenerateRequest, Pipeline};
 use lcm::sampler::{self, RecordedNoise, SamplerKind};
 use lcm::schedule::{boundary_scalings, NoiseSchedule};
 use lcm::source::{weight_file, Defaults};
 use lcm::tokenizer::ClipTokenizer;
-use lcm::unet::UNet2DConditionModel;
 use lcm::vae::AutoencoderKL;
 
 const DEV: Device = Device::Cpu;
-
-fn unet(model: &str) -> UNet2DConditionModel {
-    let dir = fixtures().join(model).join("unet");
-    let cfg = UNetConfig::load(&dir.join("config.json")).unwrap();
-    UNet2DConditionModel::new(
-        &cfg,
-        load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap(),
-    )
-    .unwrap()
-}
 
 fn vae() -> AutoencoderKL {
     let dir = fixtures().join("tiny-lcm/vae");
@@ -161,7 +150,7 @@ fn unet_matches_diffusers_with_per_sample_timesteps_and_guidance() {
     let sample = g("unet_sample");
     let ts = g("unet_timesteps");
     let ctx = g("unet_encoder_hidden_states");
-    let lcm_unet = unet("tiny-lcm");
+    let lcm_unet = fixture_unet("tiny-lcm");
     let wemb = lcm::nn::guidance_embedding(&g("unet_w"), 32).unwrap();
     let temb = lcm_unet.time_embedding(&ts, Some(&wemb)).unwrap();
     assert_close(
@@ -174,7 +163,7 @@ fn unet_matches_diffusers_with_per_sample_timesteps_and_guidance() {
     let out = lcm_unet.forward(&sample, &ts, &ctx, Some(&wemb)).unwrap();
     assert_close("unet_lcm_out", &out, &g("unet_lcm_out"), 1e-4, 0.0);
 
-    let sd_unet = unet("tiny-sd");
+    let sd_unet = fixture_unet("tiny-sd");
     let out = sd_unet.forward(&sample, &ts, &ctx, None).unwrap();
     assert_close("unet_sd_out", &out, &g("unet_sd_out"), 1e-4, 0.0);
     assert!(

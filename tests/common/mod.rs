@@ -85,3 +85,12 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
         "{name}: max abs diff {diff:.3e} exceeds {bound:.3e}"
     );
 }
+
+/// A fixture U-Net (`tiny-lcm` or `tiny-sd`) with frozen f32 weights.
+pub fn fixture_unet(model: &str) -> lcm::unet::UNet2DConditionModel {
+    let dir = fixtures().join(model).join("unet");
+    let cfg = lcm::config::UNetConfig::load(&dir.join("config.json")).unwrap();
+    let files = lcm::source::weight_file(&dir).unwrap();
+    let vb = lcm::pipeline::load_weights(&files, DType::F32, &Device::Cpu).unwrap();
+    lcm::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
+}
