@@ -137,9 +137,7 @@ fn models() -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let model_name = match &args.model {
         Some(m) => m.clone(),
-        None => bail!(
-            "--model is required until the project ships its default model (see `lcm models`)"
-        ),
+        None => source::default_model()?,
     };
     let (device, dtype) = args.runtime.resolve()?;
     let resolved = source::resolve(&model_name)?;

@@ -69,6 +69,11 @@ pub fn builtin_pipelines() -> Result<Vec<PipelineDef>> {
         .collect()
 }
 
+/// The model used when no `--model` is given (generate, serve).
+pub fn default_model() -> Result<String> {
+    bail!("--model is required until the project ships its default model (see `lcm models`)")
+}
+
 pub fn find_pipeline(name: &str) -> Result<Option<PipelineDef>> {
     Ok(builtin_pipelines()?.into_iter().find(|p| p.name == name))
 }
