@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut t = Trainer::new(
         &teacher,
+        &teacher.config,
         &weights,
         lcm::schedule::NoiseSchedule::from_config(&sched)?,
         c,
