@@ -34,6 +34,45 @@ enum Command {
     Distill(lcm::distill::DistillArgs),
     /// List the named pipelines (`--model NAME`).
     Models,
+    /// Train a component from scratch (the project's own small model).
+    #[command(subcommand)]
+    Pretrain(PretrainCommand),
+    /// Write the project's own training data in the imagefolder layout.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum PretrainCommand {
+    /// An AutoencoderKL (L1 reconstruction + KL) on the images alone.
+    Vae(lcm::pretrain::VaeArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Procedural coloured shapes with exact attributes and captions (deterministic per seed).
+    Shapes {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Noto emoji from an unpacked `npm pack emoji-datasource-google` (its `package/` folder).
+    Emoji {
+        #[arg(long)]
+        package: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        /// Every N-th emoji (by file name) goes to the held-out split.
+        #[arg(long, default_value_t = 10)]
+        heldout_every: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -97,12 +136,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    lcm::runtime::init_threads(matches!(cli.command, Command::Distill(_)));
+    lcm::runtime::init_threads(matches!(
+        cli.command,
+        Command::Distill(_) | Command::Pretrain(_)
+    ));
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => lcm::bench::run(&args),
         Command::Distill(args) => lcm::distill::run(&args),
         Command::Models => models(),
+        Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
+        Command::Data(DataCommand::Shapes {
+            out,
+            count,
+            size,
+            seed,
+        }) => lcm::toydata::write_shapes(&out, count, size, seed),
+        Command::Data(DataCommand::Emoji {
+            package,
+            out,
+            size,
+            heldout_every,
+        }) => lcm::toydata::write_emoji(&package, &out, size, heldout_every),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::{GroupNorm, Linear};
+pub use candle_nn::Linear;
 
 /// From this many pixels up, 3×3 convolutions use Winograd F(2×2, 3×3) (measured: 1.35× faster
 /// at 64×64×320; below ≈ 32×32 the kernel transform no longer pays for itself).
@@ -35,13 +35,14 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let tracked = xs.track_op() || self.weight.track_op();
         let k = self.weight.dim(3)?;
-        let fast = !tracked
-            && self.stride == 1
-            && k > 1
-            && xs.device().is_cpu()
-            && xs.dtype() == DType::F32;
+        let cpu_f32 = xs.device().is_cpu() && xs.dtype() == DType::F32;
+        let fast = !tracked && self.stride == 1 && k > 1 && cpu_f32;
+        // Training: our conv's backward, for stride 1 (candle's for the stride-2 downsamplers).
+        let fast_bwd = tracked && self.stride == 1 && cpu_f32 && self.padding < k;
         let (_, _, h, w) = xs.dims4()?;
-        let out = if fast && k == 3 && h * w >= WINOGRAD_MIN_PIXELS {
+        let out = if fast_bwd {
+            crate::conv::conv2d_stride1(xs, &self.weight, self.padding)?
+        } else if fast && k == 3 && h * w >= WINOGRAD_MIN_PIXELS {
             // The kernel transform is recomputed per call (a few ms at these sizes) rather than
             // cached: caching would add 16/9 of the weights' memory.
             let kernel = crate::conv::WinogradKernel::new(&self.weight)?;
@@ -52,6 +53,7 @@ impl Module for Conv2d {
             xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
         match &self.bias {
+            Some(b) if cpu_f32 && b.dtype() == DType::F32 => crate::conv::add_channel_bias(&out, b),
             Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(out),
         }
@@ -140,6 +142,27 @@ pub fn conv2d(
     })
 }
 
+/// GroupNorm with an affine weight and bias: the fused op in [`crate::norm`] for f32 on the CPU
+/// (training included), candle-nn's composite elsewhere.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            crate::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps)
+        } else {
+            self.inner.forward(xs)
+        }
+    }
+}
+
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
     if groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!(
@@ -147,7 +170,16 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
             vb.prefix()
         )
     }
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        inner,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
 }
 
 /// Nearest-neighbour ×2 upsampling by broadcast + reshape: identical output to

@@ -1,0 +1,440 @@
+//! Training components from scratch (`lcm pretrain vae|unet`), for the project's own small model:
+//! the same run layout as `lcm distill` (checkpoints/, metrics.jsonl, samples/, progress bar,
+//! `--resume` bit-exact on CPU) around a seeded initialisation and AdamW.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::VaeConfig;
+use crate::optim::{clip_grad_norm, warmup_lr, AdamW, AdamWConfig};
+use crate::sampler::{NoiseSource, SeededNoise};
+use crate::vae::AutoencoderKL;
+
+/// Flags every pretraining run shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Image–caption folders (imagefolder layout); several may be given.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Run folder: checkpoints/, metrics.jsonl, samples/ and the trained component(s).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub resolution: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub max_steps: u64,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: u64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 500)]
+    pub save_every: u64,
+    /// Every N steps write samples/step-N.png (0: never).
+    #[arg(long, default_value_t = 500)]
+    pub sample_every: u64,
+    /// Continue from DIR: a checkpoint folder, or a run folder (its latest checkpoint).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: crate::runtime::RuntimeArgs,
+}
+
+/// `lcm pretrain vae`: an AutoencoderKL trained on the images alone.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VaeArgs {
+    /// The VAE's config.json (sizes come from it).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Weight of the KL term (per latent element, against the per-pixel L1 loss).
+    #[arg(long, default_value_t = 1e-5)]
+    pub kl_weight: f64,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Every image of the given folders as one `[n, 3, r, r]` tensor in [−1, 1], plus the captions.
+pub fn load_images(dirs: &[PathBuf], resolution: usize) -> Result<(Tensor, Vec<String>)> {
+    let mut images = Vec::new();
+    let mut captions = Vec::new();
+    let mut skipped = 0;
+    for dir in dirs {
+        let examples = crate::data::scan(dir)?;
+        let (loaded, report) = crate::data::load_all(&examples, resolution, &Device::Cpu);
+        skipped += report.skipped.len();
+        for (t, c) in loaded {
+            images.push(t);
+            captions.push(c);
+        }
+    }
+    if images.is_empty() {
+        bail!("--data: no readable images")
+    }
+    if skipped > 0 {
+        eprintln!("warning: {skipped} unreadable images skipped");
+    }
+    Ok((Tensor::stack(&images, 0)?, captions))
+}
+
+/// Trainable variables by name, with AdamW, a step counter and the seed: what a checkpoint holds.
+pub struct TrainState {
+    pub vars: HashMap<String, Var>,
+    opt: AdamW,
+    pub step: u64,
+    seed: u64,
+    warmup: u64,
+    lr: f64,
+    max_grad_norm: f64,
+}
+
+impl TrainState {
+    pub fn new(weights: HashMap<String, Tensor>, args: &CommonArgs) -> Result<Self> {
+        let vars: HashMap<String, Var> = weights
+            .into_iter()
+            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
+        let opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                lr: args.lr,
+                weight_decay: args.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        Ok(Self {
+            vars,
+            opt,
+            step: 0,
+            seed: args.seed,
+            warmup: args.warmup_steps,
+            lr: args.lr,
+            max_grad_norm: args.max_grad_norm,
+        })
+    }
+
+    /// A VarBuilder over the live variables (gradients flow into them).
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        let map = candle_nn::VarMap::new();
+        map.data()
+            .lock()
+            .expect("varmap lock")
+            .extend(self.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        VarBuilder::from_varmap(&map, DType::F32, device)
+    }
+
+    /// Detached copies of the current weights.
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// This step's random stream: a function of (seed, step) only, so a resumed run draws the
+    /// same batches and noise.
+    pub fn rng(&self) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (self.step << 8))
+    }
+
+    /// Backpropagate `loss`, clip, step AdamW. Returns (lr, grad norm).
+    pub fn apply(&mut self, loss: &Tensor) -> Result<(f64, f64)> {
+        let mut grads = loss.backward()?;
+        let mut named: Vec<(&String, &Var)> = self.vars.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let refs: Vec<&Var> = named.into_iter().map(|(_, v)| v).collect();
+        let norm = clip_grad_norm(&refs, &mut grads, self.max_grad_norm)?;
+        let lr = warmup_lr(self.lr, self.warmup, self.step + 1);
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        Ok((lr, norm))
+    }
+
+    pub fn save(&self, run_dir: &Path, state: serde_json::Value) -> Result<PathBuf> {
+        checkpoint::save(
+            &run_dir.join("checkpoints"),
+            self.step,
+            &[("model", &self.weights()), ("optimizer", &self.opt.state())],
+            &state,
+        )
+    }
+
+    /// Load the latest checkpoint of `from` (a checkpoint or a run folder); returns its state.
+    pub fn resume(&mut self, from: &Path, device: &Device) -> Result<serde_json::Value> {
+        let dir = if from.join(checkpoint::STATE_FILE).is_file() {
+            from.to_path_buf()
+        } else {
+            checkpoint::latest(&from.join("checkpoints"))?.with_context(|| {
+                format!("--resume {}: no complete checkpoint found", from.display())
+            })?
+        };
+        let ck = Checkpoint::open(&dir)?;
+        let model = ck.group("model", device)?;
+        for (name, var) in &self.vars {
+            let t = model
+                .get(name)
+                .with_context(|| format!("checkpoint {} lacks {name}", dir.display()))?;
+            var.set(t)?;
+        }
+        self.opt
+            .load_state(&ck.group("optimizer", device)?, ck.step)?;
+        self.step = ck.step;
+        eprintln!("resumed from {} at step {}", dir.display(), self.step);
+        Ok(ck.state)
+    }
+}
+
+/// Progress bar and metrics log of a run.
+pub struct RunLog {
+    bar: indicatif::ProgressBar,
+    log: std::fs::File,
+    start: std::time::Instant,
+}
+
+impl RunLog {
+    pub fn new(run_dir: &Path, step: u64, max_steps: u64) -> Result<Self> {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let path = run_dir.join("metrics.jsonl");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let bar = indicatif::ProgressBar::new(max_steps);
+        bar.set_position(step);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "step {pos}/{len} [{elapsed_precise}] {per_sec} ETA {eta} {msg}",
+            )
+            .expect("valid template"),
+        );
+        Ok(Self {
+            bar,
+            log,
+            start: std::time::Instant::now(),
+        })
+    }
+
+    pub fn record(&mut self, step: u64, values: serde_json::Value) -> Result<()> {
+        let mut line = values;
+        line["step"] = step.into();
+        line["time_s"] = self.start.elapsed().as_secs_f64().into();
+        writeln!(self.log, "{line}")?;
+        if let Some(l) = line["loss"].as_f64() {
+            if !l.is_finite() {
+                bail!("loss became {l} at step {step}")
+            }
+            self.bar.set_message(format!("loss {l:.5}"));
+        }
+        self.bar.set_position(step);
+        Ok(())
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct VaeRunState {
+    kl_weight: f64,
+    resolution: usize,
+    batch_size: usize,
+    seed: u64,
+}
+
+/// One VAE training step's loss: L1 reconstruction + kl_weight · KL(q(z|x) ‖ N(0, I)), both per
+/// element means.
+pub fn vae_loss(
+    vae: &AutoencoderKL,
+    images: &Tensor,
+    noise: &Tensor,
+    kl_weight: f64,
+) -> Result<(Tensor, f64, f64)> {
+    let post = vae.encode(images)?;
+    let z = post.sample_with(noise)?;
+    let recon = vae.decode(&z)?;
+    let rec = (recon - images)?.abs()?.mean_all()?;
+    let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?
+        .sub(&post.logvar)?
+        .mean_all()?
+        .affine(0.5, 0.0)?;
+    let loss = (&rec + (&kl * kl_weight)?)?;
+    let (r, k) = (
+        rec.to_scalar::<f32>()? as f64,
+        kl.to_scalar::<f32>()? as f64,
+    );
+    Ok((loss, r, k))
+}
+
+fn rows(rng: &mut ChaCha8Rng, n: usize, b: usize, device: &Device) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
+    Ok(Tensor::new(idx.as_slice(), device)?)
+}
+
+/// `lcm pretrain vae`.
+pub fn run_vae(args: &VaeArgs) -> Result<()> {
+    let c = &args.common;
+    let (device, _) = c.runtime.resolve()?;
+    let cfg = VaeConfig::load(&args.config)?;
+    let f = cfg.scale_factor();
+    if c.resolution == 0 || !c.resolution.is_multiple_of(f) {
+        bail!(
+            "--resolution {} must be a positive multiple of {f}",
+            c.resolution
+        )
+    }
+    if c.batch_size == 0 {
+        bail!("--batch-size must be at least 1")
+    }
+    let (images, _) = load_images(&c.data, c.resolution)?;
+    let images = images.to_device(&device)?;
+    let n = images.dim(0)?;
+    eprintln!("{n} training images at {}²", c.resolution);
+    let init = crate::init::init_weights(c.seed, &device, |vb| AutoencoderKL::new(&cfg, vb))?;
+    let mut state = TrainState::new(init, c)?;
+    let run_state = VaeRunState {
+        kl_weight: args.kl_weight,
+        resolution: c.resolution,
+        batch_size: c.batch_size,
+        seed: c.seed,
+    };
+    if let Some(r) = &c.resume {
+        let saved = state.resume(r, &device)?;
+        if serde_json::to_value(&run_state)? != saved["run"] {
+            bail!(
+                "--resume {}: the checkpoint was made with different settings",
+                r.display()
+            )
+        }
+    }
+    let vae = AutoencoderKL::new(&cfg, state.var_builder(&device))?;
+    let fixed = images.narrow(0, 0, n.min(8))?;
+    let mut log = RunLog::new(&c.output, state.step, c.max_steps)?;
+    let lat_shape = (
+        c.batch_size,
+        cfg.latent_channels,
+        c.resolution / f,
+        c.resolution / f,
+    );
+    while state.step < c.max_steps {
+        let mut rng = state.rng();
+        let batch = images.index_select(&rows(&mut rng, n, c.batch_size, &device)?, 0)?;
+        let noise = SeededNoise::new(rng.random()).sample(&lat_shape.into(), &device)?;
+        let (loss, rec, kl) = vae_loss(&vae, &batch, &noise, args.kl_weight)?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        let (lr, gn) = state.apply(&loss)?;
+        log.record(
+            state.step,
+            serde_json::json!({"loss": l, "l1": rec, "kl": kl, "lr": lr, "grad_norm": gn}),
+        )?;
+        let step = state.step;
+        if c.save_every > 0 && step % c.save_every == 0 {
+            state.save(
+                &c.output,
+                serde_json::json!({"step": step, "run": run_state}),
+            )?;
+        }
+        if c.sample_every > 0 && step % c.sample_every == 0 {
+            write_reconstructions(
+                &vae,
+                &fixed,
+                &c.output.join(format!("samples/step-{step:08}.png")),
+            )?;
+        }
+    }
+    log.finish();
+    state.save(
+        &c.output,
+        serde_json::json!({"step": state.step, "run": run_state}),
+    )?;
+    let scaling = latent_scaling(&vae, &images)?;
+    export_vae(
+        &args.config,
+        &state.weights(),
+        scaling,
+        &c.output.join("vae"),
+    )?;
+    println!(
+        "trained the VAE for {} steps; latent std {:.4} → scaling_factor {scaling:.5}; wrote {}",
+        state.step,
+        1.0 / scaling,
+        c.output.join("vae").display()
+    );
+    Ok(())
+}
+
+/// SD's recipe: scaling_factor = 1 / std of the latents' posterior means over (up to 512) images.
+fn latent_scaling(vae: &AutoencoderKL, images: &Tensor) -> Result<f64> {
+    let n = images.dim(0)?.min(512);
+    let mut means = Vec::new();
+    for start in (0..n).step_by(32) {
+        let x = images.narrow(0, start, 32.min(n - start))?.detach();
+        means.push(vae.encode(&x)?.mean.detach());
+    }
+    let all = Tensor::cat(&means, 0)?.flatten_all()?;
+    let mean = all.mean_all()?.to_scalar::<f32>()? as f64;
+    let var = all
+        .affine(1.0, -mean)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f32>()? as f64;
+    Ok(1.0 / var.sqrt().max(1e-6))
+}
+
+fn export_vae(
+    config: &Path,
+    weights: &HashMap<String, Tensor>,
+    scaling: f64,
+    out: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut cfg: serde_json::Value = crate::config::read_json(config)?;
+    cfg["scaling_factor"] = scaling.into();
+    crate::image_io::write_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(&cfg)?)?;
+    save_safetensors(weights, &out.join("diffusion_pytorch_model.safetensors"))
+}
+
+/// safetensors written to a temporary name and renamed into place.
+pub fn save_safetensors(weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(weights, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Originals (top row) over reconstructions (bottom row).
+fn write_reconstructions(vae: &AutoencoderKL, images: &Tensor, path: &Path) -> Result<()> {
+    let x = images.detach();
+    let recon = vae.decode(&vae.encode(&x)?.mean)?.detach();
+    let both = Tensor::cat(&[x, recon], 0)?;
+    let tiles = crate::image_io::to_rgb8(&crate::image_io::to_unit_nhwc(&both)?)?;
+    let k = images.dim(0)? as u32;
+    let (w, h) = (tiles[0].width(), tiles[0].height());
+    let mut grid = image::RgbImage::new(w * k, h * 2);
+    for (i, t) in tiles.iter().enumerate() {
+        let i = i as u32;
+        image::imageops::replace(&mut grid, t, ((i % k) * w).into(), ((i / k) * h).into());
+    }
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    crate::image_io::save_png(&grid, path)
+}
