@@ -46,6 +46,8 @@ enum Command {
 enum PretrainCommand {
     /// An AutoencoderKL (L1 reconstruction + KL) on the images alone.
     Vae(lcm::pretrain::VaeArgs),
+    /// A text-to-image teacher: ε-prediction U-Net + CLIP-architecture text encoder, jointly.
+    Unet(lcm::pretrain::UnetArgs),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +148,7 @@ fn main() -> ExitCode {
         Command::Distill(args) => lcm::distill::run(&args),
         Command::Models => models(),
         Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
+        Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
         Command::Data(DataCommand::Shapes {
             out,
             count,

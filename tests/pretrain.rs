@@ -126,3 +126,78 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     );
     std::fs::remove_dir_all(root).ok();
 }
+
+#[test]
+fn pretrain_unet_trains_resumes_and_exports_a_generating_teacher() {
+    setup();
+    let root = std::env::temp_dir().join(format!("lcm-pretrain-unet-{}", std::process::id()));
+    let data = root.join("shapes");
+    let d = data.to_str().unwrap();
+    ok(lcm_bin(&[
+        "data", "shapes", "--out", d, "--count", "10", "--size", "32", "--seed", "4",
+    ]));
+    // The fixture teacher's folder gives the sizes, tokenizer and schedule; its VAE encodes.
+    let cfg = fixtures().join("tiny-sd");
+    let vae = cfg.join("vae");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "pretrain",
+            "unet",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--vae",
+            vae.to_str().unwrap(),
+            "--data",
+            d,
+            "--output",
+            out.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "3",
+            "--save-every",
+            "2",
+            "--sample-every",
+            "4",
+            "--caption-dropout",
+            "0.3",
+        ];
+        args.extend_from_slice(extra);
+        lcm_bin(&args)
+    };
+    let a = root.join("a");
+    ok(run(&a, &[]));
+    let full = losses(&a.join("metrics.jsonl"));
+    assert_eq!(full.len(), 4);
+    assert!(
+        full.iter().all(|l| l.1.is_finite() && l.1 > 0.0),
+        "{full:?}"
+    );
+    assert!(a.join("samples/step-00000004.png").is_file());
+    // The cache is reused by the resumed run, which reproduces steps 3 and 4.
+    let b = root.join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    let ck = a.join("checkpoints/checkpoint-00000002");
+    ok(run(&b, &["--resume", ck.to_str().unwrap()]));
+    assert_eq!(losses(&b.join("metrics.jsonl")), full[2..]);
+    // The exported teacher is a Stable Diffusion folder that `lcm generate` runs.
+    let model = a.join("model");
+    let png = root.join("gen.png");
+    ok(lcm_bin(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--output",
+        png.to_str().unwrap(),
+    ]));
+    assert_eq!(image::open(&png).unwrap().width(), 32);
+    std::fs::remove_dir_all(root).ok();
+}
