@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;
+pub mod serve;
 pub mod source;
 pub mod tokenizer;
 pub mod unet;

@@ -34,6 +34,8 @@ enum Command {
     Distill(lcm::distill::DistillArgs),
     /// List the named pipelines (`--model NAME`).
     Models,
+    /// Serve generation over HTTP (OpenAI images API, AUTOMATIC1111 txt2img, a browser page).
+    Serve(lcm::serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -102,6 +104,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => lcm::bench::run(&args),
         Command::Distill(args) => lcm::distill::run(&args),
         Command::Models => models(),
+        Command::Serve(args) => lcm::serve::run_cli(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
