@@ -13,13 +13,14 @@ pub mod metrics;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -119,6 +120,11 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
     let resolved = crate::source::resolve(&model_name)?;
     let pipe = Pipeline::load(&resolved.dir, &device, dtype)
         .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+    // A local folder is known by its name, not its path (which would leak into /v1/models).
+    let model_id = match resolved.dir.file_name() {
+        Some(name) if Path::new(&model_name).is_dir() => name.to_string_lossy().into_owned(),
+        _ => resolved.label.clone(),
+    };
     let listener = std::net::TcpListener::bind(&args.addr)
         .with_context(|| format!("--addr {}: cannot listen", args.addr))?;
     let cfg = ServeConfig {
@@ -148,7 +154,7 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
     runtime.block_on(serve(
         listener,
         Arc::new(pipe),
-        resolved.label,
+        model_id,
         cfg,
         shutdown_signal(),
     ))?;
@@ -552,7 +558,10 @@ async fn openai_generations(
     }))
 }
 
-async fn url_image(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn url_image(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
     let id = id.strip_suffix(".png").unwrap_or(&id);
     match st.urls.get(id) {
         Some(png) => (

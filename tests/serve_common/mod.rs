@@ -58,8 +58,31 @@ pub fn request(
     // The server may answer (413) and close before reading a large body: ignore write errors.
     let _ = s.write_all(head.as_bytes());
     let _ = s.write_all(body);
+    read_response(&mut s)
+}
+
+/// Read one response: up to Content-Length when given (some servers keep the connection open
+/// regardless of `Connection: close`), else to EOF.
+fn read_response(s: &mut TcpStream) -> Resp {
     let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let len = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+            if len.is_some_and(|len| raw.len() >= split + 4 + len) {
+                break;
+            }
+        }
+        if n == 0 {
+            break;
+        }
+    }
     parse_response(&raw)
 }
 
