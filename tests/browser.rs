@@ -170,6 +170,11 @@ fn page_generates_an_image_in_headless_chromium() {
     let mut cdp = Cdp { ws, next_id: 0 };
 
     cdp.call("Page.enable", json!({}));
+    // A phone: 390 CSS pixels wide, mobile viewport rules.
+    cdp.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true}),
+    );
     cdp.call(
         "Page.navigate",
         json!({"url": format!("http://{}/", server.addr)}),
@@ -192,6 +197,8 @@ fn page_generates_an_image_in_headless_chromium() {
         "a photo of a cat"
     );
     cdp.eval("document.getElementById('random-seed').click()");
+    // Two images: the page sends one request each and shows them as they arrive.
+    cdp.eval("document.getElementById('n').value = '2'");
     let rect = cdp.eval(
         "(() => { const b = document.getElementById('generate'); b.scrollIntoView(); \
          const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
@@ -204,22 +211,35 @@ fn page_generates_an_image_in_headless_chromium() {
         );
     }
 
-    let width = cdp.wait_for(
-        "the generated image",
-        "(() => { const i = document.querySelector('#latest img'); \
-         return i && i.complete ? i.naturalWidth : 0; })()",
+    let widths = cdp.wait_for(
+        "the generated images",
+        "(() => { const imgs = [...document.querySelectorAll('#latest img')]; \
+         return imgs.length === 2 && imgs.every(i => i.complete) \
+           && imgs.map(i => i.naturalWidth); })()",
         Duration::from_secs(120),
     );
-    assert_eq!(width, 32, "the fixture model's native size");
-    let caption = cdp.eval("document.querySelector('#latest figcaption').textContent");
-    let caption = caption.as_str().unwrap();
-    assert!(
-        caption.contains("seed") && caption.contains(" s "),
-        "{caption}"
+    assert_eq!(widths, json!([32, 32]), "the fixture model's native size");
+    let captions = cdp.eval(
+        "[...document.querySelectorAll('#latest figcaption')].map(c => c.textContent).sort()",
+    );
+    let seeds: Vec<u64> = captions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let c = c.as_str().unwrap();
+            assert!(c.contains(" s · a photo of a cat"), "{c}");
+            c.split_whitespace().nth(1).unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seeds.iter().max().unwrap() - seeds.iter().min().unwrap(),
+        1,
+        "{captions}"
     );
     assert_eq!(
         cdp.eval("document.querySelectorAll('#gallery img').length"),
-        1
+        2
     );
     // Phone width: nothing overflows sideways.
     assert_eq!(
@@ -236,11 +256,7 @@ fn page_generates_an_image_in_headless_chromium() {
     let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
         .expect("the screenshot is a PNG")
         .to_rgb8();
-    assert!(
-        img.width() >= 300 && img.height() >= 300,
-        "{:?}",
-        img.dimensions()
-    );
+    assert_eq!(img.dimensions(), (390, 844));
     let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
     colours.sort_unstable();
     colours.dedup();

@@ -65,41 +65,51 @@ function figure(src, caption) {
 
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
-  const body = {
+  const n = Math.min(10, Math.max(1, parseInt($("n").value, 10) || 1));
+  // One request per image, so each shows as soon as it is ready (the server batches them anyway);
+  // image i uses seed + i, as the server itself numbers a request's images.
+  const base = $("seed").value !== "" ? parseInt($("seed").value, 10)
+                                      : Math.floor(Math.random() * 4294967296);
+  const common = {
     prompt: $("prompt").value,
-    n: parseInt($("n").value, 10) || 1,
+    n: 1,
     size: $("size").value || undefined,
     steps: parseInt($("steps").value, 10) || undefined,
     guidance_scale: $("guidance").value === "" ? undefined : parseFloat($("guidance").value),
     response_format: "b64_json",
   };
-  if ($("negative").value) body.negative_prompt = $("negative").value;
-  if ($("sampler").value) body.sampler = $("sampler").value;
-  if ($("seed").value !== "") body.seed = parseInt($("seed").value, 10);
+  if ($("negative").value) common.negative_prompt = $("negative").value;
+  if ($("sampler").value) common.sampler = $("sampler").value;
   $("generate").disabled = true;
-  status("generating…");
+  $("latest").innerHTML = "";
+  status(`generating ${n} image(s)…`);
   const t0 = performance.now();
-  try {
-    const r = await fetch("v1/images/generations", {
-      method: "POST", headers: headers(), body: JSON.stringify(body),
-    });
-    const out = await r.json();
-    if (!r.ok) throw new Error(out.error ? out.error.message : r.statusText);
-    const secs = ((performance.now() - t0) / 1000).toFixed(2);
-    const latest = $("latest");
-    latest.innerHTML = "";
-    for (const d of out.data) {
-      const src = "data:image/png;base64," + d.b64_json;
-      const caption = `seed ${d.seed} · ${secs} s · ${body.prompt}`;
-      latest.appendChild(figure(src, caption));
-      $("gallery").prepend(figure(src, caption));
+  let done = 0, failed = null;
+  await Promise.all(Array.from({ length: n }, async (_, i) => {
+    const body = Object.assign({}, common, { seed: (base + i) % 4294967296 });
+    try {
+      const r = await fetch("v1/images/generations", {
+        method: "POST", headers: headers(), body: JSON.stringify(body),
+      });
+      const out = await r.json();
+      if (!r.ok) throw new Error(out.error ? out.error.message : r.statusText);
+      const secs = ((performance.now() - t0) / 1000).toFixed(2);
+      for (const d of out.data) {
+        const src = "data:image/png;base64," + d.b64_json;
+        const caption = `seed ${d.seed} · ${secs} s · ${body.prompt}`;
+        $("latest").appendChild(figure(src, caption));
+        $("gallery").prepend(figure(src, caption));
+      }
+      done += 1;
+      status(`${done} of ${n} image(s), ${secs} s`);
+    } catch (e) {
+      failed = e;
     }
-    status(`${out.data.length} image(s) in ${secs} s`);
-  } catch (e) {
-    status(e.message, true);
-  } finally {
-    $("generate").disabled = false;
-  }
+  }));
+  const secs = ((performance.now() - t0) / 1000).toFixed(2);
+  if (failed) status(`${done} of ${n} image(s); error: ${failed.message}`, true);
+  else status(`${n} image(s) in ${secs} s`);
+  $("generate").disabled = false;
 });
 
 loadModel();
