@@ -152,6 +152,7 @@ def main():
         "steps": args.steps,
         "size": args.size,
         "window_ms": args.window_ms,
+        "candle_num_threads": os.environ.get("CANDLE_NUM_THREADS", "unset (all cores)"),
         "runs": runs,
         "median_throughput_img_per_s": {
             str(mb): sorted(r["throughput_img_per_s"] for r in runs if r["max_batch"] == mb)[
