@@ -7,6 +7,7 @@ use lcm::distill::{DistillConfig, TrainData, Trainer};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    lcm::runtime::init_threads(true);
     let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = fx.join("tiny-sd/unet");
     let cfg = lcm::config::UNetConfig::load(&dir.join("config.json"))?;
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut t = Trainer::new(
         &teacher,
+        &teacher.config,
         &weights,
         lcm::schedule::NoiseSchedule::from_config(&sched)?,
         c,

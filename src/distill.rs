@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::UNetConfig;
-use crate::lcd::{lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
+use crate::lcd::{lcd_step, DdimSolver, Denoiser, LcdBatch, LcdConfig, Loss};
 use crate::optim::{clip_grad_norm, ema_update, warmup_lr, AdamW, AdamWConfig};
 use crate::sampler::{NoiseSource, SeededNoise};
 use crate::schedule::NoiseSchedule;
@@ -91,7 +91,7 @@ pub struct Trainer<'t> {
     pub config: DistillConfig,
     schedule: NoiseSchedule,
     solver: DdimSolver,
-    teacher: &'t UNet2DConditionModel,
+    teacher: &'t dyn Denoiser,
     pub student_cfg: UNetConfig,
     /// The student's trainable variables by checkpoint name (the VarMap is only needed to build it).
     student_vars: HashMap<String, Var>,
@@ -104,11 +104,14 @@ pub struct Trainer<'t> {
 }
 
 impl<'t> Trainer<'t> {
-    /// Student and target start from the teacher's weights plus a guidance-embedding projection
-    /// (`time_embedding.cond_proj`, initialised from the seed), as the reference script does.
+    /// Student and target start from `student_init` (the reference script: the teacher's weights)
+    /// plus a guidance-embedding projection (`time_embedding.cond_proj`, initialised from the seed).
+    /// `base_cfg` is the student's U-Net config without the guidance embedding (normally the
+    /// teacher's). The teacher may be any ε-predictor ([`Denoiser`]).
     pub fn new(
-        teacher: &'t UNet2DConditionModel,
-        teacher_weights: &HashMap<String, Tensor>,
+        teacher: &'t dyn Denoiser,
+        base_cfg: &UNetConfig,
+        student_init: &HashMap<String, Tensor>,
         schedule: NoiseSchedule,
         config: DistillConfig,
         device: &Device,
@@ -119,7 +122,7 @@ impl<'t> Trainer<'t> {
         if config.w_min > config.w_max {
             bail!("--w-min {} exceeds --w-max {}", config.w_min, config.w_max)
         }
-        let mut student_cfg = teacher.config.clone();
+        let mut student_cfg = base_cfg.clone();
         student_cfg.time_cond_proj_dim = Some(config.w_embed_dim);
         let student_vars = VarMap::new();
         let student = UNet2DConditionModel::new(
@@ -130,7 +133,7 @@ impl<'t> Trainer<'t> {
             let vars = student_vars.data().lock().expect("varmap lock");
             let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x636f_6e64);
             for (name, var) in vars.iter() {
-                match teacher_weights.get(name) {
+                match student_init.get(name) {
                     Some(w) => var.set(&w.to_dtype(DType::F32)?.to_device(device)?)?,
                     None if name.contains("cond_proj") => {
                         // nn.Linear's default init: U(−1/√fan_in, 1/√fan_in).
@@ -141,7 +144,7 @@ impl<'t> Trainer<'t> {
                             .collect();
                         var.set(&Tensor::from_vec(v, dims, device)?)?;
                     }
-                    None => bail!("teacher weights lack {name}"),
+                    None => bail!("the student's initial weights lack {name}"),
                 }
             }
         }
@@ -632,7 +635,14 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         all
     };
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
-    let mut trainer = Trainer::new(&pipe.unet, &teacher_weights, schedule, config, &device)?;
+    let mut trainer = Trainer::new(
+        &pipe.unet,
+        &pipe.unet.config,
+        &teacher_weights,
+        schedule,
+        config,
+        &device,
+    )?;
     let ckpt_dir = args.output.join("checkpoints");
     if let Some(r) = &args.resume {
         let dir = if r.join(checkpoint::STATE_FILE).is_file() {

@@ -14,6 +14,7 @@ pub mod conv;
 pub mod data;
 pub mod distill;
 pub mod image_io;
+pub mod init;
 pub mod lcd;
 pub mod nn;
 pub mod optim;

@@ -99,6 +99,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    lcm::runtime::init_threads(matches!(cli.command, Command::Distill(_)));
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => lcm::bench::run(&args),

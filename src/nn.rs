@@ -164,8 +164,7 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
 /// additive mask broadcastable to `[batch·heads, q_tokens, k_tokens]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if mask.is_none() && !tracked && q.device().is_cpu() && q.dtype() == DType::F32 {
+    if mask.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
         return crate::attention::fused_attention(q, k, v, scale as f32);
     }
     // Scaling q (n·d values) is cheaper than scaling the n² scores.

@@ -62,7 +62,15 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     let run = std::env::temp_dir().join(format!("lcm-distill-{}", std::process::id()));
     let data = data();
 
-    let mut a = Trainer::new(&teacher, &weights, schedule.clone(), config(), &Device::Cpu).unwrap();
+    let mut a = Trainer::new(
+        &teacher,
+        &teacher.config,
+        &weights,
+        schedule.clone(),
+        config(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut losses = vec![];
     for _ in 0..4 {
         let m = a.train_step(&data).unwrap();
@@ -77,7 +85,15 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         "losses never changed: {losses:?}"
     );
 
-    let mut b = Trainer::new(&teacher, &weights, schedule.clone(), config(), &Device::Cpu).unwrap();
+    let mut b = Trainer::new(
+        &teacher,
+        &teacher.config,
+        &weights,
+        schedule.clone(),
+        config(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let latest = lcm::checkpoint::latest(&run)
         .unwrap()
         .expect("checkpoint written");
@@ -95,7 +111,15 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         ema: 0.5,
         ..config()
     };
-    let mut c = Trainer::new(&teacher, &weights, schedule, other, &Device::Cpu).unwrap();
+    let mut c = Trainer::new(
+        &teacher,
+        &teacher.config,
+        &weights,
+        schedule,
+        other,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert!(c.resume(&latest).is_err());
     std::fs::remove_dir_all(run).ok();
 }

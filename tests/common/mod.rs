@@ -10,11 +10,7 @@ use candle_core::{DType, Device, Tensor};
 /// Tests run in parallel on 2 cores: candle's spin-waiting thread pool must not oversubscribe.
 pub fn setup() {
     static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        if std::env::var("CANDLE_NUM_THREADS").is_err() {
-            std::env::set_var("CANDLE_NUM_THREADS", "1");
-        }
-    });
+    ONCE.get_or_init(|| lcm::runtime::init_threads(true));
 }
 
 pub fn fixtures() -> PathBuf {
