@@ -268,3 +268,114 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model that records which jobs ran together: jobs are (key, units, id).
+    struct Recorder {
+        batches: Mutex<Vec<Vec<u32>>>,
+    }
+
+    impl BatchModel for Recorder {
+        type Job = (u32, usize, u32);
+        type Output = u32;
+        type Key = u32;
+
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        fn key(&self, job: &Self::Job) -> u32 {
+            job.0
+        }
+        fn units(&self, job: &Self::Job) -> usize {
+            job.1
+        }
+        fn run(&self, jobs: Vec<Self::Job>) -> Vec<anyhow::Result<u32>> {
+            lock(&self.batches).push(jobs.iter().map(|j| j.2).collect());
+            jobs.iter().map(|j| Ok(j.2)).collect()
+        }
+    }
+
+    fn start(
+        max_batch: usize,
+        max_queue: usize,
+    ) -> (Batcher<Recorder>, Arc<Recorder>, Arc<Metrics>) {
+        let model = Arc::new(Recorder {
+            batches: Mutex::new(Vec::new()),
+        });
+        let metrics = Arc::new(Metrics::default());
+        let cfg = BatchConfig {
+            max_batch,
+            max_queue,
+            window: Duration::from_millis(100),
+        };
+        (
+            Batcher::start(model.clone(), cfg, metrics.clone()),
+            model,
+            metrics,
+        )
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[tokio::test]
+    async fn compatible_jobs_share_a_batch_up_to_max_batch_in_arrival_order() {
+        let (b, model, metrics) = start(4, 16);
+        let jobs = [(1, 1, 10), (2, 1, 20), (1, 2, 30), (1, 2, 40)];
+        let replies: Vec<_> = jobs
+            .iter()
+            .map(|j| b.submit(*j, later()).unwrap())
+            .collect();
+        for (r, j) in replies.into_iter().zip(jobs) {
+            assert_eq!(r.await.unwrap().unwrap(), j.2);
+        }
+        // 10 and 30 share key 1 (3 units; 40 would make 5 > 4); then the oldest left, 20; then 40.
+        assert_eq!(
+            *lock(&model.batches),
+            vec![vec![10, 30], vec![20], vec![40]]
+        );
+        assert!(metrics
+            .render()
+            .contains("lcm_batch_size_sum{model=\"test\"} 6"));
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn jobs_of_departed_clients_and_past_deadlines_never_run() {
+        let (b, model, metrics) = start(8, 16);
+        let kept = b.submit((1, 1, 1), later()).unwrap();
+        drop(b.submit((1, 1, 2), later()).unwrap());
+        let expired = b.submit((1, 1, 3), Instant::now()).unwrap();
+        assert_eq!(kept.await.unwrap().unwrap(), 1);
+        assert!(matches!(expired.await.unwrap(), Err(JobError::Expired)));
+        assert_eq!(*lock(&model.batches), vec![vec![1]]);
+        let text = metrics.render();
+        assert!(text.contains("reason=\"disconnected\"} 1"), "{text}");
+        assert!(text.contains("reason=\"deadline\"} 1"), "{text}");
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_and_shutdown_runs_what_is_queued() {
+        let (b, model, _) = start(8, 2);
+        let first = b.submit((1, 1, 1), later()).unwrap();
+        let second = b.submit((1, 1, 2), later()).unwrap();
+        // Still in the batching window: both wait in the queue.
+        assert!(matches!(
+            b.submit((1, 1, 3), later()),
+            Err(SubmitError::QueueFull { retry_after_s }) if retry_after_s >= 1
+        ));
+        b.shutdown().await;
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+        assert!(matches!(
+            b.submit((1, 1, 4), later()),
+            Err(SubmitError::ShuttingDown)
+        ));
+        assert_eq!(*lock(&model.batches), vec![vec![1, 2]]);
+    }
+}
