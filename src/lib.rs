@@ -24,6 +24,7 @@ pub mod pretrain;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;
+pub mod serve;
 pub mod source;
 pub mod tokenizer;
 pub mod toydata;

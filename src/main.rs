@@ -34,6 +34,8 @@ enum Command {
     Distill(lcm::distill::DistillArgs),
     /// List the named pipelines (`--model NAME`).
     Models,
+    /// Serve generation over HTTP (OpenAI images API, AUTOMATIC1111 txt2img, a browser page).
+    Serve(lcm::serve::ServeArgs),
     /// Train a component from scratch (the project's own small model).
     #[command(subcommand)]
     Pretrain(PretrainCommand),
@@ -147,6 +149,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => lcm::bench::run(&args),
         Command::Distill(args) => lcm::distill::run(&args),
         Command::Models => models(),
+        Command::Serve(args) => lcm::serve::run_cli(&args),
         Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
         Command::Data(DataCommand::Shapes {

@@ -224,51 +224,99 @@ impl Pipeline {
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(StepEvent),
     ) -> Result<Generation> {
-        let start = Instant::now();
         let s = self.resolve(req, extra)?;
-        let n = req.n;
+        if !s.cfg
+            && req
+                .negative_prompt
+                .as_deref()
+                .is_some_and(|p| !p.is_empty())
+        {
+            eprintln!("warning: the negative prompt is ignored without classifier-free guidance (guidance ≤ 1 or an LCM U-Net)");
+        }
+        let mut gens =
+            self.generate_batch(std::slice::from_ref(req), extra, &mut [noise], on_step)?;
+        Ok(gens.remove(0))
+    }
+
+    /// Run several requests as one U-Net batch. They must agree on size, steps, sampler (and
+    /// TCD gamma) and on whether CFG runs; prompts, negative prompts, n, guidance and noise are
+    /// per request. Each request draws its noise from its own source, so its images equal those of
+    /// the same request run alone (up to float reassociation inside batched kernels).
+    pub fn generate_batch(
+        &self,
+        reqs: &[GenerateRequest],
+        extra: &Defaults,
+        noises: &mut [&mut dyn NoiseSource],
+        on_step: &mut dyn FnMut(StepEvent),
+    ) -> Result<Vec<Generation>> {
+        let start = Instant::now();
+        if reqs.is_empty() || reqs.len() != noises.len() {
+            bail!(
+                "generate_batch: {} requests with {} noise sources",
+                reqs.len(),
+                noises.len()
+            )
+        }
+        let settings = reqs
+            .iter()
+            .map(|r| self.resolve(r, extra))
+            .collect::<Result<Vec<_>>>()?;
+        let s = settings[0].clone();
+        for o in &settings[1..] {
+            let same = (o.width, o.height, o.steps, o.sampler, o.cfg, &o.timesteps)
+                == (s.width, s.height, s.steps, s.sampler, s.cfg, &s.timesteps)
+                && o.tcd_gamma == s.tcd_gamma;
+            if !same {
+                bail!("generate_batch: requests differ in size, steps, sampler or CFG")
+            }
+        }
+        let counts: Vec<usize> = reqs.iter().map(|r| r.n).collect();
+        let n: usize = counts.iter().sum();
         let f = self.vae_scale_factor();
         let latent_shape = (n, self.unet.config.in_channels, s.height / f, s.width / f);
 
         let t0 = Instant::now();
-        let cond = self.encode_prompt(&req.prompt)?.repeat((n, 1, 1))?;
-        let context = if s.cfg {
-            let neg = req.negative_prompt.as_deref().unwrap_or("");
-            let uncond = self.encode_prompt(neg)?.repeat((n, 1, 1))?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            if req
-                .negative_prompt
-                .as_deref()
-                .is_some_and(|p| !p.is_empty())
-            {
-                eprintln!("warning: the negative prompt is ignored without classifier-free guidance (guidance ≤ 1 or an LCM U-Net)");
+        let mut conds = Vec::with_capacity(reqs.len());
+        let mut unconds = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            conds.push(self.encode_prompt(&r.prompt)?.repeat((r.n, 1, 1))?);
+            if s.cfg {
+                let neg = r.negative_prompt.as_deref().unwrap_or("");
+                unconds.push(self.encode_prompt(neg)?.repeat((r.n, 1, 1))?);
             }
+        }
+        let cond = Tensor::cat(&conds, 0)?;
+        let context = if s.cfg {
+            Tensor::cat(&[Tensor::cat(&unconds, 0)?, cond], 0)?
+        } else {
             cond
         };
         let text_encode = t0.elapsed();
 
-        let mut latents = match &req.latents {
-            Some(l) => {
-                if l.dims()
-                    != [
-                        latent_shape.0,
-                        latent_shape.1,
-                        latent_shape.2,
-                        latent_shape.3,
-                    ]
-                {
-                    bail!(
-                        "initial latents have shape {:?}, expected {:?} for n={n} at {}x{}",
-                        l.dims(),
-                        latent_shape,
-                        s.width,
-                        s.height
-                    )
+        let mut initial = Vec::with_capacity(reqs.len());
+        for (r, noise) in reqs.iter().zip(noises.iter_mut()) {
+            let shape = (r.n, latent_shape.1, latent_shape.2, latent_shape.3);
+            initial.push(match &r.latents {
+                Some(l) => {
+                    if l.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                        bail!(
+                            "initial latents have shape {:?}, expected {:?} for n={} at {}x{}",
+                            l.dims(),
+                            shape,
+                            r.n,
+                            s.width,
+                            s.height
+                        )
+                    }
+                    l.to_device(&self.device)?.to_dtype(DType::F32)?
                 }
-                l.to_device(&self.device)?.to_dtype(DType::F32)?
-            }
-            None => noise.sample(&latent_shape.into(), &self.device)?,
+                None => noise.sample(&shape.into(), &self.device)?,
+            });
+        }
+        let mut latents = Tensor::cat(&initial, 0)?;
+        let mut noise = SplitNoise {
+            counts: &counts,
+            sources: noises,
         };
 
         let t1 = Instant::now();
@@ -282,12 +330,26 @@ impl Pipeline {
             },
         )?;
         let batch = if s.cfg { 2 * n } else { n };
+        // Per-sample guidance, one value per image.
+        let per_image: Vec<f64> = settings
+            .iter()
+            .zip(&counts)
+            .flat_map(|(o, &k)| std::iter::repeat_n(o.guidance, k))
+            .collect();
+        let uniform = per_image.iter().all(|&g| g == s.guidance);
         let w_emb = match self.unet.config.time_cond_proj_dim {
             Some(dim) => {
-                let w = Tensor::full((s.guidance - 1.0) as f32, batch, &self.device)?;
+                let w: Vec<f32> = per_image.iter().map(|g| (g - 1.0) as f32).collect();
+                let w = Tensor::from_vec(w, n, &self.device)?;
                 Some(crate::nn::guidance_embedding(&w, dim)?.to_dtype(self.dtype)?)
             }
             None => None,
+        };
+        let g_col = if s.cfg && !uniform {
+            let g: Vec<f32> = per_image.iter().map(|&g| g as f32).collect();
+            Some(Tensor::from_vec(g, (n, 1, 1, 1), &self.device)?)
+        } else {
+            None
         };
         for (i, &t) in sampler.timesteps.iter().enumerate() {
             let model_in = if s.cfg {
@@ -308,11 +370,17 @@ impl Pipeline {
             let eps = if s.cfg {
                 let u = out.narrow(0, 0, n)?;
                 let c = out.narrow(0, n, n)?;
-                (&u + ((c - &u)? * s.guidance)?)?
+                let diff = (c - &u)?;
+                // One scalar keeps the single-request path identical to diffusers' arithmetic.
+                let scaled = match &g_col {
+                    Some(g) => diff.broadcast_mul(g)?,
+                    None => (diff * s.guidance)?,
+                };
+                (&u + scaled)?
             } else {
                 out.clone()
             };
-            let step = sampler.step(i, &eps, &latents, noise)?;
+            let step = sampler.step(i, &eps, &latents, &mut noise)?;
             on_step(StepEvent {
                 index: i,
                 timestep: t,
@@ -327,20 +395,53 @@ impl Pipeline {
         let t2 = Instant::now();
         let decoded = self.vae.decode(&self.vae.unscale(&latents)?)?;
         let images_unit = image_io::to_unit_nhwc(&decoded)?;
-        let images = image_io::to_rgb8(&images_unit)?;
+        let mut images = image_io::to_rgb8(&images_unit)?;
         let decode = t2.elapsed();
-        Ok(Generation {
-            images,
-            images_unit,
-            latents,
-            settings: s,
-            timings: Timings {
-                text_encode,
-                denoise,
-                decode,
-                total: start.elapsed(),
-            },
-        })
+        let timings = Timings {
+            text_encode,
+            denoise,
+            decode,
+            total: start.elapsed(),
+        };
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut offset = 0;
+        for (k, settings) in counts.iter().zip(settings) {
+            out.push(Generation {
+                images: images.drain(..*k).collect(),
+                images_unit: images_unit.narrow(0, offset, *k)?,
+                latents: latents.narrow(0, offset, *k)?,
+                settings,
+                timings: timings.clone(),
+            });
+            offset += k;
+        }
+        Ok(out)
+    }
+}
+
+/// A batch's noise: each request's rows come from that request's own source, so a request draws
+/// the same numbers batched or alone. One source gets the whole shape, unchanged.
+struct SplitNoise<'a, 'b> {
+    counts: &'a [usize],
+    sources: &'a mut [&'b mut dyn NoiseSource],
+}
+
+impl NoiseSource for SplitNoise<'_, '_> {
+    fn sample(&mut self, shape: &candle_core::Shape, device: &Device) -> Result<Tensor> {
+        if self.sources.len() == 1 {
+            return self.sources[0].sample(shape, device);
+        }
+        let dims = shape.dims();
+        if dims.first() != Some(&self.counts.iter().sum()) {
+            bail!("batched noise of shape {dims:?} does not match the batch")
+        }
+        let mut parts = Vec::with_capacity(self.counts.len());
+        for (k, src) in self.counts.iter().zip(self.sources.iter_mut()) {
+            let mut d = dims.to_vec();
+            d[0] = *k;
+            parts.push(src.sample(&d.into(), device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 }
 

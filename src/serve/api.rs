@@ -1,0 +1,541 @@
+//! The wire formats: OpenAI's images API and AUTOMATIC1111's txt2img, their validation into an
+//! [`ImageJob`], and the one error shape every failure uses.
+
+use std::collections::BTreeMap;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::images::{ImageItem, ImageJob, ImageShape};
+use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::sampler::SamplerKind;
+
+/// Most images one request may ask for (OpenAI's limit for n).
+pub const MAX_IMAGES: usize = 10;
+pub const MAX_STEPS: usize = 50;
+pub const MAX_GUIDANCE: f64 = 30.0;
+/// Prompt cap before tokenizing (OpenAI's character limit); the token limit applies after.
+pub const MAX_PROMPT_BYTES: usize = 4000;
+
+/// `{"error": {"message", "type", "param"}}` with a status (and Retry-After for 429).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            retry_after_s: None,
+        }
+    }
+
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.to_string()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": {"message": self.message, "type": self.kind, "param": self.param}
+        });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+/// Parse a JSON body, naming the offending field on failure.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(de_error)
+}
+
+/// Deserialize an already parsed JSON value, naming the offending field on failure.
+pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(de_error)
+}
+
+fn de_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let inner = e.inner();
+    let path = e.path().to_string();
+    let msg = inner.to_string();
+    match inner.classify() {
+        serde_json::error::Category::Data => {
+            // Unknown and missing fields are reported at the parent's path; the name is in the
+            // message.
+            let param = if path != "." && !msg.starts_with("unknown field") {
+                Some(path)
+            } else {
+                msg.split('`').nth(1).map(str::to_string)
+            };
+            ApiError {
+                param,
+                ..ApiError::bad_request(format!("invalid request: {msg}"))
+            }
+        }
+        _ => ApiError::bad_request(format!("malformed JSON body: {msg}")),
+    }
+}
+
+/// What both APIs ask for, before validation.
+pub struct Ask<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: Option<&'a str>,
+    pub images: usize,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub sampler: Option<SamplerKind>,
+    pub seed: Option<u64>,
+    /// Field names in the caller's API, for error messages.
+    pub names: FieldNames,
+}
+
+#[derive(Clone, Copy)]
+pub struct FieldNames {
+    pub images: &'static str,
+    pub size: (&'static str, &'static str),
+    pub steps: &'static str,
+    pub guidance: &'static str,
+}
+
+/// Check every value and resolve defaults from the model; nothing here touches the model weights.
+pub fn build_job(pipe: &Pipeline, ask: &Ask) -> Result<ImageJob, ApiError> {
+    let names = ask.names;
+    check_prompt(pipe, "prompt", ask.prompt)?;
+    if let Some(neg) = ask.negative_prompt {
+        check_prompt(pipe, "negative_prompt", neg)?;
+    }
+    if !(1..=MAX_IMAGES).contains(&ask.images) {
+        return Err(ApiError::invalid(
+            names.images,
+            format!(
+                "{} must be between 1 and {MAX_IMAGES}, got {}",
+                names.images, ask.images
+            ),
+        ));
+    }
+    if let Some(steps) = ask.steps {
+        if !(1..=MAX_STEPS).contains(&steps) {
+            return Err(ApiError::invalid(
+                names.steps,
+                format!(
+                    "{} must be between 1 and {MAX_STEPS}, got {steps}",
+                    names.steps
+                ),
+            ));
+        }
+    }
+    if let Some(g) = ask.guidance {
+        if !(0.0..=MAX_GUIDANCE).contains(&g) {
+            return Err(ApiError::invalid(
+                names.guidance,
+                format!(
+                    "{} must be between 0 and {MAX_GUIDANCE}, got {g}",
+                    names.guidance
+                ),
+            ));
+        }
+    }
+    let f = pipe.vae_scale_factor();
+    let max_side = max_side(pipe);
+    for (name, v) in [(names.size.0, ask.width), (names.size.1, ask.height)] {
+        if let Some(v) = v {
+            if v == 0 || v % f != 0 || v > max_side {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("{name} {v} must be a positive multiple of {f} and at most {max_side}"),
+                ));
+            }
+        }
+    }
+    let req = GenerateRequest {
+        prompt: ask.prompt.to_string(),
+        negative_prompt: ask.negative_prompt.map(str::to_string),
+        sampler: ask.sampler,
+        steps: ask.steps,
+        guidance: ask.guidance,
+        width: ask.width,
+        height: ask.height,
+        n: 1,
+        ..Default::default()
+    };
+    let s = pipe
+        .resolve(&req, &Default::default())
+        .map_err(|e| ApiError::bad_request(format!("{e:#}").replace("--", "")))?;
+    let seed = ask.seed.unwrap_or_else(random_seed);
+    let items = (0..ask.images as u64)
+        .map(|i| ImageItem {
+            prompt: ask.prompt.to_string(),
+            negative_prompt: ask.negative_prompt.map(str::to_string),
+            guidance: s.guidance,
+            // Image i of a request uses seed + i (as AUTOMATIC1111 does), so any one image can be
+            // reproduced alone with n = 1.
+            seed: seed.wrapping_add(i),
+        })
+        .collect();
+    Ok(ImageJob {
+        shape: ImageShape {
+            width: s.width,
+            height: s.height,
+            steps: s.steps,
+            sampler: s.sampler,
+            cfg: s.cfg,
+        },
+        items,
+    })
+}
+
+/// Seeds the server draws stay below 2^32 so that they survive JavaScript numbers and A1111 tools.
+pub fn random_seed() -> u64 {
+    rand::random::<u32>() as u64
+}
+
+/// The largest width or height served: four times the model's native size.
+pub fn max_side(pipe: &Pipeline) -> usize {
+    4 * pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale_factor()
+}
+
+fn check_prompt(pipe: &Pipeline, param: &str, prompt: &str) -> Result<(), ApiError> {
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "{param} is {} bytes, at most {MAX_PROMPT_BYTES} are accepted",
+                prompt.len()
+            ),
+        ));
+    }
+    let tokens = pipe
+        .tokenizer
+        .encode(prompt)
+        .map_err(|e| ApiError::invalid(param, format!("{e:#}")))?;
+    if tokens.dropped > 0 {
+        let room = pipe.tokenizer.max_len() - 2;
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "{param} is {} tokens, the text encoder takes at most {room}",
+                room + tokens.dropped
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- OpenAI images API
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub n: Option<usize>,
+    /// "WxH".
+    #[serde(default)]
+    pub size: Option<String>,
+    /// `b64_json` (default) or `url`.
+    #[serde(default)]
+    pub response_format: Option<String>,
+    /// Accepted and ignored (OpenAI clients send them; they have no meaning here).
+    #[serde(default)]
+    pub quality: Option<String>,
+    #[serde(default)]
+    pub style: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    // Extensions.
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub sampler: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFormat {
+    B64Json,
+    Url,
+}
+
+impl OpenAiRequest {
+    pub fn response_format(&self) -> Result<ResponseFormat, ApiError> {
+        match self.response_format.as_deref() {
+            None | Some("b64_json") => Ok(ResponseFormat::B64Json),
+            Some("url") => Ok(ResponseFormat::Url),
+            Some(other) => Err(ApiError::invalid(
+                "response_format",
+                format!("response_format must be b64_json or url, got {other:?}"),
+            )),
+        }
+    }
+
+    pub fn to_job(&self, pipe: &Pipeline, model_id: &str) -> Result<ImageJob, ApiError> {
+        if let Some(m) = &self.model {
+            if m != model_id {
+                return Err(ApiError::invalid(
+                    "model",
+                    format!("model {m:?} is not served here; this server serves {model_id:?}"),
+                ));
+            }
+        }
+        let (width, height) = match &self.size {
+            None => (None, None),
+            Some(s) => {
+                let parsed = s
+                    .split_once(['x', 'X'])
+                    .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+                match parsed {
+                    Some((w, h)) => (Some(w), Some(h)),
+                    None => {
+                        return Err(ApiError::invalid(
+                            "size",
+                            format!("size must look like \"512x512\", got {s:?}"),
+                        ))
+                    }
+                }
+            }
+        };
+        let sampler = match &self.sampler {
+            None => None,
+            Some(s) => Some(
+                s.parse::<SamplerKind>()
+                    .map_err(|e| ApiError::invalid("sampler", e.to_string()))?,
+            ),
+        };
+        build_job(
+            pipe,
+            &Ask {
+                prompt: &self.prompt,
+                negative_prompt: self.negative_prompt.as_deref(),
+                images: self.n.unwrap_or(1),
+                width,
+                height,
+                steps: self.steps,
+                guidance: self.guidance_scale,
+                sampler,
+                seed: self.seed,
+                names: FieldNames {
+                    images: "n",
+                    size: ("size", "size"),
+                    steps: "steps",
+                    guidance: "guidance_scale",
+                },
+            },
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenAiResponse {
+    pub created: u64,
+    pub data: Vec<OpenAiImage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpenAiImage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Never set: prompts are used as given. Kept for OpenAI clients that read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revised_prompt: Option<String>,
+    pub seed: u64,
+}
+
+// ---------------------------------------------------------------- AUTOMATIC1111 txt2img
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Txt2ImgRequest {
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub cfg_scale: Option<f64>,
+    /// −1 (or absent) draws a random seed.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub width: Option<usize>,
+    #[serde(default)]
+    pub height: Option<usize>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub n_iter: Option<usize>,
+    #[serde(default)]
+    pub sampler_name: Option<String>,
+    /// Fields A1111 clients send routinely, taken out before the strict parse and accepted only
+    /// with values that change nothing here (see docs/deviations.md).
+    #[serde(skip)]
+    pub ignored: BTreeMap<String, Value>,
+}
+
+type ValueTest = fn(&Value) -> bool;
+
+/// A1111 fields accepted when they ask for nothing this server would do differently: the name and
+/// a test of the value.
+const A1111_TOLERATED: &[(&str, ValueTest)] = &[
+    ("sampler_index", |_| true),
+    ("scheduler", |_| true),
+    ("send_images", |v| v.as_bool() == Some(true)),
+    ("save_images", |v| v.is_boolean()),
+    ("do_not_save_samples", |v| v.is_boolean()),
+    ("do_not_save_grid", |v| v.is_boolean()),
+    ("restore_faces", |v| {
+        v.as_bool() == Some(false) || v.is_null()
+    }),
+    ("tiling", |v| v.as_bool() == Some(false) || v.is_null()),
+    ("enable_hr", |v| v.as_bool() == Some(false)),
+    ("denoising_strength", |v| v.is_number() || v.is_null()),
+    ("eta", |v| v.is_number() || v.is_null()),
+    ("styles", |v| v.as_array().is_some_and(|a| a.is_empty())),
+    ("subseed", |v| v.is_i64()),
+    ("subseed_strength", |v| v.as_f64() == Some(0.0)),
+    ("seed_resize_from_h", |v| v.as_i64().is_some_and(|x| x <= 0)),
+    ("seed_resize_from_w", |v| v.as_i64().is_some_and(|x| x <= 0)),
+    ("override_settings", |v| {
+        v.as_object().is_some_and(|o| o.is_empty()) || v.is_null()
+    }),
+    ("override_settings_restore_afterwards", |v| v.is_boolean()),
+    ("alwayson_scripts", |v| {
+        v.as_object().is_some_and(|o| o.is_empty()) || v.is_null()
+    }),
+    ("script_args", |v| {
+        v.as_array().is_some_and(|a| a.is_empty())
+    }),
+    ("script_name", |v| v.is_null() || v.as_str() == Some("")),
+];
+
+/// A1111 sampler names this server maps to its own samplers.
+pub fn a1111_sampler(name: &str) -> Result<Option<SamplerKind>, ApiError> {
+    match name.to_ascii_lowercase().as_str() {
+        "" | "automatic" | "default" => Ok(None),
+        "lcm" => Ok(Some(SamplerKind::Lcm)),
+        "ddim" => Ok(Some(SamplerKind::Ddim)),
+        "tcd" => Ok(Some(SamplerKind::Tcd)),
+        _ => Err(ApiError::invalid(
+            "sampler_name",
+            format!("sampler_name {name:?} is not available (LCM, TCD or DDIM)"),
+        )),
+    }
+}
+
+impl Txt2ImgRequest {
+    /// Parse a body: tolerated fields are checked and set aside, the rest parsed strictly.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let mut value: Value = parse_json(body)?;
+        let mut ignored = BTreeMap::new();
+        if let Some(obj) = value.as_object_mut() {
+            for (name, ok) in A1111_TOLERATED {
+                if let Some(v) = obj.remove(*name) {
+                    if !ok(&v) {
+                        return Err(ApiError::invalid(
+                            name,
+                            format!("{name} = {v} is not supported by this server"),
+                        ));
+                    }
+                    ignored.insert(name.to_string(), v);
+                }
+            }
+        }
+        let mut req: Self = from_value(value)?;
+        req.ignored = ignored;
+        Ok(req)
+    }
+
+    pub fn to_job(&self, pipe: &Pipeline) -> Result<ImageJob, ApiError> {
+        let seed = match self.seed {
+            None | Some(-1) => None,
+            Some(s) if s >= 0 => Some(s as u64),
+            Some(s) => {
+                return Err(ApiError::invalid(
+                    "seed",
+                    format!("seed must be -1 (random) or ≥ 0, got {s}"),
+                ))
+            }
+        };
+        let sampler_name = self
+            .sampler_name
+            .as_deref()
+            .or_else(|| self.ignored.get("sampler_index").and_then(|v| v.as_str()));
+        let sampler = match sampler_name {
+            None => None,
+            Some(n) => a1111_sampler(n)?,
+        };
+        let batch = self.batch_size.unwrap_or(1);
+        let iters = self.n_iter.unwrap_or(1);
+        if batch == 0 || iters == 0 {
+            let param = if batch == 0 { "batch_size" } else { "n_iter" };
+            return Err(ApiError::invalid(
+                param,
+                format!("{param} must be at least 1"),
+            ));
+        }
+        build_job(
+            pipe,
+            &Ask {
+                prompt: &self.prompt,
+                negative_prompt: self.negative_prompt.as_deref(),
+                images: batch.saturating_mul(iters),
+                width: self.width,
+                height: self.height,
+                steps: self.steps,
+                guidance: self.cfg_scale,
+                sampler,
+                seed,
+                names: FieldNames {
+                    images: "batch_size",
+                    size: ("width", "height"),
+                    steps: "steps",
+                    guidance: "cfg_scale",
+                },
+            },
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Txt2ImgResponse {
+    pub images: Vec<String>,
+    pub parameters: Value,
+    /// A JSON document in a string, as A1111 returns it.
+    pub info: String,
+}

@@ -1,0 +1,381 @@
+//! Dynamic batching, independent of what the model is: requests become jobs in a bounded queue; one
+//! worker takes the oldest job, waits a short window for more, and runs every queued job with the
+//! same compatibility key together (up to `max_batch` units, e.g. images) on a blocking thread.
+//! Jobs whose client went away or whose deadline passed are skipped, never run.
+//!
+//! A model plugs in by implementing [`BatchModel`]; each model gets its own [`Batcher`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use super::metrics::Metrics;
+
+/// A model that can run several compatible jobs at once. `run` is blocking (it computes).
+pub trait BatchModel: Send + Sync + 'static {
+    type Job: Send + 'static;
+    type Output: Send + 'static;
+    /// Jobs with equal keys may share a batch.
+    type Key: PartialEq + Send + 'static;
+
+    /// The metrics label, e.g. `image`.
+    fn kind(&self) -> &'static str;
+    fn key(&self, job: &Self::Job) -> Self::Key;
+    /// The job's share of a batch (images for a text-to-image model).
+    fn units(&self, job: &Self::Job) -> usize;
+    /// One result per job, in order.
+    fn run(&self, jobs: Vec<Self::Job>) -> Vec<anyhow::Result<Self::Output>>;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most units per batch; 1 turns batching off.
+    pub max_batch: usize,
+    /// Most jobs waiting (not yet running).
+    pub max_queue: usize,
+    /// How long the worker waits after the first job for compatible ones to arrive.
+    pub window: Duration,
+}
+
+/// Why a submitted job produced no output.
+#[derive(Debug)]
+pub enum JobError {
+    /// The deadline passed while the job waited.
+    Expired,
+    /// The model failed (not the request's fault: it was validated before queueing).
+    Failed(String),
+    /// The server stopped before the job ran.
+    ShuttingDown,
+}
+
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The queue is full; try again after this many seconds.
+    QueueFull {
+        retry_after_s: u64,
+    },
+    ShuttingDown,
+}
+
+pub type Reply<M> = oneshot::Receiver<Result<<M as BatchModel>::Output, JobError>>;
+
+struct Pending<M: BatchModel> {
+    job: M::Job,
+    key: M::Key,
+    units: usize,
+    deadline: Instant,
+    tx: oneshot::Sender<Result<M::Output, JobError>>,
+}
+
+struct Shared<M: BatchModel> {
+    model: Arc<M>,
+    cfg: BatchConfig,
+    queue: Mutex<VecDeque<Pending<M>>>,
+    notify: Notify,
+    closing: AtomicBool,
+    metrics: Arc<Metrics>,
+    /// Exponential average of a batch's run time, microseconds (for Retry-After).
+    avg_batch_us: AtomicU64,
+}
+
+pub struct Batcher<M: BatchModel> {
+    shared: Arc<Shared<M>>,
+    worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl<M: BatchModel> Batcher<M> {
+    /// Start the worker on the current tokio runtime.
+    pub fn start(model: Arc<M>, cfg: BatchConfig, metrics: Arc<Metrics>) -> Self {
+        let shared = Arc::new(Shared {
+            model,
+            cfg: BatchConfig {
+                max_batch: cfg.max_batch.max(1),
+                ..cfg
+            },
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closing: AtomicBool::new(false),
+            metrics,
+            avg_batch_us: AtomicU64::new(0),
+        });
+        shared.metrics.set_queue_depth(shared.model.kind(), 0);
+        let worker = tokio::spawn(worker(shared.clone()));
+        Self {
+            shared,
+            worker: Mutex::new(Some(worker)),
+        }
+    }
+
+    pub fn model(&self) -> &Arc<M> {
+        &self.shared.model
+    }
+
+    /// Queue a job; the reply arrives when its batch has run.
+    pub fn submit(&self, job: M::Job, deadline: Instant) -> Result<Reply<M>, SubmitError> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let (tx, rx) = oneshot::channel();
+        let key = s.model.key(&job);
+        let units = s.model.units(&job);
+        let mut q = lock(&s.queue);
+        // Jobs of clients that left do not hold places in the queue.
+        let before = q.len();
+        q.retain(|p| !p.tx.is_closed());
+        for _ in q.len()..before {
+            s.metrics.dropped(s.model.kind(), "disconnected");
+        }
+        if q.len() >= s.cfg.max_queue {
+            let batches = (q.len() / s.cfg.max_batch + 1) as u64;
+            let avg_us = s.avg_batch_us.load(Ordering::Relaxed);
+            let retry_after_s = (batches * avg_us).div_ceil(1_000_000).max(1);
+            s.metrics.set_queue_depth(s.model.kind(), q.len());
+            return Err(SubmitError::QueueFull { retry_after_s });
+        }
+        q.push_back(Pending {
+            job,
+            key,
+            units,
+            deadline,
+            tx,
+        });
+        s.metrics.set_queue_depth(s.model.kind(), q.len());
+        drop(q);
+        s.notify.notify_one();
+        Ok(rx)
+    }
+
+    /// Stop taking jobs, let the worker finish what is queued, and wait for it.
+    pub async fn shutdown(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.notify.notify_one();
+        let worker = lock(&self.worker).take();
+        if let Some(w) = worker {
+            let _ = w.await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Remove jobs that can no longer be answered, counting them.
+fn prune<M: BatchModel>(s: &Shared<M>, q: &mut VecDeque<Pending<M>>) {
+    let now = Instant::now();
+    let kind = s.model.kind();
+    let mut kept = VecDeque::with_capacity(q.len());
+    for p in q.drain(..) {
+        // The deadline first: a client whose deadline passed has given up (and hung up) too.
+        if p.deadline <= now {
+            s.metrics.dropped(kind, "deadline");
+            let _ = p.tx.send(Err(JobError::Expired));
+        } else if p.tx.is_closed() {
+            s.metrics.dropped(kind, "disconnected");
+        } else {
+            kept.push_back(p);
+        }
+    }
+    *q = kept;
+}
+
+async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
+    let kind = s.model.kind();
+    loop {
+        // Wait for a live job (or for shutdown with an empty queue).
+        let first = loop {
+            let notified = s.notify.notified();
+            {
+                let mut q = lock(&s.queue);
+                prune(&s, &mut q);
+                s.metrics.set_queue_depth(kind, q.len());
+                if !q.is_empty() {
+                    break q.front().map(|p| p.units).unwrap_or(0);
+                }
+                if s.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+            notified.await;
+        };
+        if first < s.cfg.max_batch && !s.cfg.window.is_zero() {
+            tokio::time::sleep(s.cfg.window).await;
+        }
+        let batch = {
+            let mut q = lock(&s.queue);
+            prune(&s, &mut q);
+            let mut batch: Vec<Pending<M>> = Vec::new();
+            let mut units = 0;
+            let mut rest = VecDeque::with_capacity(q.len());
+            for p in q.drain(..) {
+                let fits = match batch.first() {
+                    None => true,
+                    Some(b) => p.key == b.key && units + p.units <= s.cfg.max_batch,
+                };
+                if fits {
+                    units += p.units;
+                    batch.push(p);
+                } else {
+                    rest.push_back(p);
+                }
+            }
+            *q = rest;
+            s.metrics.set_queue_depth(kind, q.len());
+            batch
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let sizes: Vec<usize> = batch.iter().map(|p| p.units).collect();
+        let units: usize = sizes.iter().sum();
+        let (jobs, txs): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.job, p.tx)).unzip();
+        let model = s.model.clone();
+        let t = Instant::now();
+        let results = tokio::task::spawn_blocking(move || model.run(jobs)).await;
+        let secs = t.elapsed().as_secs_f64();
+        s.metrics.batch(kind, units, secs);
+        let prev = s.avg_batch_us.load(Ordering::Relaxed);
+        let now_us = (secs * 1e6) as u64;
+        let avg = if prev == 0 {
+            now_us
+        } else {
+            (prev * 7 + now_us) / 8
+        };
+        s.avg_batch_us.store(avg, Ordering::Relaxed);
+        match results {
+            Ok(results) => {
+                let made: usize = results
+                    .iter()
+                    .zip(&sizes)
+                    .filter(|(r, _)| r.is_ok())
+                    .map(|(_, n)| n)
+                    .sum();
+                s.metrics.images(kind, made);
+                for (tx, r) in txs.into_iter().zip(results) {
+                    let _ = tx.send(r.map_err(|e| JobError::Failed(format!("{e:#}"))));
+                }
+            }
+            Err(e) => {
+                // The model panicked: answer everyone in the batch and keep serving.
+                for tx in txs {
+                    let _ = tx.send(Err(JobError::Failed(format!("model panicked: {e}"))));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model that records which jobs ran together: jobs are (key, units, id).
+    struct Recorder {
+        batches: Mutex<Vec<Vec<u32>>>,
+    }
+
+    impl BatchModel for Recorder {
+        type Job = (u32, usize, u32);
+        type Output = u32;
+        type Key = u32;
+
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        fn key(&self, job: &Self::Job) -> u32 {
+            job.0
+        }
+        fn units(&self, job: &Self::Job) -> usize {
+            job.1
+        }
+        fn run(&self, jobs: Vec<Self::Job>) -> Vec<anyhow::Result<u32>> {
+            lock(&self.batches).push(jobs.iter().map(|j| j.2).collect());
+            jobs.iter().map(|j| Ok(j.2)).collect()
+        }
+    }
+
+    fn start(
+        max_batch: usize,
+        max_queue: usize,
+    ) -> (Batcher<Recorder>, Arc<Recorder>, Arc<Metrics>) {
+        let model = Arc::new(Recorder {
+            batches: Mutex::new(Vec::new()),
+        });
+        let metrics = Arc::new(Metrics::default());
+        let cfg = BatchConfig {
+            max_batch,
+            max_queue,
+            window: Duration::from_millis(100),
+        };
+        (
+            Batcher::start(model.clone(), cfg, metrics.clone()),
+            model,
+            metrics,
+        )
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[tokio::test]
+    async fn compatible_jobs_share_a_batch_up_to_max_batch_in_arrival_order() {
+        let (b, model, metrics) = start(4, 16);
+        let jobs = [(1, 1, 10), (2, 1, 20), (1, 2, 30), (1, 2, 40)];
+        let replies: Vec<_> = jobs
+            .iter()
+            .map(|j| b.submit(*j, later()).unwrap())
+            .collect();
+        for (r, j) in replies.into_iter().zip(jobs) {
+            assert_eq!(r.await.unwrap().unwrap(), j.2);
+        }
+        // 10 and 30 share key 1 (3 units; 40 would make 5 > 4); then the oldest left, 20; then 40.
+        assert_eq!(
+            *lock(&model.batches),
+            vec![vec![10, 30], vec![20], vec![40]]
+        );
+        assert!(metrics
+            .render()
+            .contains("lcm_batch_size_sum{model=\"test\"} 6"));
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn jobs_of_departed_clients_and_past_deadlines_never_run() {
+        let (b, model, metrics) = start(8, 16);
+        let kept = b.submit((1, 1, 1), later()).unwrap();
+        drop(b.submit((1, 1, 2), later()).unwrap());
+        let expired = b.submit((1, 1, 3), Instant::now()).unwrap();
+        assert_eq!(kept.await.unwrap().unwrap(), 1);
+        assert!(matches!(expired.await.unwrap(), Err(JobError::Expired)));
+        assert_eq!(*lock(&model.batches), vec![vec![1]]);
+        let text = metrics.render();
+        assert!(text.contains("reason=\"disconnected\"} 1"), "{text}");
+        assert!(text.contains("reason=\"deadline\"} 1"), "{text}");
+        b.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_and_shutdown_runs_what_is_queued() {
+        let (b, model, _) = start(8, 2);
+        let first = b.submit((1, 1, 1), later()).unwrap();
+        let second = b.submit((1, 1, 2), later()).unwrap();
+        // Still in the batching window: both wait in the queue.
+        assert!(matches!(
+            b.submit((1, 1, 3), later()),
+            Err(SubmitError::QueueFull { retry_after_s }) if retry_after_s >= 1
+        ));
+        b.shutdown().await;
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+        assert!(matches!(
+            b.submit((1, 1, 4), later()),
+            Err(SubmitError::ShuttingDown)
+        ));
+        assert_eq!(*lock(&model.batches), vec![vec![1, 2]]);
+    }
+}

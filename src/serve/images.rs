@@ -1,0 +1,188 @@
+//! The text-to-image model behind the batcher: validated jobs in, PNGs out; and the short-lived
+//! in-memory store behind `response_format: "url"`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::sampler::{NoiseSource, SamplerKind, SeededNoise};
+use crate::source::Defaults;
+
+use super::batcher::BatchModel;
+
+/// What every job in one U-Net batch must share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageShape {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    /// CFG doubles the batch with negative prompts; guidance itself may differ per image.
+    pub cfg: bool,
+}
+
+/// One image to make (a request with n images is n items with seeds seed, seed+1, …).
+#[derive(Debug, Clone)]
+pub struct ImageItem {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageJob {
+    pub shape: ImageShape,
+    pub items: Vec<ImageItem>,
+}
+
+pub struct GeneratedImage {
+    pub png: Vec<u8>,
+    pub seed: u64,
+}
+
+/// A loaded pipeline, shared by every request.
+pub struct ImageModel {
+    pub pipe: Arc<Pipeline>,
+    /// The name clients see (`/v1/models`, OpenAI's `model`).
+    pub id: String,
+    /// Most images per U-Net call: a job bigger than this runs in several calls.
+    pub max_batch: usize,
+}
+
+impl ImageModel {
+    /// Run items sharing `shape` in U-Net batches of at most `max_batch` images.
+    pub fn generate(
+        &self,
+        shape: &ImageShape,
+        items: &[ImageItem],
+    ) -> anyhow::Result<Vec<GeneratedImage>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.max_batch.max(1)) {
+            let reqs: Vec<GenerateRequest> = chunk
+                .iter()
+                .map(|it| GenerateRequest {
+                    prompt: it.prompt.clone(),
+                    negative_prompt: it.negative_prompt.clone(),
+                    sampler: Some(shape.sampler),
+                    steps: Some(shape.steps),
+                    guidance: Some(it.guidance),
+                    width: Some(shape.width),
+                    height: Some(shape.height),
+                    n: 1,
+                    seed: it.seed,
+                    ..Default::default()
+                })
+                .collect();
+            let mut sources: Vec<SeededNoise> =
+                chunk.iter().map(|it| SeededNoise::new(it.seed)).collect();
+            let mut noises: Vec<&mut dyn NoiseSource> = sources
+                .iter_mut()
+                .map(|s| s as &mut dyn NoiseSource)
+                .collect();
+            let gens =
+                self.pipe
+                    .generate_batch(&reqs, &Defaults::default(), &mut noises, &mut |_| {})?;
+            for (g, it) in gens.iter().zip(chunk) {
+                for img in &g.images {
+                    out.push(GeneratedImage {
+                        png: crate::image_io::encode_png(img)?,
+                        seed: it.seed,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl BatchModel for ImageModel {
+    type Job = ImageJob;
+    type Output = Vec<GeneratedImage>;
+    type Key = ImageShape;
+
+    fn kind(&self) -> &'static str {
+        "image"
+    }
+
+    fn key(&self, job: &ImageJob) -> ImageShape {
+        job.shape
+    }
+
+    fn units(&self, job: &ImageJob) -> usize {
+        job.items.len()
+    }
+
+    fn run(&self, jobs: Vec<ImageJob>) -> Vec<anyhow::Result<Vec<GeneratedImage>>> {
+        // All jobs share one shape (the batcher groups by key): run their items together.
+        let Some(shape) = jobs.first().map(|j| j.shape) else {
+            return Vec::new();
+        };
+        let items: Vec<ImageItem> = jobs.iter().flat_map(|j| j.items.clone()).collect();
+        match self.generate(&shape, &items) {
+            Ok(images) => {
+                let mut images = images.into_iter();
+                jobs.iter()
+                    .map(|j| Ok(images.by_ref().take(j.items.len()).collect()))
+                    .collect()
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                jobs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
+            }
+        }
+    }
+}
+
+/// PNGs served by URL for a limited time, bounded in count (oldest go first).
+pub struct UrlStore {
+    ttl: Duration,
+    cap: usize,
+    /// id → (expiry, PNG), and ids oldest first.
+    inner: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
+}
+
+type Stored = (Instant, Arc<Vec<u8>>);
+
+impl UrlStore {
+    pub fn new(ttl: Duration, cap: usize) -> Self {
+        Self {
+            ttl,
+            cap,
+            inner: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    /// Keep `png` and return its id (random, unguessable).
+    pub fn put(&self, png: Vec<u8>) -> String {
+        let id = format!("{:032x}", rand::random::<u128>());
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *g;
+        let now = Instant::now();
+        while let Some(old) = order.front() {
+            let expired = map.get(old).is_none_or(|(t, _)| *t <= now);
+            if expired || map.len() >= self.cap {
+                let old = order.pop_front().expect("front exists");
+                map.remove(&old);
+            } else {
+                break;
+            }
+        }
+        map.insert(id.clone(), (now + self.ttl, Arc::new(png)));
+        order.push_back(id.clone());
+        id
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Vec<u8>>> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match g.0.get(id) {
+            Some((t, png)) if *t > Instant::now() => Some(png.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}

@@ -1,0 +1,199 @@
+//! Prometheus text exposition, written by hand: a few counters, gauges and histograms behind one
+//! mutex (updates are per request or per batch, far from contended).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Upper bounds of the latency histograms, seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Upper bounds of the batch-size histogram, images per U-Net batch.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: BTreeMap<(String, u16), u64>,
+    latency: BTreeMap<String, Histogram>,
+    queue_depth: BTreeMap<String, i64>,
+    batch_size: BTreeMap<String, Histogram>,
+    batch_seconds: BTreeMap<String, Histogram>,
+    images: BTreeMap<String, u64>,
+    dropped: BTreeMap<(String, &'static str), u64>,
+}
+
+/// The server's metrics. Label values are route templates and model kinds, never user input.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        // A panic elsewhere never leaves these maps half-updated in a way that matters.
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    pub fn request(&self, route: &str, status: u16, seconds: f64) {
+        self.with(|m| {
+            *m.requests.entry((route.to_string(), status)).or_default() += 1;
+            m.latency
+                .entry(route.to_string())
+                .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
+                .observe(seconds);
+        })
+    }
+
+    pub fn set_queue_depth(&self, model: &str, depth: usize) {
+        self.with(|m| {
+            m.queue_depth.insert(model.to_string(), depth as i64);
+        })
+    }
+
+    pub fn batch(&self, model: &str, images: usize, seconds: f64) {
+        self.with(|m| {
+            m.batch_size
+                .entry(model.to_string())
+                .or_insert_with(|| Histogram::new(BATCH_BUCKETS))
+                .observe(images as f64);
+            m.batch_seconds
+                .entry(model.to_string())
+                .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
+                .observe(seconds);
+        })
+    }
+
+    pub fn images(&self, model: &str, count: usize) {
+        self.with(|m| *m.images.entry(model.to_string()).or_default() += count as u64)
+    }
+
+    /// A queued job that never ran: `reason` is `disconnected` or `deadline`.
+    pub fn dropped(&self, model: &str, reason: &'static str) {
+        self.with(|m| *m.dropped.entry((model.to_string(), reason)).or_default() += 1)
+    }
+
+    pub fn render(&self) -> String {
+        self.with(|m| {
+            let mut out = String::new();
+            out.push_str("# HELP lcm_http_requests_total HTTP requests by route and status.\n");
+            out.push_str("# TYPE lcm_http_requests_total counter\n");
+            for ((route, status), n) in &m.requests {
+                let _ = writeln!(
+                    out,
+                    "lcm_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+            out.push_str("# HELP lcm_http_request_duration_seconds Request latency by route.\n");
+            out.push_str("# TYPE lcm_http_request_duration_seconds histogram\n");
+            for (route, h) in &m.latency {
+                h.write(
+                    &mut out,
+                    "lcm_http_request_duration_seconds",
+                    &format!("route=\"{route}\""),
+                );
+            }
+            out.push_str("# HELP lcm_queue_depth Jobs waiting for the model.\n");
+            out.push_str("# TYPE lcm_queue_depth gauge\n");
+            for (model, d) in &m.queue_depth {
+                let _ = writeln!(out, "lcm_queue_depth{{model=\"{model}\"}} {d}");
+            }
+            out.push_str("# HELP lcm_batch_size Images per model batch.\n");
+            out.push_str("# TYPE lcm_batch_size histogram\n");
+            for (model, h) in &m.batch_size {
+                h.write(&mut out, "lcm_batch_size", &format!("model=\"{model}\""));
+            }
+            out.push_str("# HELP lcm_batch_duration_seconds Time to run one model batch.\n");
+            out.push_str("# TYPE lcm_batch_duration_seconds histogram\n");
+            for (model, h) in &m.batch_seconds {
+                h.write(
+                    &mut out,
+                    "lcm_batch_duration_seconds",
+                    &format!("model=\"{model}\""),
+                );
+            }
+            out.push_str("# HELP lcm_images_generated_total Images generated.\n");
+            out.push_str("# TYPE lcm_images_generated_total counter\n");
+            for (model, n) in &m.images {
+                let _ = writeln!(out, "lcm_images_generated_total{{model=\"{model}\"}} {n}");
+            }
+            out.push_str(
+                "# HELP lcm_jobs_dropped_total Queued jobs skipped: client gone or deadline passed.\n",
+            );
+            out.push_str("# TYPE lcm_jobs_dropped_total counter\n");
+            for ((model, reason), n) in &m.dropped {
+                let _ = writeln!(
+                    out,
+                    "lcm_jobs_dropped_total{{model=\"{model}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.batch("image", 1, 0.1);
+        m.batch("image", 3, 0.2);
+        let text = m.render();
+        assert!(text.contains("lcm_batch_size_bucket{model=\"image\",le=\"1\"} 1"));
+        assert!(text.contains("lcm_batch_size_bucket{model=\"image\",le=\"4\"} 2"));
+        assert!(text.contains("lcm_batch_size_bucket{model=\"image\",le=\"+Inf\"} 2"));
+        assert!(text.contains("lcm_batch_size_sum{model=\"image\"} 4"));
+    }
+}

@@ -1,0 +1,640 @@
+//! `lcm serve`: an HTTP server over one loaded pipeline. OpenAI's images API, AUTOMATIC1111's
+//! txt2img, model list, health, Prometheus metrics and a browser page, on axum.
+//!
+//! Requests are validated on the async runtime, then queued as jobs to a [`batcher::Batcher`]
+//! whose single worker runs compatible jobs together as one U-Net batch on a blocking thread. A
+//! second kind of model (e.g. text-to-motion) plugs in as another [`batcher::BatchModel`] with its
+//! own batcher and routes.
+
+pub mod api;
+pub mod batcher;
+pub mod images;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::pipeline::Pipeline;
+use api::{ApiError, OpenAiImage, OpenAiRequest, OpenAiResponse, ResponseFormat, Txt2ImgRequest};
+use batcher::{BatchConfig, Batcher, JobError, SubmitError};
+use images::{GeneratedImage, ImageJob, ImageModel, UrlStore};
+use metrics::Metrics;
+
+/// Largest request body accepted (413 above).
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Most images kept for `response_format: "url"`.
+const URL_STORE_CAP: usize = 256;
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../web/style.css");
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Most images per U-Net batch; 1 turns batching off.
+    pub max_batch: usize,
+    /// Most requests waiting for the model; more get 429.
+    pub max_queue: usize,
+    /// Each request's deadline, from arrival.
+    pub timeout: Duration,
+    /// With a key, every route but `/healthz` and the page needs `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// How long the batcher waits for compatible requests after the first.
+    pub batch_window: Duration,
+    /// How long `response_format: "url"` images stay available.
+    pub url_ttl: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            max_queue: 64,
+            timeout: Duration::from_secs(120),
+            api_key: None,
+            batch_window: Duration::from_millis(10),
+            url_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `lcm serve` flags.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// A pipeline name (see `lcm models`), a diffusers-layout folder or a hub id (org/name).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Address to listen on (port 0: any free port, printed on start).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Most images per U-Net batch (1 turns batching off).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub max_batch: u64,
+    /// Most requests waiting for the model; more are answered 429 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queue: u64,
+    /// Each request's deadline in seconds (504 when it passes).
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout_s: f64,
+    /// Require `Authorization: Bearer KEY` on every route but /healthz and the page.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Milliseconds the batcher waits for compatible requests after the first.
+    #[arg(long, default_value_t = 10)]
+    pub batch_window_ms: u64,
+    /// Seconds a `response_format: "url"` image stays available.
+    #[arg(long, default_value_t = 600)]
+    pub url_ttl_s: u64,
+    #[command(flatten)]
+    pub runtime: crate::runtime::RuntimeArgs,
+}
+
+/// `lcm serve`: load the model, bind, serve until SIGINT/SIGTERM, finish in-flight requests.
+pub fn run_cli(args: &ServeArgs) -> Result<()> {
+    if !(args.timeout_s.is_finite() && args.timeout_s > 0.0 && args.timeout_s <= 86400.0) {
+        anyhow::bail!("--timeout-s must be a number of seconds in (0, 86400]")
+    }
+    if args.api_key.as_deref() == Some("") {
+        anyhow::bail!("--api-key must not be empty")
+    }
+    let model_name = match &args.model {
+        Some(m) => m.clone(),
+        None => crate::source::default_model()?,
+    };
+    let (device, dtype) = args.runtime.resolve()?;
+    let resolved = crate::source::resolve(&model_name)?;
+    let pipe = Pipeline::load(&resolved.dir, &device, dtype)
+        .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+    // A local folder is known by its name, not its path (which would leak into /v1/models).
+    let model_id = match resolved.dir.file_name() {
+        Some(name) if Path::new(&model_name).is_dir() => name.to_string_lossy().into_owned(),
+        _ => resolved.label.clone(),
+    };
+    let listener = std::net::TcpListener::bind(&args.addr)
+        .with_context(|| format!("--addr {}: cannot listen", args.addr))?;
+    let cfg = ServeConfig {
+        max_batch: args.max_batch as usize,
+        max_queue: args.max_queue as usize,
+        timeout: Duration::from_secs_f64(args.timeout_s),
+        api_key: args.api_key.clone(),
+        batch_window: Duration::from_millis(args.batch_window_ms),
+        url_ttl: Duration::from_secs(args.url_ttl_s),
+    };
+    let addr = listener.local_addr()?;
+    println!(
+        "serving {} on http://{addr} (max batch {}, max queue {}, timeout {}s{})",
+        resolved.label,
+        cfg.max_batch,
+        cfg.max_queue,
+        args.timeout_s,
+        if cfg.api_key.is_some() {
+            ", API key required"
+        } else {
+            ""
+        }
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(
+        listener,
+        Arc::new(pipe),
+        model_id,
+        cfg,
+        shutdown_signal(),
+    ))?;
+    println!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    println!("shutting down: finishing in-flight requests");
+}
+
+/// A server running on its own thread and runtime (for tests and embedding).
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl ServerHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting, finish in-flight requests, and wait.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Serve `pipe` on `listener` from a new thread; returns once the server accepts connections.
+pub fn start(
+    listener: std::net::TcpListener,
+    pipe: Arc<Pipeline>,
+    model_id: String,
+    cfg: ServeConfig,
+) -> Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("lcm-serve".into())
+        .spawn(move || {
+            runtime.block_on(serve(listener, pipe, model_id, cfg, async {
+                let _ = stopped.await;
+            }))
+        })?;
+    Ok(ServerHandle {
+        addr,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// Serve until `shutdown` completes, then finish in-flight requests and queued jobs.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    pipe: Arc<Pipeline>,
+    model_id: String,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let metrics = Arc::new(Metrics::default());
+    let model = ImageModel {
+        pipe,
+        id: model_id,
+        max_batch: cfg.max_batch,
+    };
+    let images = Batcher::start(
+        Arc::new(model),
+        BatchConfig {
+            max_batch: cfg.max_batch,
+            max_queue: cfg.max_queue,
+            window: cfg.batch_window,
+        },
+        metrics.clone(),
+    );
+    let state = Arc::new(AppState {
+        images,
+        metrics,
+        urls: UrlStore::new(cfg.url_ttl, URL_STORE_CAP),
+        created: unix_now(),
+        cfg,
+    });
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("server failed")?;
+    state.images.shutdown().await;
+    Ok(())
+}
+
+pub struct AppState {
+    images: Batcher<ImageModel>,
+    metrics: Arc<Metrics>,
+    urls: UrlStore,
+    cfg: ServeConfig,
+    created: u64,
+}
+
+/// The routes a label may name in metrics (anything else is `other`, so that clients cannot grow
+/// the label set).
+const ROUTES: &[&str] = &[
+    "/",
+    "/app.js",
+    "/style.css",
+    "/healthz",
+    "/metrics",
+    "/v1/models",
+    "/v1/images/generations",
+    "/sdapi/v1/txt2img",
+];
+
+/// Paths open without the API key: health checks and the page itself (which asks for the key).
+const OPEN_PATHS: &[&str] = &["/", "/app.js", "/style.css", "/healthz"];
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(|| page(INDEX_HTML, "text/html; charset=utf-8")))
+        .route(
+            "/app.js",
+            get(|| page(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/style.css",
+            get(|| page(STYLE_CSS, "text/css; charset=utf-8")),
+        )
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/models", get(models))
+        .route("/v1/images/generations", post(openai_generations))
+        .route("/v1/images/files/{id}", get(url_image))
+        .route("/sdapi/v1/txt2img", post(txt2img))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no such route",
+            )
+        })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("method {method} is not allowed on this route"),
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .with_state(state)
+}
+
+async fn page(text: &'static str, content_type: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+/// Count every response by route and status, and time it.
+async fn record(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let route = if path.starts_with("/v1/images/files/") {
+        "/v1/images/files/{id}"
+    } else {
+        ROUTES
+            .iter()
+            .find(|r| **r == path)
+            .copied()
+            .unwrap_or("other")
+    };
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    st.metrics
+        .request(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    resp
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(key) = &st.cfg.api_key else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if OPEN_PATHS.contains(&path) && req.method() == Method::GET {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        return next.run(req).await;
+    }
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "missing or wrong API key: send Authorization: Bearer KEY",
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Compare without an early exit, so that timing does not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= (*x ^ b.get(i).copied().unwrap_or(0)) as usize;
+    }
+    diff == 0
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let m = st.images.model();
+    let s = m.pipe.resolve(
+        &crate::pipeline::GenerateRequest {
+            n: 1,
+            ..Default::default()
+        },
+        &Default::default(),
+    );
+    let defaults = s.ok().map(|s| {
+        json!({"sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance,
+               "size": format!("{}x{}", s.width, s.height)})
+    });
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": m.id,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "lcm",
+            "kind": "text-to-image",
+            "endpoints": ["/v1/images/generations", "/sdapi/v1/txt2img"],
+            "defaults": defaults,
+            "max_images": api::MAX_IMAGES,
+            "max_side": api::max_side(&m.pipe),
+            "size_multiple": m.pipe.vae_scale_factor(),
+        }]
+    }))
+}
+
+fn body_error(e: BytesRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than {BODY_LIMIT} bytes"),
+        )
+    } else {
+        ApiError::new(e.status(), "invalid_request_error", e.body_text())
+    }
+}
+
+/// Queue a validated job and wait for its images, within the request's deadline.
+async fn run_job(st: &AppState, job: ImageJob) -> Result<Vec<GeneratedImage>, ApiError> {
+    let deadline = Instant::now() + st.cfg.timeout;
+    let rx = st.images.submit(job, deadline).map_err(|e| match e {
+        SubmitError::QueueFull { retry_after_s } => ApiError {
+            retry_after_s: Some(retry_after_s),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "the queue is full, retry later",
+            )
+        },
+        SubmitError::ShuttingDown => shutting_down(),
+    })?;
+    let timeout = || {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout_error",
+            format!(
+                "the request did not finish within {} s",
+                st.cfg.timeout.as_secs_f64()
+            ),
+        )
+    };
+    match tokio::time::timeout_at(deadline.into(), rx).await {
+        Err(_) => Err(timeout()),
+        Ok(Err(_)) => Err(shutting_down()),
+        Ok(Ok(Ok(images))) => Ok(images),
+        Ok(Ok(Err(JobError::Expired))) => Err(timeout()),
+        Ok(Ok(Err(JobError::ShuttingDown))) => Err(shutting_down()),
+        Ok(Ok(Err(JobError::Failed(msg)))) => {
+            eprintln!("error: generation failed: {msg}");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("generation failed: {msg}"),
+            ))
+        }
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "the server is shutting down",
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn openai_generations(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<OpenAiResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let req: OpenAiRequest = api::parse_json(&body)?;
+    let format = req.response_format()?;
+    let model = st.images.model();
+    let job = req.to_job(&model.pipe, &model.id)?;
+    let images = run_job(&st, job).await?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let data = images
+        .into_iter()
+        .map(|img| match format {
+            ResponseFormat::B64Json => OpenAiImage {
+                b64_json: Some(b64(&img.png)),
+                url: None,
+                revised_prompt: None,
+                seed: img.seed,
+            },
+            ResponseFormat::Url => OpenAiImage {
+                b64_json: None,
+                url: Some(format!(
+                    "http://{host}/v1/images/files/{}.png",
+                    st.urls.put(img.png)
+                )),
+                revised_prompt: None,
+                seed: img.seed,
+            },
+        })
+        .collect();
+    Ok(Json(OpenAiResponse {
+        created: unix_now(),
+        data,
+    }))
+}
+
+async fn url_image(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let id = id.strip_suffix(".png").unwrap_or(&id);
+    match st.urls.get(id) {
+        Some(png) => (
+            [(header::CONTENT_TYPE, "image/png")],
+            Body::from(png.as_ref().clone()),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "no such image (URLs expire after {} s)",
+                st.urls.ttl().as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+async fn txt2img(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::Txt2ImgResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let req = Txt2ImgRequest::parse(&body)?;
+    let model = st.images.model();
+    let job = req.to_job(&model.pipe)?;
+    let shape = job.shape;
+    let guidance = job.items[0].guidance;
+    let seeds: Vec<u64> = job.items.iter().map(|i| i.seed).collect();
+    let images = run_job(&st, job).await?;
+    let send = req
+        .ignored
+        .get("send_images")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let sampler_name = shape.sampler.to_string().to_uppercase();
+    let batch_size = req.batch_size.unwrap_or(1);
+    let n_iter = req.n_iter.unwrap_or(1);
+    let parameters = json!({
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt.clone().unwrap_or_default(),
+        "steps": shape.steps,
+        "cfg_scale": guidance,
+        "seed": seeds[0],
+        "width": shape.width,
+        "height": shape.height,
+        "batch_size": batch_size,
+        "n_iter": n_iter,
+        "sampler_name": sampler_name,
+    });
+    let info = json!({
+        "prompt": req.prompt,
+        "all_prompts": vec![&req.prompt; seeds.len()],
+        "negative_prompt": req.negative_prompt.clone().unwrap_or_default(),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "width": shape.width,
+        "height": shape.height,
+        "sampler_name": sampler_name,
+        "cfg_scale": guidance,
+        "steps": shape.steps,
+        "batch_size": batch_size,
+        "n_iter": n_iter,
+        "sd_model_name": model.id,
+    });
+    Ok(Json(api::Txt2ImgResponse {
+        images: if send {
+            images.iter().map(|i| b64(&i.png)).collect()
+        } else {
+            Vec::new()
+        },
+        parameters,
+        info: info.to_string(),
+    }))
+}

@@ -1,0 +1,270 @@
+//! End to end in a real browser: `lcm serve` with the tiny LCM fixture, headless Chromium at a
+//! phone-sized window driven over the DevTools protocol. It loads the page, types a prompt, clicks
+//! Generate, waits for the image and saves a screenshot (under the target dir's test tmp).
+//!
+//! Skipped, loudly, when no Chromium is installed, unless LCM_REQUIRE_BROWSER=1 (CI sets it).
+
+mod common;
+mod serve_common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+use serve_common::{get, ServeProcess};
+
+fn find_chromium() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("LCM_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    for dir in std::env::split_paths(&path) {
+        for name in ["chromium", "chromium-browser", "google-chrome"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+struct Browser {
+    child: Child,
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// A DevTools session on one page: numbered commands, events skipped.
+struct Cdp {
+    ws: WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+impl Cdp {
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        self.ws
+            .send(Message::text(msg))
+            .expect("send to the browser");
+        loop {
+            let m = self.ws.read().expect("read from the browser");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["id"].as_u64() == Some(id) {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluate a JavaScript expression and return its value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    fn wait_for(&mut self, what: &str, expr: &str, limit: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            let v = self.eval(expr);
+            if !(v.is_null() || v == json!(false) || v == json!(0)) {
+                return v;
+            }
+            assert!(t.elapsed() < limit, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn page_generates_an_image_in_headless_chromium() {
+    let Some(chromium) = find_chromium() else {
+        if std::env::var("LCM_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            panic!("LCM_REQUIRE_BROWSER=1 but no chromium found (install Debian's `chromium`)");
+        }
+        eprintln!("\n*** SKIPPED page_generates_an_image_in_headless_chromium: no chromium in PATH (apt-get install chromium; .ci/run does) ***\n");
+        return;
+    };
+    let fx = common::fixtures().join("tiny-lcm");
+    let server = ServeProcess::spawn(&["--model", fx.to_str().unwrap()]);
+    assert_eq!(get(server.addr, "/healthz").status, 200);
+
+    let profile = std::env::temp_dir().join(format!("lcm-browser-test-{}", std::process::id()));
+    std::fs::create_dir_all(&profile).unwrap();
+    let mut child = Command::new(&chromium)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-extensions",
+            "--no-first-run",
+            "--no-default-browser-check",
+            // A phone-width window.
+            "--window-size=390,844",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chromium");
+    // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID" on stderr gives the port.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let browser = Browser { child, profile };
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining stderr (Chromium logs a lot) so that it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("ws://127.0.0.1:").nth(1) {
+                let _ = tx.send(rest.split('/').next().and_then(|p| p.parse::<u16>().ok()));
+            }
+        }
+    });
+    let port = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
+    let port = port.expect("chromium printed no DevTools address");
+    let devtools = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    // The page target's own websocket.
+    let t = Instant::now();
+    let ws_url = loop {
+        let list = get(devtools, "/json/list").json();
+        let page = list
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["type"] == "page"))
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_string));
+        if let Some(u) = page {
+            break u;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no page target");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stream = TcpStream::connect(devtools).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let (ws, _) = tungstenite::client(ws_url.as_str(), stream).expect("DevTools websocket");
+    let mut cdp = Cdp { ws, next_id: 0 };
+
+    cdp.call("Page.enable", json!({}));
+    // A phone: 390 CSS pixels wide, mobile viewport rules.
+    cdp.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true}),
+    );
+    cdp.call(
+        "Page.navigate",
+        json!({"url": format!("http://{}/", server.addr)}),
+    );
+    // Loaded, and the model list has filled the header and the size menu.
+    let model = cdp.wait_for(
+        "the model list",
+        "document.readyState === 'complete' && document.getElementById('size').options.length > 0 \
+         && document.getElementById('model').textContent !== '…' \
+         && document.getElementById('model').textContent",
+        Duration::from_secs(30),
+    );
+    assert_eq!(model, "tiny-lcm");
+
+    // Type the prompt with keyboard input, then click Generate with the mouse.
+    cdp.eval("document.getElementById('prompt').focus()");
+    cdp.call("Input.insertText", json!({"text": "a photo of a cat"}));
+    assert_eq!(
+        cdp.eval("document.getElementById('prompt').value"),
+        "a photo of a cat"
+    );
+    cdp.eval("document.getElementById('random-seed').click()");
+    // Two images: the page sends one request each and shows them as they arrive.
+    cdp.eval("document.getElementById('n').value = '2'");
+    let rect = cdp.eval(
+        "(() => { const b = document.getElementById('generate'); b.scrollIntoView(); \
+         const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+    );
+    let (x, y) = (rect[0].as_f64().unwrap(), rect[1].as_f64().unwrap());
+    for kind in ["mousePressed", "mouseReleased"] {
+        cdp.call(
+            "Input.dispatchMouseEvent",
+            json!({"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}),
+        );
+    }
+
+    let widths = cdp.wait_for(
+        "the generated images",
+        "(() => { const imgs = [...document.querySelectorAll('#latest img')]; \
+         return imgs.length === 2 && imgs.every(i => i.complete) \
+           && imgs.map(i => i.naturalWidth); })()",
+        Duration::from_secs(120),
+    );
+    assert_eq!(widths, json!([32, 32]), "the fixture model's native size");
+    let captions = cdp.eval(
+        "[...document.querySelectorAll('#latest figcaption')].map(c => c.textContent).sort()",
+    );
+    let seeds: Vec<u64> = captions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let c = c.as_str().unwrap();
+            assert!(c.contains(" s · a photo of a cat"), "{c}");
+            c.split_whitespace().nth(1).unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seeds.iter().max().unwrap() - seeds.iter().min().unwrap(),
+        1,
+        "{captions}"
+    );
+    assert_eq!(
+        cdp.eval("document.querySelectorAll('#gallery img').length"),
+        2
+    );
+    // Phone width: nothing overflows sideways.
+    assert_eq!(
+        cdp.eval("document.documentElement.scrollWidth <= window.innerWidth"),
+        true
+    );
+
+    let shot = cdp.call("Page.captureScreenshot", json!({"format": "png"}));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e.png");
+    std::fs::write(&out, &png).unwrap();
+    let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+        .expect("the screenshot is a PNG")
+        .to_rgb8();
+    assert_eq!(img.dimensions(), (390, 844));
+    let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    colours.sort_unstable();
+    colours.dedup();
+    assert!(
+        colours.len() > 50,
+        "blank screenshot ({} colours)",
+        colours.len()
+    );
+    eprintln!("screenshot: {}", out.display());
+    drop(browser);
+}
