@@ -69,10 +69,14 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // candle's gradients can carry an autograd graph back into the forward pass (e.g. a
+            // matmul's gradient with a tracked activation): moments built from them would chain
+            // every step's graph to the next and never be freed (86 MB per VAE step measured).
+            let g = g.detach();
+            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            let decayed = (var.as_tensor().detach() * (1.0 - lr * c.weight_decay))?;
             let update = ((&m / denom)? * (lr / bc1))?;
             var.set(&(decayed - update)?)?;
             self.m[i] = m;
@@ -256,6 +260,24 @@ mod tests {
             0.95,
         )?;
         assert!((t.as_tensor().to_vec1::<f64>()?[0] - 0.05).abs() < 1e-12);
+        Ok(())
+    }
+
+    /// A gradient that carries a graph (d(w·x)/dw = x with x tracked) must not leave the moments
+    /// tracked, or every step's graph stays alive through them.
+    #[test]
+    fn moments_hold_no_autograd_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::new(&[1f32, 2.0], &dev)?;
+        let x = Var::new(&[3f32, -1.0], &dev)?;
+        let grads = (w.as_tensor() * x.as_tensor())?.sum_all()?.backward()?;
+        assert!(grads.get(w.as_tensor()).expect("grad").track_op());
+        let mut opt = AdamW::new(
+            HashMap::from([("w".to_string(), w)]),
+            AdamWConfig::default(),
+        )?;
+        opt.step(&grads, 1e-3)?;
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
         Ok(())
     }
 }
