@@ -39,6 +39,16 @@ enum Command {
     /// Train a component from scratch (the project's own small model).
     #[command(subcommand)]
     Pretrain(PretrainCommand),
+    /// Copy a diffusers-layout folder with its weights converted (e.g. to f16 for shipping).
+    Convert {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// f16, bf16 or f32.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+    },
     /// Write the project's own training data in the imagefolder layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -150,6 +160,12 @@ fn main() -> ExitCode {
         Command::Distill(args) => lcm::distill::run(&args),
         Command::Models => models(),
         Command::Serve(args) => lcm::serve::run_cli(&args),
+        Command::Convert {
+            input,
+            output,
+            dtype,
+        } => lcm::runtime::parse_dtype(&dtype)
+            .and_then(|dt| source::convert_folder(&input, &output, dt)),
         Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
         Command::Data(DataCommand::Shapes {

@@ -327,6 +327,44 @@ fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Copy a diffusers-layout folder, converting every floating-point tensor of its `.safetensors`
+/// files to `dtype` (other files are copied as they are). Writes are atomic per file.
+pub fn convert_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> Result<()> {
+    if !src.is_dir() {
+        bail!("--input {} is not a folder", src.display())
+    }
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for entry in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let path = entry?.path();
+        let target = dst.join(path.file_name().context("file name")?);
+        if path.is_dir() {
+            convert_folder(&path, &target, dtype)?;
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let converted = tensors
+                .into_iter()
+                .map(|(k, t)| {
+                    let t = if t.dtype().is_float() {
+                        t.to_dtype(dtype)?
+                    } else {
+                        t
+                    };
+                    Ok((k, t))
+                })
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            let tmp = target.with_extension("tmp");
+            candle_core::safetensors::save(&converted, &tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &target)?;
+        } else {
+            let bytes = std::fs::read(&path)?;
+            crate::image_io::write_atomic(&target, &bytes)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

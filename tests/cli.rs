@@ -341,3 +341,78 @@ fn hub_ids_resolve_from_a_local_hf_hub_cache() {
     );
     std::fs::remove_dir_all(home).ok();
 }
+
+#[test]
+fn convert_changes_the_weight_dtype_and_keeps_the_images() {
+    let dir = tmp_dir("convert");
+    let f32_dir = dir.join("tiny-lcm-f32");
+    let out = lcm(&[
+        "convert",
+        "--input",
+        &fx("tiny-lcm"),
+        "--output",
+        f32_dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unet = |d: &Path| {
+        candle_core::safetensors::load(
+            d.join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    assert!(unet(&f32_dir)
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F32));
+    // The fixture is stored in f16, so widening is lossless: the same seed gives the same PNG.
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    for (model, png) in [
+        (fx("tiny-lcm"), &a),
+        (f32_dir.to_str().unwrap().to_string(), &b),
+    ] {
+        let o = lcm(&[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--output",
+            png.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(pixels(&a), pixels(&b));
+    expect_error(
+        &[
+            "convert",
+            "--input",
+            "/nonexistent",
+            "--output",
+            dir.join("x").to_str().unwrap(),
+        ],
+        &["--input", "/nonexistent"],
+    );
+    expect_error(
+        &[
+            "convert",
+            "--input",
+            &fx("tiny-lcm"),
+            "--output",
+            dir.join("y").to_str().unwrap(),
+            "--dtype",
+            "f8",
+        ],
+        &["--dtype"],
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
