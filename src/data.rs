@@ -1,9 +1,13 @@
 //! Image–caption datasets for training, in the Hugging Face imagefolder convention: a folder with
 //! `metadata.jsonl` (`{"file_name": …, "text": …}` per line), or images with a same-name `.txt`
-//! caption beside them. Images are resized (shorter side → resolution, bilinear) and centre-cropped
-//! as diffusers' training scripts do. An unreadable image is skipped and reported, never fatal.
+//! caption beside them, or webdataset-style `.tar` shards (members sharing a key: `KEY.png|jpg`
+//! with `KEY.txt`, or `KEY.json` holding `text`/`caption`/`prompt`). Images are resized (shorter
+//! side → resolution, bilinear) and centre-cropped as diffusers' training scripts do. An
+//! unreadable image is skipped and reported, never fatal.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -11,8 +15,92 @@ use image::imageops::FilterType;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// The image file, or the `.tar` shard holding it.
     pub image: PathBuf,
     pub caption: String,
+    /// For a shard member: its name and bytes (shards are read once, whole).
+    pub member: Option<(String, Arc<Vec<u8>>)>,
+}
+
+impl Example {
+    /// How to name this example in messages.
+    pub fn label(&self) -> String {
+        match &self.member {
+            Some((name, _)) => format!("{}:{name}", self.image.display()),
+            None => self.image.display().to_string(),
+        }
+    }
+
+    /// Identity for caches: path, size and modification time (and the member name).
+    pub fn fingerprint(&self) -> String {
+        let meta = std::fs::metadata(&self.image)
+            .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+            .unwrap_or_else(|_| "missing".into());
+        format!("{}:{meta}:{}", self.label(), self.caption)
+    }
+}
+
+fn caption_from_json(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    ["text", "caption", "prompt"]
+        .iter()
+        .find_map(|k| v[*k].as_str().map(str::to_string))
+}
+
+/// One webdataset key's image member (name, bytes) and caption.
+type ShardGroup = (Option<(String, Vec<u8>)>, Option<String>);
+
+/// Examples of one webdataset shard, by key.
+fn scan_shard(path: &Path) -> Result<Vec<Example>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut archive = tar::Archive::new(file);
+    let mut groups: BTreeMap<String, ShardGroup> = BTreeMap::new();
+    for entry in archive
+        .entries()
+        .with_context(|| format!("{}: not a tar archive", path.display()))?
+    {
+        let mut entry = entry.with_context(|| format!("{}: corrupt tar entry", path.display()))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path()?.to_string_lossy().into_owned();
+        // webdataset: the key is the member path up to the first dot of its file name.
+        let (dir, base) = name
+            .rsplit_once('/')
+            .map_or(("", name.as_str()), |(d, b)| (d, b));
+        let Some((stem, ext)) = base.split_once('.') else {
+            continue;
+        };
+        let key = if dir.is_empty() {
+            stem.to_string()
+        } else {
+            format!("{dir}/{stem}")
+        };
+        let ext = ext.to_ascii_lowercase();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes)
+            .with_context(|| format!("{}: cannot read {name}", path.display()))?;
+        let slot = groups.entry(key).or_default();
+        if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            slot.0 = Some((name, bytes));
+        } else if ext == "txt" || ext == "caption" {
+            slot.1 = Some(String::from_utf8_lossy(&bytes).trim().to_string());
+        } else if ext == "json" && slot.1.is_none() {
+            slot.1 = caption_from_json(&bytes);
+        }
+    }
+    Ok(groups
+        .into_values()
+        .filter_map(|(img, caption)| {
+            let (name, bytes) = img?;
+            Some(Example {
+                image: path.to_path_buf(),
+                caption: caption.unwrap_or_default(),
+                member: Some((name, Arc::new(bytes))),
+            })
+        })
+        .collect())
 }
 
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
@@ -43,7 +131,12 @@ pub fn scan(dir: &Path) -> Result<Vec<Example>> {
             out.push(Example {
                 image: dir.join(file),
                 caption: caption.to_string(),
+                member: None,
             });
+        }
+    } else if let Some(shards) = tar_shards(dir)? {
+        for shard in shards {
+            out.extend(scan_shard(&shard)?);
         }
     } else {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
@@ -64,10 +157,14 @@ pub fn scan(dir: &Path) -> Result<Vec<Example>> {
                 .unwrap_or_default()
                 .trim()
                 .to_string();
-            out.push(Example { image, caption });
+            out.push(Example {
+                image,
+                caption,
+                member: None,
+            });
         }
     }
-    out.sort_by(|a, b| a.image.cmp(&b.image));
+    out.sort_by_key(|e| e.label());
     if out.is_empty() {
         bail!(
             "--data: no images in {} (expected metadata.jsonl or images with .txt captions)",
@@ -77,15 +174,49 @@ pub fn scan(dir: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// The sorted `.tar` files of a folder, or `None` when it has none.
+fn tar_shards(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
+        .collect();
+    shards.sort();
+    Ok((!shards.is_empty()).then_some(shards))
+}
+
 /// Read an image, resize its shorter side to `resolution`, centre-crop to a square and return a
 /// `[3, resolution, resolution]` f32 tensor in [−1, 1].
 pub fn load_image(path: &Path, resolution: usize, device: &Device) -> Result<Tensor> {
-    let img = image::open(path)
-        .with_context(|| format!("cannot decode {}", path.display()))?
-        .to_rgb8();
+    let img = image::open(path).with_context(|| format!("cannot decode {}", path.display()))?;
+    prepare(
+        img.to_rgb8(),
+        &path.display().to_string(),
+        resolution,
+        device,
+    )
+}
+
+/// [`load_image`] for any example (a file or a shard member).
+pub fn load_example(ex: &Example, resolution: usize, device: &Device) -> Result<Tensor> {
+    match &ex.member {
+        None => load_image(&ex.image, resolution, device),
+        Some((_, bytes)) => {
+            let img = image::load_from_memory(bytes)
+                .with_context(|| format!("cannot decode {}", ex.label()))?;
+            prepare(img.to_rgb8(), &ex.label(), resolution, device)
+        }
+    }
+}
+
+fn prepare(
+    img: image::RgbImage,
+    label: &str,
+    resolution: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
-        bail!("{} is empty", path.display())
+        bail!("{label} is empty")
     }
     let r = resolution as f64;
     let scale = r / w.min(h) as f64;
@@ -123,14 +254,16 @@ pub fn load_all(
     let mut report = LoadReport::default();
     let mut out = Vec::new();
     for ex in examples {
-        match load_image(&ex.image, resolution, device) {
+        match load_example(ex, resolution, device) {
             Ok(t) => {
                 out.push((t, ex.caption.clone()));
                 report.loaded += 1;
             }
             Err(e) => {
-                eprintln!("warning: skipping {}: {e:#}", ex.image.display());
-                report.skipped.push((ex.image.clone(), format!("{e:#}")));
+                eprintln!("warning: skipping {}: {e:#}", ex.label());
+                report
+                    .skipped
+                    .push((PathBuf::from(ex.label()), format!("{e:#}")));
             }
         }
     }
@@ -186,10 +319,56 @@ mod tests {
             ex,
             vec![Example {
                 image: dir.join("x.png"),
-                caption: "a green square".into()
+                caption: "a green square".into(),
+                member: None,
             }]
         );
         assert!(scan(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn webdataset_shards_with_txt_and_json_captions() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lcm-data-wds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let png = |rgb: [u8; 3]| -> Vec<u8> {
+            let mut out = std::io::Cursor::new(Vec::new());
+            image::RgbImage::from_pixel(8, 8, image::Rgb(rgb))
+                .write_to(&mut out, image::ImageFormat::Png)
+                .unwrap();
+            out.into_inner()
+        };
+        let mut b = tar::Builder::new(std::fs::File::create(dir.join("shard-000.tar"))?);
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("s/0001.png", &png([255, 0, 0]));
+        add("s/0001.txt", b"a red square");
+        add("s/0002.png", &png([0, 0, 255]));
+        add(
+            "s/0002.json",
+            br#"{"caption": "a blue square", "width": 8}"#,
+        );
+        add("s/0003.png", b"broken");
+        add("s/0003.txt", b"broken");
+        add("s/0004.txt", b"caption without an image");
+        b.finish()?;
+        drop(b);
+        let ex = scan(&dir)?;
+        assert_eq!(
+            ex.iter().map(|e| e.caption.as_str()).collect::<Vec<_>>(),
+            ["a red square", "a blue square", "broken"]
+        );
+        assert!(ex[0].label().ends_with("shard-000.tar:s/0001.png"));
+        let (items, report) = load_all(&ex, 4, &Device::Cpu);
+        assert_eq!((report.loaded, report.skipped.len()), (2, 1));
+        let blue: Vec<f32> = items[1].0.get(2)?.flatten_all()?.to_vec1()?;
+        assert!(blue.iter().all(|v| (*v - 1.0).abs() < 1e-6));
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

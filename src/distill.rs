@@ -410,8 +410,7 @@ fn encode_dataset(
         }
     }
     for ex in &examples {
-        file_fingerprint(&ex.image).hash(&mut h);
-        ex.caption.hash(&mut h);
+        ex.fingerprint().hash(&mut h);
     }
     let cache = cache_dir.join(format!("data-{:016x}.safetensors", h.finish()));
     let dev = &pipe.device;

@@ -498,13 +498,7 @@ fn encode_for_unet(
     }
     for d in &c.data {
         for ex in crate::data::scan(d)? {
-            let m = std::fs::metadata(&ex.image).ok();
-            (
-                ex.image.display().to_string(),
-                m.map(|m| m.len()),
-                ex.caption,
-            )
-                .hash(&mut h);
+            ex.fingerprint().hash(&mut h);
         }
     }
     let cache = c
