@@ -65,6 +65,9 @@ pub struct VaeArgs {
     /// Weight of the KL term (per latent element, against the per-pixel L1 loss).
     #[arg(long, default_value_t = 1e-5)]
     pub kl_weight: f64,
+    /// Start from a trained VAE folder's weights (fresh optimizer) instead of a seeded init.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -315,7 +318,24 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     let images = images.to_device(&device)?;
     let n = images.dim(0)?;
     eprintln!("{n} training images at {}²", c.resolution);
-    let init = crate::init::init_weights(c.seed, &device, |vb| AutoencoderKL::new(&cfg, vb))?;
+    let mut init = crate::init::init_weights(c.seed, &device, |vb| AutoencoderKL::new(&cfg, vb))?;
+    if let Some(dir) = &args.init {
+        let trained = load_component(dir, &device)?;
+        for (name, t) in init.iter_mut() {
+            let w = trained
+                .get(name)
+                .with_context(|| format!("--init {}: no tensor {name}", dir.display()))?;
+            if w.dims() != t.dims() {
+                bail!(
+                    "--init {}: {name} has shape {:?}, the config wants {:?}",
+                    dir.display(),
+                    w.dims(),
+                    t.dims()
+                )
+            }
+            *t = w.to_dtype(DType::F32)?;
+        }
+    }
     let mut state = TrainState::new(init, c)?;
     let run_state = VaeRunState {
         kl_weight: args.kl_weight,
@@ -386,6 +406,18 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
         c.output.join("vae").display()
     );
     Ok(())
+}
+
+/// Every tensor of a component folder's safetensors files.
+fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for f in crate::source::weight_file(dir)? {
+        all.extend(
+            candle_core::safetensors::load(&f, device)
+                .with_context(|| format!("cannot read {}", f.display()))?,
+        );
+    }
+    Ok(all)
 }
 
 /// SD's recipe: scaling_factor = 1 / std of the latents' posterior means over (up to 512) images.

@@ -111,6 +111,15 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     ok(run(&b, &["--resume", ck.to_str().unwrap()]));
     assert_eq!(losses(&b.join("metrics.jsonl")), full[2..]);
 
+    // Training can continue from an exported VAE (fresh optimizer); a folder of another model
+    // is refused naming --init.
+    let vae_dir = a.join("vae");
+    ok(run(&root.join("e"), &["--init", vae_dir.to_str().unwrap()]));
+    let wrong = fixtures().join("tiny-sd/unet");
+    let e = run(&root.join("f"), &["--init", wrong.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("--init"), "{err}");
+
     // Different settings are refused; bad flags fail with one line naming them.
     let e = run(
         &root.join("c"),
