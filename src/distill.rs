@@ -474,25 +474,8 @@ fn encode_dataset(
 /// Write the student as a diffusers LatentConsistencyModelPipeline folder beside the teacher's
 /// VAE, text encoder and tokenizer.
 fn export(trainer: &Trainer, teacher_dir: &Path, out: &Path) -> Result<()> {
-    let copy_dir = |name: &str| -> Result<()> {
-        let (src, dst) = (teacher_dir.join(name), out.join(name));
-        std::fs::create_dir_all(&dst)?;
-        for e in
-            std::fs::read_dir(&src).with_context(|| format!("cannot read {}", src.display()))?
-        {
-            let p = e?.path();
-            if p.is_file() {
-                let bytes = std::fs::read(&p)?;
-                crate::image_io::write_atomic(
-                    &dst.join(p.file_name().expect("file name")),
-                    &bytes,
-                )?;
-            }
-        }
-        Ok(())
-    };
     for c in ["vae", "text_encoder", "tokenizer"] {
-        copy_dir(c)?;
+        crate::source::copy_files(&teacher_dir.join(c), &out.join(c))?;
     }
     let mut unet_cfg: serde_json::Value =
         crate::config::read_json(&teacher_dir.join("unet/config.json"))?;
@@ -525,18 +508,7 @@ fn export(trainer: &Trainer, teacher_dir: &Path, out: &Path) -> Result<()> {
         &out.join("scheduler/scheduler_config.json"),
         &serde_json::to_vec_pretty(&sched)?,
     )?;
-    let index = serde_json::json!({
-        "_class_name": "LatentConsistencyModelPipeline",
-        "feature_extractor": [null, null], "image_encoder": [null, null], "safety_checker": [null, null],
-        "requires_safety_checker": false,
-        "scheduler": ["diffusers", "LCMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    });
-    crate::image_io::write_atomic(
-        &out.join("model_index.json"),
-        &serde_json::to_vec_pretty(&index)?,
-    )
+    crate::source::write_model_index(out, "LatentConsistencyModelPipeline", "LCMScheduler")
 }
 
 /// A grid of the student's 1/2/4-step samples: one row per prompt, one column per step count.

@@ -185,6 +185,23 @@ impl TrainState {
         )
     }
 
+    /// [`resume`](Self::resume), refusing a checkpoint whose run settings differ from `run`.
+    pub fn resume_matching(
+        &mut self,
+        from: &Path,
+        device: &Device,
+        run: &impl Serialize,
+    ) -> Result<()> {
+        let saved = self.resume(from, device)?;
+        if serde_json::to_value(run)? != saved["run"] {
+            bail!(
+                "--resume {}: the checkpoint was made with different settings",
+                from.display()
+            )
+        }
+        Ok(())
+    }
+
     /// Load the latest checkpoint of `from` (a checkpoint or a run folder); returns its state.
     pub fn resume(&mut self, from: &Path, device: &Device) -> Result<serde_json::Value> {
         let dir = if from.join(checkpoint::STATE_FILE).is_file() {
@@ -344,13 +361,7 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
         seed: c.seed,
     };
     if let Some(r) = &c.resume {
-        let saved = state.resume(r, &device)?;
-        if serde_json::to_value(&run_state)? != saved["run"] {
-            bail!(
-                "--resume {}: the checkpoint was made with different settings",
-                r.display()
-            )
-        }
+        state.resume_matching(r, &device, &run_state)?;
     }
     let vae = AutoencoderKL::new(&cfg, state.var_builder(&device))?;
     let fixed = images.narrow(0, 0, n.min(8))?;
@@ -664,13 +675,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         seed: c.seed,
     };
     if let Some(r) = &c.resume {
-        let saved = state.resume(r, &device)?;
-        if serde_json::to_value(&run_state)? != saved["run"] {
-            bail!(
-                "--resume {}: the checkpoint was made with different settings",
-                r.display()
-            )
-        }
+        state.resume_matching(r, &device, &run_state)?;
     }
     let model = build(state.var_builder(&device))?;
     let mut log = RunLog::new(&c.output, state.step, c.max_steps)?;
@@ -748,19 +753,6 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     Ok(())
 }
 
-/// Copy a folder's files (flat) into `dst`.
-fn copy_files(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst)?;
-    for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
-        let p = e?.path();
-        if p.is_file() {
-            let bytes = std::fs::read(&p)?;
-            crate::image_io::write_atomic(&dst.join(p.file_name().expect("file name")), &bytes)?;
-        }
-    }
-    Ok(())
-}
-
 /// Write a diffusers StableDiffusionPipeline folder: the trained U-Net and text encoder, the VAE,
 /// tokenizer and scheduler.
 fn export_teacher(args: &UnetArgs, weights: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
@@ -779,21 +771,10 @@ fn export_teacher(args: &UnetArgs, weights: &HashMap<String, Tensor>, out: &Path
         crate::image_io::write_atomic(&out.join(name).join("config.json"), &cfg)?;
         save_safetensors(&part(&format!("{name}.")), &out.join(name).join(file))?;
     }
-    copy_files(&args.vae, &out.join("vae"))?;
-    copy_files(&args.config.join("tokenizer"), &out.join("tokenizer"))?;
-    copy_files(&args.config.join("scheduler"), &out.join("scheduler"))?;
-    let index = serde_json::json!({
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [null, null], "image_encoder": [null, null], "safety_checker": [null, null],
-        "requires_safety_checker": false,
-        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    });
-    crate::image_io::write_atomic(
-        &out.join("model_index.json"),
-        &serde_json::to_vec_pretty(&index)?,
-    )
+    crate::source::copy_files(&args.vae, &out.join("vae"))?;
+    crate::source::copy_files(&args.config.join("tokenizer"), &out.join("tokenizer"))?;
+    crate::source::copy_files(&args.config.join("scheduler"), &out.join("scheduler"))?;
+    crate::source::write_model_index(out, "StableDiffusionPipeline", "DDIMScheduler")
 }
 
 /// One row per prompt: DDIM 25 steps at guidance 7.5 for two seeds.

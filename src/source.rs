@@ -365,6 +365,35 @@ pub fn convert_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> Resu
     Ok(())
 }
 
+/// Copy a folder's files (not subfolders) into `dst`, each written atomically.
+pub fn copy_files(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let p = e?.path();
+        if p.is_file() {
+            let bytes = std::fs::read(&p)?;
+            crate::image_io::write_atomic(&dst.join(p.file_name().context("file name")?), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Write a diffusers `model_index.json` for a text-to-image pipeline of the usual five components.
+pub fn write_model_index(out: &Path, pipeline_class: &str, scheduler_class: &str) -> Result<()> {
+    let index = serde_json::json!({
+        "_class_name": pipeline_class,
+        "feature_extractor": [null, null], "image_encoder": [null, null], "safety_checker": [null, null],
+        "requires_safety_checker": false,
+        "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    crate::image_io::write_atomic(
+        &out.join("model_index.json"),
+        &serde_json::to_vec_pretty(&index)?,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
