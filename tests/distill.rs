@@ -124,25 +124,6 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     std::fs::remove_dir_all(run).ok();
 }
 
-fn lcm_bin(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
-        .args(args)
-        .env("CANDLE_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
-fn losses(metrics: &std::path::Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     let root = std::env::temp_dir().join(format!("lcm-distill-cli-{}", std::process::id()));

@@ -7,14 +7,6 @@ use std::path::Path;
 
 use common::*;
 
-fn lcm_bin(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
-        .args(args)
-        .env("CANDLE_NUM_THREADS", "1")
-        .output()
-        .unwrap()
-}
-
 fn ok(out: std::process::Output) -> std::process::Output {
     assert!(
         out.status.success(),
@@ -22,17 +14,6 @@ fn ok(out: std::process::Output) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn losses(metrics: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
 }
 
 #[test]

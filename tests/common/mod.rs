@@ -90,3 +90,24 @@ pub fn fixture_unet(model: &str) -> lcm::unet::UNet2DConditionModel {
     let vb = lcm::pipeline::load_weights(&files, DType::F32, &Device::Cpu).unwrap();
     lcm::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
 }
+
+/// Run the `lcm` binary (one candle element-wise thread, as in the other tests).
+pub fn lcm_bin(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args(args)
+        .env("CANDLE_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+/// (step, loss) of every line of a run's metrics.jsonl.
+pub fn losses(metrics: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
