@@ -188,7 +188,7 @@ fn tar_shards(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
 /// `[3, resolution, resolution]` f32 tensor in [−1, 1].
 pub fn load_image(path: &Path, resolution: usize, device: &Device) -> Result<Tensor> {
     let img = image::open(path).with_context(|| format!("cannot decode {}", path.display()))?;
-    prepare(
+    image_tensor(
         img.to_rgb8(),
         &path.display().to_string(),
         resolution,
@@ -203,12 +203,14 @@ pub fn load_example(ex: &Example, resolution: usize, device: &Device) -> Result<
         Some((_, bytes)) => {
             let img = image::load_from_memory(bytes)
                 .with_context(|| format!("cannot decode {}", ex.label()))?;
-            prepare(img.to_rgb8(), &ex.label(), resolution, device)
+            image_tensor(img.to_rgb8(), &ex.label(), resolution, device)
         }
     }
 }
 
-fn prepare(
+/// An image resized (shorter side) and centre-cropped to `resolution`², as `[3, r, r]` in [−1, 1];
+/// `label` names it in errors.
+pub fn image_tensor(
     img: image::RgbImage,
     label: &str,
     resolution: usize,

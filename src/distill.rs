@@ -40,6 +40,9 @@ pub struct DistillConfig {
     pub batch_size: usize,
     pub seed: u64,
     pub timestep_scaling: f64,
+    /// LCM-LoRA: the adapter rank (α = rank); None distils the whole U-Net with a w-embedding.
+    #[serde(default)]
+    pub lora_rank: Option<usize>,
 }
 
 impl Default for DistillConfig {
@@ -59,6 +62,7 @@ impl Default for DistillConfig {
             batch_size: 8,
             seed: 0,
             timestep_scaling: 10.0,
+            lora_rank: None,
         }
     }
 }
@@ -101,6 +105,49 @@ pub struct Trainer<'t> {
     opt: AdamW,
     pub step: u64,
     device: Device,
+    /// LCM-LoRA mode: the frozen base weights the adapters (`student_vars`) are merged into.
+    lora_base: Option<HashMap<String, Tensor>>,
+}
+
+/// Student (adapters merged, differentiable in them) and target (the same weights, detached) for
+/// LCM-LoRA. Rebuilt every step: the merged weights are functions of the adapter Vars.
+fn lora_models(
+    cfg: &UNetConfig,
+    base: &HashMap<String, Tensor>,
+    adapters: &HashMap<String, Var>,
+    device: &Device,
+) -> Result<(UNet2DConditionModel, UNet2DConditionModel)> {
+    let pairs = |detach: bool| -> Result<std::collections::BTreeMap<String, crate::lora::Pair>> {
+        crate::lora::target_modules(base)
+            .into_iter()
+            .map(|m| {
+                let get = |k: String| -> Result<Tensor> {
+                    let v = adapters
+                        .get(&k)
+                        .with_context(|| format!("no adapter {k}"))?;
+                    Ok(if detach {
+                        v.as_tensor().detach()
+                    } else {
+                        v.as_tensor().clone()
+                    })
+                };
+                let pair = crate::lora::Pair {
+                    down: get(crate::lora::down_key(&m))?,
+                    up: get(crate::lora::up_key(&m))?,
+                    alpha: None,
+                };
+                Ok((m, pair))
+            })
+            .collect()
+    };
+    let build = |detach: bool| -> Result<UNet2DConditionModel> {
+        let w = crate::lora::merge(base, &pairs(detach)?, 1.0, "LoRA student")?;
+        Ok(UNet2DConditionModel::new(
+            cfg,
+            VarBuilder::from_tensors(w, DType::F32, device),
+        )?)
+    };
+    Ok((build(false)?, build(true)?))
 }
 
 impl<'t> Trainer<'t> {
@@ -121,6 +168,35 @@ impl<'t> Trainer<'t> {
         }
         if config.w_min > config.w_max {
             bail!("--w-min {} exceeds --w-max {}", config.w_min, config.w_max)
+        }
+        if let Some(rank) = config.lora_rank {
+            let base: HashMap<String, Tensor> = student_init
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?.to_device(device)?)))
+                .collect::<Result<_>>()?;
+            let student_vars: HashMap<String, Var> =
+                crate::lora::init(&base, rank, config.seed, device)?
+                    .into_iter()
+                    .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
+                    .collect::<Result<_>>()?;
+            let (student, target) = lora_models(base_cfg, &base, &student_vars, device)?;
+            let opt = AdamW::new(student_vars.clone(), config.adamw)?;
+            let solver = DdimSolver::new(&schedule, config.ddim_steps)?;
+            return Ok(Self {
+                config,
+                schedule,
+                solver,
+                teacher,
+                student_cfg: base_cfg.clone(),
+                student_vars,
+                student,
+                target_vars: HashMap::new(),
+                target,
+                opt,
+                step: 0,
+                device: device.clone(),
+                lora_base: Some(base),
+            });
         }
         let mut student_cfg = base_cfg.clone();
         student_cfg.time_cond_proj_dim = Some(config.w_embed_dim);
@@ -173,6 +249,7 @@ impl<'t> Trainer<'t> {
             opt,
             step: 0,
             device: device.clone(),
+            lora_base: None,
         })
     }
 
@@ -188,10 +265,15 @@ impl<'t> Trainer<'t> {
         if n == 0 {
             bail!("no training examples")
         }
+        if let Some(base) = &self.lora_base {
+            (self.student, self.target) =
+                lora_models(&self.student_cfg, base, &self.student_vars, &self.device)?;
+        }
         let cfg = &self.config;
         let lcd_cfg = LcdConfig {
             timestep_scaling: cfg.timestep_scaling,
-            w_embed_dim: Some(cfg.w_embed_dim),
+            // LCM-LoRA students take no guidance embedding.
+            w_embed_dim: cfg.lora_rank.is_none().then_some(cfg.w_embed_dim),
             loss: cfg.huber_c.map_or(Loss::L2, |c| Loss::Huber { c }),
         };
         // Sorted by name: the gradient norm is a floating-point sum, and a resumed run must add
@@ -261,7 +343,9 @@ impl<'t> Trainer<'t> {
             self.step + 1,
         );
         self.opt.step(&grads, lr)?;
-        ema_update(&self.target_vars, &self.student_vars, self.config.ema)?;
+        if self.lora_base.is_none() {
+            ema_update(&self.target_vars, &self.student_vars, self.config.ema)?;
+        }
         self.step += 1;
         Ok(StepMetrics {
             step: self.step,
@@ -278,16 +362,11 @@ impl<'t> Trainer<'t> {
         let opt = self.opt.state();
         let state =
             serde_json::json!({ "config": self.config, "student_unet_config": self.student_cfg });
-        checkpoint::save(
-            run_dir,
-            self.step,
-            &[
-                ("student", &student),
-                ("target", &target),
-                ("optimizer", &opt),
-            ],
-            &state,
-        )
+        let mut groups = vec![("student", &student), ("optimizer", &opt)];
+        if !target.is_empty() {
+            groups.push(("target", &target));
+        }
+        checkpoint::save(run_dir, self.step, &groups, &state)
     }
 
     /// Continue from a checkpoint folder written by [`save_checkpoint`](Self::save_checkpoint).
@@ -302,6 +381,9 @@ impl<'t> Trainer<'t> {
             )
         }
         let set = |vars: &HashMap<String, Var>, group: &str| -> Result<()> {
+            if vars.is_empty() {
+                return Ok(()); // LCM-LoRA keeps no separate target
+            }
             let t = ck.group(group, &self.device)?;
             for (name, var) in vars {
                 let v = t
@@ -319,8 +401,21 @@ impl<'t> Trainer<'t> {
         Ok(())
     }
 
-    /// The student's weights, for export.
-    pub fn student_weights(&self) -> HashMap<String, Tensor> {
+    /// The student's full U-Net weights (LCM-LoRA: the adapters merged into the base).
+    pub fn student_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let Some(base) = &self.lora_base else {
+            return Ok(frozen_view(&self.student_vars));
+        };
+        let pairs = crate::lora::parse(
+            &self.adapter_weights(),
+            &crate::lora::target_modules(base),
+            "LoRA student",
+        )?;
+        crate::lora::merge(base, &pairs, 1.0, "LoRA student")
+    }
+
+    /// The trained variables: the whole student, or in LCM-LoRA mode its adapters (file layout).
+    pub fn adapter_weights(&self) -> HashMap<String, Tensor> {
         frozen_view(&self.student_vars)
     }
 }
@@ -360,6 +455,11 @@ pub struct DistillArgs {
     pub w_max: f64,
     #[arg(long, default_value_t = 256)]
     pub w_embed_dim: usize,
+    /// LCM-LoRA: train rank-R adapters (α = R) on the teacher's attention, projection, conv and
+    /// time-embedding weights instead of the whole U-Net; no w-embedding; the target is the student
+    /// without gradients. Writes `pytorch_lora_weights.safetensors` for `lcm generate --lora`.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -471,6 +571,9 @@ fn encode_dataset(
     Ok(data)
 }
 
+/// The adapter file an LCM-LoRA run writes into its output folder (diffusers' name).
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
 /// Write the student as a diffusers LatentConsistencyModelPipeline folder beside the teacher's
 /// VAE, text encoder and tokenizer.
 fn export(trainer: &Trainer, teacher_dir: &Path, out: &Path) -> Result<()> {
@@ -487,7 +590,7 @@ fn export(trainer: &Trainer, teacher_dir: &Path, out: &Path) -> Result<()> {
     )?;
     let weights = out.join("unet/diffusion_pytorch_model.safetensors");
     let tmp = weights.with_extension("tmp");
-    candle_core::safetensors::save(&trainer.student_weights(), &tmp)?;
+    candle_core::safetensors::save(&trainer.student_weights()?, &tmp)?;
     std::fs::rename(&tmp, &weights)?;
     let t: serde_json::Value =
         crate::config::read_json(&teacher_dir.join("scheduler/scheduler_config.json"))?;
@@ -521,8 +624,14 @@ fn write_sample_grid(
 ) -> Result<()> {
     sampler.unet = UNet2DConditionModel::new(
         &trainer.student_cfg,
-        VarBuilder::from_tensors(trainer.student_weights(), DType::F32, &sampler.device),
+        VarBuilder::from_tensors(trainer.student_weights()?, DType::F32, &sampler.device),
     )?;
+    // LCM-LoRA students have no guidance embedding and sample without CFG.
+    let guidance = if trainer.config.lora_rank.is_some() {
+        1.0
+    } else {
+        8.5
+    };
     let steps = [1usize, 2, 4];
     let r = resolution as u32;
     let mut grid = image::RgbImage::new(r * steps.len() as u32, r * prompts.len() as u32);
@@ -532,7 +641,7 @@ fn write_sample_grid(
                 prompt: prompt.clone(),
                 sampler: Some(crate::sampler::SamplerKind::Lcm),
                 steps: Some(n),
-                guidance: Some(8.5),
+                guidance: Some(guidance),
                 width: Some(resolution),
                 height: Some(resolution),
                 n: 1,
@@ -587,7 +696,14 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         batch_size: args.batch_size,
         seed: args.seed,
         timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
+        lora_rank: args.lora_rank,
     };
+    if pipe.unet.config.time_cond_proj_dim.is_some() {
+        bail!(
+            "--teacher {}: its U-Net already has a guidance embedding (an LCM); distil from a many-step teacher",
+            args.teacher
+        )
+    }
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     let data = encode_dataset(
@@ -677,7 +793,12 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     trainer.save_checkpoint(&ckpt_dir)?;
-    export(&trainer, &teacher_src.dir, &args.output)?;
+    if trainer.config.lora_rank.is_some() {
+        let file = args.output.join(LORA_FILE);
+        crate::pretrain::save_safetensors(&trainer.adapter_weights(), &file)?;
+    } else {
+        export(&trainer, &teacher_src.dir, &args.output)?;
+    }
     println!(
         "distilled {} steps; wrote {}",
         trainer.step,

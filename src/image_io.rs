@@ -66,6 +66,26 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     write_atomic(path, &encode_png(img)?)
 }
 
+/// Equal-sized tiles laid out row by row, `cols` to a row.
+pub fn grid(tiles: &[RgbImage], cols: usize) -> Result<RgbImage> {
+    let Some(first) = tiles.first() else {
+        anyhow::bail!("grid: no images")
+    };
+    let (w, h, cols) = (first.width(), first.height(), cols.max(1) as u32);
+    let rows = (tiles.len() as u32).div_ceil(cols);
+    let mut out = RgbImage::new(w * cols.min(tiles.len() as u32), h * rows);
+    for (i, t) in tiles.iter().enumerate() {
+        let i = i as u32;
+        image::imageops::replace(
+            &mut out,
+            t,
+            ((i % cols) * w).into(),
+            ((i / cols) * h).into(),
+        );
+    }
+    Ok(out)
+}
+
 /// Output names for `n` images: `out.png` for one, `out-0.png`, `out-1.png`, … for more.
 pub fn numbered_paths(base: &Path, n: usize) -> Vec<PathBuf> {
     if n == 1 {

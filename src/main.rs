@@ -49,6 +49,8 @@ enum Command {
         #[arg(long, default_value = "f16")]
         dtype: String,
     },
+    /// Generate images for the evaluation prompts and score them (FID, prompt accuracy, agreement).
+    Eval(lcm::eval::EvalArgs),
     /// Write the project's own training data in the imagefolder layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -60,6 +62,8 @@ enum PretrainCommand {
     Vae(lcm::pretrain::VaeArgs),
     /// A text-to-image teacher: ε-prediction U-Net + CLIP-architecture text encoder, jointly.
     Unet(lcm::pretrain::UnetArgs),
+    /// The evaluator behind `lcm eval`: a small classifier on real images only.
+    Evaluator(lcm::eval::EvaluatorArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,7 +102,7 @@ struct GenerateArgs {
     /// A pipeline name (see `lcm models`), a diffusers-layout folder or a hub id (org/name).
     #[arg(long)]
     model: Option<String>,
-    #[arg(long, value_parser = parse_sampler)]
+    #[arg(long, value_parser = lcm::sampler::parse_flag)]
     sampler: Option<SamplerKind>,
     #[arg(long)]
     steps: Option<usize>,
@@ -123,6 +127,12 @@ struct GenerateArgs {
     latents: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
+    /// A LoRA adapter file (e.g. from `lcm distill --lora-rank`) merged into the U-Net at load
+    /// time. Without --sampler/--steps/--guidance it samples as LCM-LoRA: lcm, 4 steps, guidance 1.
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f64,
     #[command(flatten)]
     runtime: lcm::runtime::RuntimeArgs,
 }
@@ -131,10 +141,6 @@ struct GenerateArgs {
 // them back in (≈30% of CPU time measured). mimalloc keeps and reuses them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
-    s.parse().map_err(|e: anyhow::Error| e.to_string())
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -168,6 +174,8 @@ fn main() -> ExitCode {
             .and_then(|dt| source::convert_folder(&input, &output, dt)),
         Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
+        Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::run_pretrain(&args),
+        Command::Eval(args) => lcm::eval::run(&args),
         Command::Data(DataCommand::Shapes {
             out,
             count,
@@ -221,8 +229,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let resolved = source::resolve(&model_name)?;
 
     let t_load = Instant::now();
-    let pipe = Pipeline::load(&resolved.dir, &device, dtype)
+    let mut pipe = Pipeline::load(&resolved.dir, &device, dtype)
         .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+    let mut defaults = resolved.defaults.clone();
+    if let Some(file) = &args.lora {
+        pipe.apply_lora(&resolved.dir, file, args.lora_scale)?;
+        defaults = lcm::source::Defaults {
+            sampler: Some(SamplerKind::Lcm),
+            steps: Some(4),
+            guidance: Some(1.0),
+            ..Default::default()
+        }
+        .or(&defaults);
+    }
     let load_time = t_load.elapsed();
 
     let latents = match &args.latents {
@@ -243,7 +262,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         tcd_gamma: args.tcd_gamma,
         latents,
     };
-    let settings = pipe.resolve(&req, &resolved.defaults)?;
+    let settings = pipe.resolve(&req, &defaults)?;
     if let (Some(l), Some(p)) = (&req.latents, &args.latents) {
         let f = pipe.vae_scale_factor();
         let want = [
@@ -274,7 +293,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .expect("valid template"),
     );
     let mut noise = SeededNoise::new(seed);
-    let gen = pipe.generate(&req, &resolved.defaults, &mut noise, &mut |ev| {
+    let gen = pipe.generate(&req, &defaults, &mut noise, &mut |ev| {
         bar.set_message(format!("t={}", ev.timestep));
         bar.inc(1);
     })?;

@@ -157,6 +157,26 @@ impl Pipeline {
         })
     }
 
+    /// Merge a LoRA adapter file (e.g. an LCM-LoRA) into the U-Net loaded from `dir`, at
+    /// `scale`; the U-Net is rebuilt from the merged weights.
+    pub fn apply_lora(&mut self, dir: &Path, file: &Path, scale: f64) -> Result<()> {
+        let mut base = std::collections::HashMap::new();
+        for f in source::weight_file(&dir.join("unet"))? {
+            base.extend(
+                candle_core::safetensors::load(&f, &self.device)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+            );
+        }
+        let pairs = crate::lora::load(file, &base, &self.device)?;
+        let merged =
+            crate::lora::merge(&base, &pairs, scale, &format!("--lora {}", file.display()))?;
+        self.unet = UNet2DConditionModel::new(
+            &self.unet.config,
+            VarBuilder::from_tensors(merged, self.dtype, &self.device),
+        )?;
+        Ok(())
+    }
+
     /// Pixels per latent cell.
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.config.scale_factor()

@@ -311,7 +311,8 @@ pub fn vae_loss(
     Ok((loss, r, k))
 }
 
-fn rows(rng: &mut ChaCha8Rng, n: usize, b: usize, device: &Device) -> Result<Tensor> {
+/// `b` row indices drawn uniformly from `0..n`.
+pub fn rows(rng: &mut ChaCha8Rng, n: usize, b: usize, device: &Device) -> Result<Tensor> {
     let idx: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
     Ok(Tensor::new(idx.as_slice(), device)?)
 }
@@ -477,13 +478,7 @@ fn write_reconstructions(vae: &AutoencoderKL, images: &Tensor, path: &Path) -> R
     let recon = vae.decode(&vae.encode(&x)?.mean)?.detach();
     let both = Tensor::cat(&[x, recon], 0)?;
     let tiles = crate::image_io::to_rgb8(&crate::image_io::to_unit_nhwc(&both)?)?;
-    let k = images.dim(0)? as u32;
-    let (w, h) = (tiles[0].width(), tiles[0].height());
-    let mut grid = image::RgbImage::new(w * k, h * 2);
-    for (i, t) in tiles.iter().enumerate() {
-        let i = i as u32;
-        image::imageops::replace(&mut grid, t, ((i % k) * w).into(), ((i / k) * h).into());
-    }
+    let grid = crate::image_io::grid(&tiles, images.dim(0)?)?;
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;
     }

@@ -29,6 +29,11 @@ pub enum SamplerKind {
     Ddim,
 }
 
+/// `--sampler` for clap (its parsers want a displayable error).
+pub fn parse_flag(s: &str) -> std::result::Result<SamplerKind, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
 impl FromStr for SamplerKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {

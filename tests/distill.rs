@@ -124,9 +124,8 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     std::fs::remove_dir_all(run).ok();
 }
 
-#[test]
-fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
-    let root = std::env::temp_dir().join(format!("lcm-distill-cli-{}", std::process::id()));
+/// Four coloured squares with captions plus one corrupt PNG, as an imagefolder under `root/data`.
+fn write_squares(root: &std::path::Path) -> std::path::PathBuf {
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let mut meta = String::new();
@@ -152,6 +151,13 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     meta += "{\"file_name\": \"corrupt.png\", \"text\": \"broken\"}\n";
     std::fs::write(data.join("metadata.jsonl"), meta).unwrap();
 
+    data
+}
+
+#[test]
+fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
+    let root = std::env::temp_dir().join(format!("lcm-distill-cli-{}", std::process::id()));
+    let data = write_squares(&root);
     let teacher = fixtures().join("tiny-sd");
     let run = |out: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
@@ -218,5 +224,157 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("sampler lcm"));
     assert_eq!(image::open(&png).unwrap().dimensions(), (32, 32));
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
+fn lora_mode_trains_only_adapters_and_resumes_exactly() {
+    setup();
+    let (teacher, weights, schedule) = setup_teacher();
+    let run = std::env::temp_dir().join(format!("lcm-distill-lora-{}", std::process::id()));
+    let data = data();
+    let cfg = || DistillConfig {
+        lora_rank: Some(4),
+        adamw: lcm::optim::AdamWConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+        ..config()
+    };
+    let new = || {
+        Trainer::new(
+            &teacher,
+            &teacher.config,
+            &weights,
+            schedule.clone(),
+            cfg(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let mut a = new();
+    // No guidance embedding: the student has the teacher's own architecture.
+    assert_eq!(a.student_cfg.time_cond_proj_dim, None);
+    let modules = lcm::lora::target_modules(&weights);
+    let adapters = a.adapter_weights();
+    assert_eq!(adapters.len(), 2 * modules.len());
+    assert!(modules.iter().any(|m| m.ends_with("attn1.to_q")));
+    assert!(modules.iter().any(|m| m.ends_with("resnets.0.conv1")));
+    let mut losses = vec![];
+    for _ in 0..4 {
+        let m = a.train_step(&data).unwrap();
+        assert!(m.loss.is_finite(), "{m:?}");
+        losses.push(m.loss);
+        if m.step == 2 {
+            a.save_checkpoint(&run).unwrap();
+        }
+    }
+    // Only adapted weights moved; everything else is the teacher's, bit for bit.
+    let student = a.student_weights().unwrap();
+    let mut moved = 0;
+    for (k, w) in &weights {
+        let same = max_abs_diff(&student[k], w) == 0.0;
+        let adapted = modules.iter().any(|m| *k == format!("{m}.weight"));
+        assert!(same || adapted, "{k} changed");
+        moved += usize::from(!same);
+    }
+    assert_eq!(moved, modules.len(), "every adapted weight should move");
+
+    let mut b = new();
+    b.resume(&lcm::checkpoint::latest(&run).unwrap().unwrap())
+        .unwrap();
+    let resumed: Vec<f64> = (0..2).map(|_| b.train_step(&data).unwrap().loss).collect();
+    assert_eq!(resumed, losses[2..]);
+    std::fs::remove_dir_all(run).ok();
+}
+
+#[test]
+fn lora_cli_exports_an_adapter_that_generate_merges() {
+    let root = std::env::temp_dir().join(format!("lcm-distill-lora-cli-{}", std::process::id()));
+    let data = write_squares(&root);
+    let teacher = fixtures().join("tiny-sd");
+    let teacher = teacher.to_str().unwrap();
+    let out = root.join("lora");
+    let o = lcm_bin(&[
+        "distill",
+        "--teacher",
+        teacher,
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--lora-rank",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--lr",
+        "1e-2",
+        "--sample-every",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join(lcm::distill::LORA_FILE);
+    let adapter = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    assert!(adapter
+        .keys()
+        .all(|k| k.starts_with("unet.") && k.contains(".lora.")));
+
+    let generate = |name: &str, extra: &[&str]| -> (std::path::PathBuf, String) {
+        let png = root.join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            teacher,
+            "--prompt",
+            "a red square",
+            "--seed",
+            "3",
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = lcm_bin(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (png, String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let f = file.to_str().unwrap();
+    let (with, stdout) = generate("lora.png", &["--lora", f]);
+    // LCM-LoRA sampling defaults: lcm, 4 steps, no CFG.
+    assert!(
+        stdout.contains("sampler lcm | steps 4 | guidance 1 "),
+        "{stdout}"
+    );
+    let (zero, _) = generate("zero.png", &["--lora", f, "--lora-scale", "0"]);
+    let (plain, _) = generate(
+        "plain.png",
+        &["--sampler", "lcm", "--steps", "4", "--guidance", "1"],
+    );
+    let px = |p: &std::path::Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(
+        px(&zero),
+        px(&plain),
+        "scale 0 must leave the model as it was"
+    );
+    assert_ne!(px(&with), px(&plain), "the trained adapter changed nothing");
+
+    // A file that is not an adapter is named.
+    let o = lcm_bin(&[
+        "generate",
+        "--model",
+        teacher,
+        "--prompt",
+        "x",
+        "--lora",
+        data.join("metadata.jsonl").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("metadata.jsonl"),
+        "{err}"
+    );
     std::fs::remove_dir_all(root).ok();
 }

@@ -249,7 +249,7 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
     // RMSE to the teacher's samples, and how many samples lie nearest their own prompt's point.
     let eval = |t: &Trainer| -> Result<(f64, usize)> {
         let s = student_sample(
-            t.student_weights(),
+            t.student_weights()?,
             &t.student_cfg,
             &sched_cfg,
             &noise,
