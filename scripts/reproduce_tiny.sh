@@ -22,22 +22,42 @@ EMOJI="$WORK/data/emoji/train"
 
 resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume $1" || true; }
 
-# Stage 1: the VAE (emoji weighted 3x against the 20k shapes).
+# Stage 1: the VAE (emoji weighted 3x against the 20k shapes), in the two parts that were run:
+# 400 steps at lr 5e-4, then 900 more from its export at lr 1e-3 (fresh optimizer).
+EMOJI3=("$EMOJI" "$EMOJI" "$EMOJI")
 if [ ! -f "$WORK/vae/vae/config.json" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain vae --config configs/tiny/vae/config.json \
-        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" "$EMOJI" --output "$WORK/vae" \
-        --max-steps 700 --batch-size 16 --lr 5e-4 --warmup-steps 50 --save-every 100 --sample-every 100 \
+        --data "$WORK/data/shapes" "${EMOJI3[@]}" --output "$WORK/vae" \
+        --max-steps 400 --batch-size 16 --lr 5e-4 --warmup-steps 50 --save-every 100 --sample-every 100 \
         --seed 0 $(resume_flag "$WORK/vae")
+fi
+if [ ! -f "$WORK/vae2/vae/config.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain vae --config configs/tiny/vae/config.json --init "$WORK/vae/vae" \
+        --data "$WORK/data/shapes" "${EMOJI3[@]}" --output "$WORK/vae2" \
+        --max-steps 900 --batch-size 16 --lr 1e-3 --warmup-steps 50 --save-every 150 --sample-every 150 \
+        --seed 1 $(resume_flag "$WORK/vae2")
+fi
+VAE="$WORK/vae2/vae"
+
+# The evaluator behind `lcm eval` (real images only; independent of the model stages).
+if [ ! -f "$WORK/evaluator/evaluator/config.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain evaluator --config configs/tiny/evaluator.json \
+        --data "$WORK/data/shapes" "$EMOJI" \
+        --heldout "$WORK/data/shapes-heldout" "$WORK/data/emoji/heldout" --output "$WORK/evaluator" \
+        --max-steps 5000 --batch-size 64 --lr 2e-3 --warmup-steps 100 --save-every 500 \
+        --seed 0 $(resume_flag "$WORK/evaluator")
 fi
 
 # Stage 2: the teacher (U-Net + text encoder) on the VAE's latents. (Provisional settings: this
 # stage has not been run to completion yet; weights/README.md records what was actually run.)
 if [ ! -f "$WORK/teacher/done" ]; then
     # shellcheck disable=SC2046
-    $LCM pretrain unet --config configs/tiny --vae "$WORK/vae/vae" \
-        --data "$WORK/data/shapes" "$EMOJI" --output "$WORK/teacher" \
-        --max-steps 6000 --batch-size 16 --lr 3e-4 --save-every 500 --sample-every 500 \
+    $LCM pretrain unet --config configs/tiny --vae "$VAE" \
+        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher" \
+        --max-steps 8000 --batch-size 16 --lr 5e-4 --warmup-steps 200 --save-every 250 --sample-every 500 \
         --seed 0 $(resume_flag "$WORK/teacher") && touch "$WORK/teacher/done"
 fi
 
