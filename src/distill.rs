@@ -504,6 +504,7 @@ fn encode_dataset(
     let examples = crate::data::scan(&args.data)?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     resolution.hash(&mut h);
+    format!("{:?}", pipe.dtype).hash(&mut h); // text embeddings are computed in the teacher's dtype
     for c in ["unet", "vae", "text_encoder"] {
         for f in crate::source::weight_file(&teacher_dir.join(c))? {
             file_fingerprint(&f).hash(&mut h);
@@ -662,9 +663,11 @@ fn write_sample_grid(
 
 /// The whole `lcm distill` run.
 pub fn run(args: &DistillArgs) -> Result<()> {
-    let (device, _) = args.runtime.resolve()?;
+    // --dtype sets the frozen teacher's precision (U-Net and text encoder; the VAE stays f32), as
+    // the reference script's weight_dtype; the student and its EMA target keep f32 weights.
+    let (device, teacher_dtype) = args.runtime.resolve()?;
     let teacher_src = crate::source::resolve(&args.teacher).context("--teacher")?;
-    let pipe = crate::pipeline::Pipeline::load(&teacher_src.dir, &device, DType::F32)
+    let pipe = crate::pipeline::Pipeline::load(&teacher_src.dir, &device, teacher_dtype)
         .with_context(|| format!("--teacher {}", teacher_src.dir.display()))?;
     let f = pipe.vae_scale_factor();
     let resolution = args
