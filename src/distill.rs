@@ -426,9 +426,10 @@ pub struct DistillArgs {
     /// Teacher: a diffusers-layout folder, a pipeline name or a hub id.
     #[arg(long)]
     pub teacher: String,
-    /// Image–caption folder (metadata.jsonl, or images with .txt captions).
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Image–caption folders (metadata.jsonl, images with .txt captions, or .tar shards); several
+    /// may be given.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
     /// Output: a diffusers-layout LCM pipeline folder (also holds checkpoints/ and metrics.jsonl).
     #[arg(long)]
     pub output: PathBuf,
@@ -501,7 +502,10 @@ fn encode_dataset(
     cache_dir: &Path,
 ) -> Result<TrainData> {
     use std::hash::{Hash, Hasher};
-    let examples = crate::data::scan(&args.data)?;
+    let mut examples = Vec::new();
+    for d in &args.data {
+        examples.extend(crate::data::scan(d)?);
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     resolution.hash(&mut h);
     format!("{:?}", pipe.dtype).hash(&mut h); // text embeddings are computed in the teacher's dtype
@@ -539,7 +543,7 @@ fn encode_dataset(
         );
     }
     if items.is_empty() {
-        bail!("--data {}: no readable images", args.data.display())
+        bail!("--data: no readable images")
     }
     let mut noise = SeededNoise::new(args.seed ^ 0x0076_6165);
     let mut latents = Vec::new();
@@ -755,7 +759,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     } else {
         None
     };
-    let sample_prompts: Vec<String> = crate::data::scan(&args.data)?
+    let sample_prompts: Vec<String> = crate::data::scan(&args.data[0])?
         .into_iter()
         .map(|e| e.caption)
         .take(4)

@@ -335,7 +335,9 @@ fn lora_cli_exports_an_adapter_that_generate_merges() {
         "distill",
         "--teacher",
         teacher,
+        // Two folders (here the same one twice): --data takes several.
         "--data",
+        data.to_str().unwrap(),
         data.to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
