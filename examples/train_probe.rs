@@ -1,5 +1,8 @@
-//! Times distillation steps on the fixture teacher (batch 8, Huber loss; beside
-//! scripts/bench_lcd_step_torch.py) and serves as a profiling target for the training path.
+//! Times distillation steps, beside scripts/bench_lcd_step_torch.py, and serves as a profiling
+//! target for the training path:
+//! - no arguments: full LCD on the fixture teacher (batch 8, Huber loss);
+//! - `sd15-lora [RES]`: one LCM-LoRA step (rank 64) at SD1.5 size with random weights, batch 1,
+//!   RES² images (default 256, i.e. 32×32 latents), f32.
 use candle_core::{DType, Device};
 use lcm::distill::{DistillConfig, TrainData, Trainer};
 
@@ -8,6 +11,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     lcm::runtime::init_threads(true);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("sd15-lora") {
+        let res = args.get(1).map_or(Ok(256), |s| s.parse())?;
+        return sd15_lora(res);
+    }
     let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = fx.join("tiny-sd/unet");
     let cfg = lcm::config::UNetConfig::load(&dir.join("config.json"))?;
@@ -55,6 +63,62 @@ fn main() -> anyhow::Result<()> {
     println!(
         "median {:.3} s per step (batch 8), peak RSS {:.0} MB",
         times[times.len() / 2],
+        lcm::runtime::peak_rss_bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// One warm-up and two timed LCM-LoRA steps at SD1.5 size (random weights: timing only).
+fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let mut cfg: lcm::config::UNetConfig =
+        serde_json::from_str(include_str!("../benches/sd15/unet.json"))?;
+    cfg.time_cond_proj_dim = None; // the teacher: plain SD1.5
+    let t0 = std::time::Instant::now();
+    let weights = lcm::init::init_weights(0, &dev, |vb| {
+        lcm::unet::UNet2DConditionModel::new(&cfg, vb).map_err(candle_core::Error::wrap)
+    })?;
+    let teacher = lcm::unet::UNet2DConditionModel::new(
+        &cfg,
+        candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev),
+    )?;
+    eprintln!("random SD1.5 U-Net in {:.1}s", t0.elapsed().as_secs_f64());
+    let lat = resolution / 8;
+    let data = TrainData {
+        latents: candle_core::Tensor::randn(0f32, 1.0, (4, 4, lat, lat), &dev)?,
+        prompt_embeds: candle_core::Tensor::randn(0f32, 1.0, (4, 77, 768), &dev)?,
+        uncond_embeds: candle_core::Tensor::randn(0f32, 1.0, (1, 77, 768), &dev)?,
+    };
+    // SD1.5's schedule (the defaults: 1000 steps, scaled-linear 0.00085 → 0.012).
+    let sched: lcm::config::SchedulerConfig = serde_json::from_str("{}")?;
+    let c = DistillConfig {
+        batch_size: 1,
+        warmup_steps: 0,
+        huber_c: Some(0.001),
+        lora_rank: Some(64),
+        ..Default::default()
+    };
+    let mut t = Trainer::new(
+        &teacher,
+        &cfg,
+        &weights,
+        lcm::schedule::NoiseSchedule::from_config(&sched)?,
+        c,
+        &dev,
+    )?;
+    let mut times = vec![];
+    for i in 0..3 {
+        let s = std::time::Instant::now();
+        let m = t.train_step(&data)?;
+        let dt = s.elapsed().as_secs_f64();
+        eprintln!("step {} loss {:.5} {dt:.2}s", m.step, m.loss);
+        if i > 0 {
+            times.push(dt);
+        }
+    }
+    println!(
+        "SD1.5 LCM-LoRA r64 at {resolution}²: mean {:.2} s per step (batch 1), peak RSS {:.0} MB",
+        times.iter().sum::<f64>() / times.len() as f64,
         lcm::runtime::peak_rss_bytes() as f64 / 1e6
     );
     Ok(())

@@ -117,37 +117,36 @@ fn lora_models(
     adapters: &HashMap<String, Var>,
     device: &Device,
 ) -> Result<(UNet2DConditionModel, UNet2DConditionModel)> {
-    let pairs = |detach: bool| -> Result<std::collections::BTreeMap<String, crate::lora::Pair>> {
-        crate::lora::target_modules(base)
-            .into_iter()
-            .map(|m| {
-                let get = |k: String| -> Result<Tensor> {
-                    let v = adapters
-                        .get(&k)
-                        .with_context(|| format!("no adapter {k}"))?;
-                    Ok(if detach {
-                        v.as_tensor().detach()
-                    } else {
-                        v.as_tensor().clone()
-                    })
-                };
-                let pair = crate::lora::Pair {
-                    down: get(crate::lora::down_key(&m))?,
-                    up: get(crate::lora::up_key(&m))?,
-                    alpha: None,
-                };
-                Ok((m, pair))
-            })
-            .collect()
-    };
-    let build = |detach: bool| -> Result<UNet2DConditionModel> {
-        let w = crate::lora::merge(base, &pairs(detach)?, 1.0, "LoRA student")?;
+    let pairs = crate::lora::target_modules(base)
+        .into_iter()
+        .map(|m| {
+            let get = |k: String| -> Result<Tensor> {
+                let v = adapters
+                    .get(&k)
+                    .with_context(|| format!("no adapter {k}"))?;
+                Ok(v.as_tensor().clone())
+            };
+            let pair = crate::lora::Pair {
+                down: get(crate::lora::down_key(&m))?,
+                up: get(crate::lora::up_key(&m))?,
+                alpha: None,
+            };
+            Ok((m, pair))
+        })
+        .collect::<Result<_>>()?;
+    let merged = crate::lora::merge(base, &pairs, 1.0, "LoRA student")?;
+    // The target shares the student's merged storage, detached: no second copy.
+    let detached: HashMap<String, Tensor> = merged
+        .iter()
+        .map(|(k, t)| (k.clone(), t.detach()))
+        .collect();
+    let build = |w: HashMap<String, Tensor>| -> Result<UNet2DConditionModel> {
         Ok(UNet2DConditionModel::new(
             cfg,
             VarBuilder::from_tensors(w, DType::F32, device),
         )?)
     };
-    Ok((build(false)?, build(true)?))
+    Ok((build(merged)?, build(detached)?))
 }
 
 impl<'t> Trainer<'t> {

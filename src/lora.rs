@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -193,11 +193,103 @@ pub fn merge(
                 w.dims()
             )
         }
-        let delta = (up.matmul(&down)? * s)?.reshape(w.dims())?;
-        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        let merged = add_product(
+            &w.to_dtype(DType::F32)?.reshape((w.dim(0)?, down.dim(1)?))?,
+            &(up * s)?.contiguous()?,
+            &down.contiguous()?,
+        )?
+        .reshape(w.dims())?
+        .to_dtype(w.dtype())?;
         out.insert(key, merged);
     }
     Ok(out)
+}
+
+/// `w + up·down` for 2-D f32 tensors. On the CPU one op whose backward needs only the incoming
+/// gradient G (d up = G·downᵀ, d down = upᵀ·G): the composite would keep a W-sized product alive
+/// in the graph for every adapted layer (SD1.5-size LCM-LoRA ran out of 24 GB that way).
+fn add_product(w: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    if w.device().is_cpu() && [w, up, down].iter().all(|t| t.dtype() == DType::F32) {
+        Ok(w.contiguous()?.apply_op3(up, down, AddProduct)?)
+    } else {
+        Ok((w + up.matmul(down)?)?)
+    }
+}
+
+struct AddProduct;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("lora merge needs contiguous f32 inputs"),
+    }
+}
+
+impl CustomOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "lora-add-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (o, k) = l1.shape().dims2()?;
+        let (o2, r) = l2.shape().dims2()?;
+        let (r2, k2) = l3.shape().dims2()?;
+        if o != o2 || r != r2 || k != k2 {
+            candle_core::bail!("lora merge: [{o}, {k}] + [{o2}, {r}]·[{r2}, {k2}]")
+        }
+        let (w, up, down) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
+        let mut out = w.to_vec();
+        // SAFETY: out is o×k, up is o×r and down is r×k, all row-major and contiguous.
+        unsafe {
+            gemm::gemm(
+                o,
+                k,
+                r,
+                out.as_mut_ptr(),
+                1,
+                k as isize,
+                true,
+                up.as_ptr(),
+                1,
+                r as isize,
+                down.as_ptr(),
+                1,
+                k as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _w: &Tensor,
+        up: &Tensor,
+        down: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_up = grad.matmul(&down.t()?)?;
+        let d_down = up.t()?.matmul(grad)?;
+        Ok((None, Some(d_up), Some(d_down)))
+    }
 }
 
 /// Read an adapter file for a U-Net with the given weights.
@@ -277,6 +369,28 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_merge_has_the_composite_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev)?;
+        let up = candle_core::Var::randn(0f32, 1.0, (6, 2), &dev)?;
+        let down = candle_core::Var::randn(0f32, 1.0, (2, 5), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (6, 5), &dev)?;
+        let fused = add_product(&w, up.as_tensor(), down.as_tensor())?;
+        let composite = (&w + up.as_tensor().matmul(down.as_tensor())?)?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert!(close(&fused, &composite)? < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composite * &probe)?.sum_all()?.backward()?;
+        for v in [&up, &down] {
+            let (a, b) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(close(a, b)? < 1e-4, "{a} {b}");
+        }
         Ok(())
     }
 
