@@ -827,6 +827,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         "resolution": settings.width,
         "evaluator": eval_dir.display().to_string(),
         "fid": scores.fid,
+        "real_fid_floor": evaluator.config.real_fid,
         "prompt_accuracy": scores.prompt_accuracy,
         "attribute_accuracy": scores.attribute_accuracy,
         "agreement": scores.agreement,
@@ -849,12 +850,17 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let md = format!(
         "| model | sampler | steps | guidance | FID ↓ | prompt accuracy ↑ | agreement ↑ | ms/image |\n\
          |---|---|---|---|---|---|---|---|\n{row}\n\n\
-         {} images ({} shapes prompts), seeds {}..{}, evaluator {}\n",
+         {} images ({} shapes prompts), seeds {}..{}, evaluator {} (real held-out images against \
+         as many training images: FID {})\n",
         args.samples,
         scores.shape_prompts,
         args.seed,
         args.seed + args.samples as u64 - 1,
-        eval_dir.display()
+        eval_dir.display(),
+        evaluator
+            .config
+            .real_fid
+            .map_or("–".to_string(), |f| format!("{f:.1}"))
     );
     crate::image_io::write_atomic(&args.output, &serde_json::to_vec_pretty(&report)?)?;
     let md_path = args.output.with_extension("md");

@@ -114,6 +114,27 @@ fn eval_is_deterministic_and_names_bad_input() {
     assert!(fa["fid"].as_f64().unwrap() > 0.0);
     assert_eq!(fa["samples"], 6);
     assert_eq!(fa["steps"], 1);
+    // The stored figures (tests/fixtures/PROVENANCE.md says how they were made).
+    let stored: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("eval-tiny-lcm.json")).unwrap(),
+    )
+    .unwrap();
+    for k in ["fid", "agreement", "prompt_accuracy"] {
+        let (got, want) = (fa[k].as_f64().unwrap(), stored[k].as_f64().unwrap());
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1e-3),
+            "{k}: {got} vs stored {want}"
+        );
+    }
+    for k in [
+        "attribute_accuracy",
+        "shape_prompts",
+        "samples",
+        "steps",
+        "sampler",
+    ] {
+        assert_eq!(fa[k], stored[k], "{k}");
+    }
     let md = std::fs::read_to_string(a.with_extension("md")).unwrap();
     assert!(
         md.contains("| FID ↓ |") && md.contains("| lcm | 1 |"),
