@@ -547,12 +547,23 @@ fn encode_dataset(
     let mut noise = SeededNoise::new(args.seed ^ 0x0076_6165);
     let mut latents = Vec::new();
     let mut embeds = Vec::new();
-    for (img, caption) in &items {
-        let post = pipe.vae.encode(&img.unsqueeze(0)?)?;
+    let bar = indicatif::ProgressBar::new(items.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("encoding {pos}/{len} {per_sec} ETA {eta}")
+            .expect("valid template"),
+    );
+    // Images in batches (the VAE is the cost); one noise draw per batch, in order.
+    for chunk in items.chunks(32) {
+        let imgs: Vec<Tensor> = chunk.iter().map(|(img, _)| img.clone()).collect();
+        let post = pipe.vae.encode(&Tensor::stack(&imgs, 0)?)?;
         let eps = noise.sample(post.mean.shape(), dev)?;
         latents.push(pipe.vae.scale(&post.sample_with(&eps)?)?);
-        embeds.push(pipe.encode_prompt(caption)?);
+        for (_, caption) in chunk {
+            embeds.push(pipe.encode_prompt(caption)?);
+        }
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish_and_clear();
     let data = TrainData {
         latents: Tensor::cat(&latents, 0)?,
         prompt_embeds: Tensor::cat(&embeds, 0)?,
