@@ -153,6 +153,15 @@ pub fn warmup_lr(lr: f64, warmup: u64, step: u64) -> f64 {
     }
 }
 
+/// `lr` scaled down linearly from 1 at step `from` to `floor` at step `to` (1 before `from`).
+pub fn linear_decay(lr: f64, from: u64, to: u64, floor: f64, step: u64) -> f64 {
+    if step <= from || to <= from {
+        return lr;
+    }
+    let t = ((step - from) as f64 / (to - from) as f64).min(1.0);
+    lr * (1.0 - (1.0 - floor) * t)
+}
+
 /// target ← decay·target + (1 − decay)·online, for tensors paired by name.
 pub fn ema_update(
     target: &HashMap<String, Var>,
@@ -252,6 +261,10 @@ mod tests {
     fn warmup_and_ema() -> Result<()> {
         assert_eq!(warmup_lr(1e-4, 10, 5), 5e-5);
         assert_eq!(warmup_lr(1e-4, 10, 50), 1e-4);
+        assert_eq!(linear_decay(1.0, 100, 200, 0.1, 50), 1.0);
+        assert_eq!(linear_decay(1.0, 100, 200, 0.1, 150), 0.55);
+        assert!((linear_decay(1.0, 100, 200, 0.1, 200) - 0.1).abs() < 1e-12);
+        assert!((linear_decay(1.0, 100, 200, 0.1, 900) - 0.1).abs() < 1e-12);
         let t = Var::new(&[0.0f64], &Device::Cpu)?;
         let o = Var::new(&[1.0f64], &Device::Cpu)?;
         ema_update(

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::VaeConfig;
-use crate::optim::{clip_grad_norm, warmup_lr, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, linear_decay, warmup_lr, AdamW, AdamWConfig};
 use crate::sampler::{NoiseSource, SeededNoise};
 use crate::vae::AutoencoderKL;
 
@@ -40,6 +40,10 @@ pub struct CommonArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 100)]
     pub warmup_steps: u64,
+    /// From this step on, the learning rate falls linearly to a tenth of --lr at --max-steps
+    /// (default: constant after the warm-up). A run can be resumed with it to finish a stage.
+    #[arg(long)]
+    pub decay_from: Option<u64>,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 0)]
@@ -103,6 +107,7 @@ pub struct TrainState {
     seed: u64,
     warmup: u64,
     lr: f64,
+    decay: Option<(u64, u64)>,
     max_grad_norm: f64,
 }
 
@@ -127,6 +132,7 @@ impl TrainState {
             seed: args.seed,
             warmup: args.warmup_steps,
             lr: args.lr,
+            decay: args.decay_from.map(|from| (from, args.max_steps)),
             max_grad_norm: args.max_grad_norm,
         })
     }
@@ -162,7 +168,10 @@ impl TrainState {
         named.sort_by(|a, b| a.0.cmp(b.0));
         let refs: Vec<&Var> = named.into_iter().map(|(_, v)| v).collect();
         let norm = clip_grad_norm(&refs, &mut grads, self.max_grad_norm)?;
-        let lr = warmup_lr(self.lr, self.warmup, self.step + 1);
+        let mut lr = warmup_lr(self.lr, self.warmup, self.step + 1);
+        if let Some((from, to)) = self.decay {
+            lr = linear_decay(lr, from, to, 0.1, self.step + 1);
+        }
         self.opt.step(&grads, lr)?;
         self.step += 1;
         Ok((lr, norm))

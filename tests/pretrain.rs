@@ -58,6 +58,8 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
             "2",
             "--warmup-steps",
             "1",
+            "--decay-from",
+            "2",
         ];
         args.extend_from_slice(extra);
         lcm_bin(&args)
@@ -65,6 +67,19 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     let a = root.join("a");
     ok(run(&a, &[]));
     let full = losses(&a.join("metrics.jsonl"));
+    // --decay-from 2 with --max-steps 4: lr 1e-3 until step 2, then down linearly to a tenth.
+    let lrs: Vec<f64> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    for (got, want) in lrs.iter().zip([1e-3, 1e-3, 5.5e-4, 1e-4]) {
+        assert!((got - want).abs() < 1e-12, "{lrs:?}");
+    }
     assert_eq!(full.iter().map(|l| l.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
     assert!(
         full.iter().all(|l| l.1.is_finite() && l.1 > 0.0),
