@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped tiny model from scratch: data, VAE, teacher, LCM distillation.
 # Stages are resumable: a finished stage is skipped, an interrupted one continues from its last
-# checkpoint. Needs npm (for the emoji package) and about 5 CPU-hours on 2 cores.
+# checkpoint. Needs npm (for the emoji package) and about 8 CPU-hours on 2 cores.
 #
 #   scripts/reproduce_tiny.sh [WORK_DIR]       (default: ./tiny-work)
 set -euo pipefail
@@ -61,4 +61,16 @@ if [ ! -f "$WORK/teacher/done" ]; then
         --seed 0 $(resume_flag "$WORK/teacher") && touch "$WORK/teacher/done"
 fi
 
-echo "stages done; next: lcm distill --teacher $WORK/teacher/model (see weights/README.md)"
+# Stage 3: the LCM, distilled from the teacher on the same data. (Provisional settings, like stage 2.)
+if [ ! -f "$WORK/lcm/model_index.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM distill --teacher "$WORK/teacher/model" --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" \
+        --output "$WORK/lcm" --max-steps 3000 --batch-size 16 --lr 1e-4 --warmup-steps 200 \
+        --w-embed-dim 64 --w-min 2 --w-max 8 --save-every 250 --sample-every 500 \
+        --seed 0 $(resume_flag "$WORK/lcm")
+fi
+
+# Ship: f16 copies (what weights/ holds), then the quality table against them.
+$LCM convert --input "$WORK/teacher/model" --output "$WORK/ship/tiny-teacher" --dtype f16
+$LCM convert --input "$WORK/lcm" --output "$WORK/ship/tiny" --dtype f16
+echo "done: $WORK/ship/{tiny,tiny-teacher}; copy them to weights/ and run scripts/quality_table.sh"

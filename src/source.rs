@@ -328,14 +328,32 @@ fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Copy a diffusers-layout folder, converting every floating-point tensor of its `.safetensors`
-/// files to `dtype` (other files are copied as they are). Writes are atomic per file.
+/// files to `dtype` (other files are copied as they are). Writes are atomic per file. A pipeline
+/// folder (with model_index.json) contributes only that file and the components it names, so a
+/// training run's checkpoints, cache and samples beside them stay behind.
 pub fn convert_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> Result<()> {
     if !src.is_dir() {
         bail!("--input {} is not a folder", src.display())
     }
     std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    let index = src.join("model_index.json");
+    let keep: Option<Vec<String>> = if index.is_file() {
+        let v: serde_json::Value = crate::config::read_json(&index)?;
+        let mut names: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().filter(|k| !k.starts_with('_')).cloned().collect())
+            .unwrap_or_default();
+        names.push("model_index.json".into());
+        Some(names)
+    } else {
+        None
+    };
     for entry in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
         let path = entry?.path();
+        let name = path.file_name().context("file name")?.to_string_lossy();
+        if keep.as_ref().is_some_and(|k| !k.iter().any(|n| *n == name)) {
+            continue;
+        }
         let target = dst.join(path.file_name().context("file name")?);
         if path.is_dir() {
             convert_folder(&path, &target, dtype)?;

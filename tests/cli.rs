@@ -392,6 +392,38 @@ fn convert_changes_the_weight_dtype_and_keeps_the_images() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     assert_eq!(pixels(&a), pixels(&b));
+    // A training run's leftovers beside the pipeline are not shipped.
+    std::fs::create_dir_all(f32_dir.join("checkpoints/checkpoint-00000002")).unwrap();
+    std::fs::write(
+        f32_dir.join("checkpoints/checkpoint-00000002/state.json"),
+        "{}",
+    )
+    .unwrap();
+    std::fs::write(f32_dir.join("metrics.jsonl"), "").unwrap();
+    let shipped = dir.join("shipped");
+    let out = lcm(&[
+        "convert",
+        "--input",
+        f32_dir.to_str().unwrap(),
+        "--output",
+        shipped.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!shipped.join("checkpoints").exists() && !shipped.join("metrics.jsonl").exists());
+    for c in [
+        "model_index.json",
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    ] {
+        assert!(shipped.join(c).exists(), "{c} missing");
+    }
     expect_error(
         &[
             "convert",
