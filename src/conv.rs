@@ -222,18 +222,27 @@ impl CustomOp2 for ShiftedGemmConv {
             candle_core::bail!("conv2d backward: padding {p} must be below the kernel size")
         }
         let grad = grad.contiguous()?;
-        // Input gradient: a full correlation with the kernel flipped in space, in/out swapped.
-        let wt = flip(&flip(&w.transpose(0, 1)?, 2)?, 3)?;
-        let dx = if kh - 1 - p == kw - 1 - p {
-            conv2d_stride1(&grad, &wt, kh - 1 - p)?
+        // Only what the graph needs: frozen weights (LCM-LoRA's base layers) get no gradient, and
+        // an input that tracks nothing (the first layer's) none either.
+        let dx = if x.track_op() {
+            // A full correlation with the kernel flipped in space, in/out swapped.
+            let wt = flip(&flip(&w.transpose(0, 1)?, 2)?, 3)?;
+            if kh - 1 - p != kw - 1 - p {
+                candle_core::bail!("conv2d backward: non-square kernels are not supported")
+            }
+            Some(conv2d_stride1(&grad, &wt, kh - 1 - p)?)
         } else {
-            candle_core::bail!("conv2d backward: non-square kernels are not supported")
+            None
         };
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let gs = grad.flatten_all()?.to_vec1::<f32>()?;
-        let dw = conv_weight_grad(&xs, &gs, (b, c_in, h, wd), (c_out, kh, kw), p);
-        let dw = Tensor::from_vec(dw, (c_out, c_in, kh, kw), x.device())?;
-        Ok((Some(dx), Some(dw)))
+        let dw = if w.track_op() {
+            let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let gs = grad.flatten_all()?.to_vec1::<f32>()?;
+            let dw = conv_weight_grad(&xs, &gs, (b, c_in, h, wd), (c_out, kh, kw), p);
+            Some(Tensor::from_vec(dw, (c_out, c_in, kh, kw), x.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 

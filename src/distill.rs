@@ -109,44 +109,31 @@ pub struct Trainer<'t> {
     lora_base: Option<HashMap<String, Tensor>>,
 }
 
-/// Student (adapters merged, differentiable in them) and target (the same weights, detached) for
-/// LCM-LoRA. Rebuilt every step: the merged weights are functions of the adapter Vars.
+/// Student and target for LCM-LoRA: the frozen base U-Net with the adapters beside its layers
+/// (computed on the activations, see [`crate::nn::Linear`]). The student sees the adapter Vars; the
+/// target the same storage detached, so it follows every update without gradients. Built once.
 fn lora_models(
     cfg: &UNetConfig,
     base: &HashMap<String, Tensor>,
     adapters: &HashMap<String, Var>,
     device: &Device,
 ) -> Result<(UNet2DConditionModel, UNet2DConditionModel)> {
-    let pairs = crate::lora::target_modules(base)
-        .into_iter()
-        .map(|m| {
-            let get = |k: String| -> Result<Tensor> {
-                let v = adapters
-                    .get(&k)
-                    .with_context(|| format!("no adapter {k}"))?;
-                Ok(v.as_tensor().clone())
+    let build = |detach: bool| -> Result<UNet2DConditionModel> {
+        let mut w = base.clone();
+        for (k, v) in adapters {
+            let t = if detach {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
             };
-            let pair = crate::lora::Pair {
-                down: get(crate::lora::down_key(&m))?,
-                up: get(crate::lora::up_key(&m))?,
-                alpha: None,
-            };
-            Ok((m, pair))
-        })
-        .collect::<Result<_>>()?;
-    let merged = crate::lora::merge(base, &pairs, 1.0, "LoRA student")?;
-    // The target shares the student's merged storage, detached: no second copy.
-    let detached: HashMap<String, Tensor> = merged
-        .iter()
-        .map(|(k, t)| (k.clone(), t.detach()))
-        .collect();
-    let build = |w: HashMap<String, Tensor>| -> Result<UNet2DConditionModel> {
+            w.insert(k.strip_prefix("unet.").unwrap_or(k).to_string(), t);
+        }
         Ok(UNet2DConditionModel::new(
             cfg,
             VarBuilder::from_tensors(w, DType::F32, device),
         )?)
     };
-    Ok((build(merged)?, build(detached)?))
+    Ok((build(false)?, build(true)?))
 }
 
 impl<'t> Trainer<'t> {
@@ -263,10 +250,6 @@ impl<'t> Trainer<'t> {
         let n = data.latents.dim(0)?;
         if n == 0 {
             bail!("no training examples")
-        }
-        if let Some(base) = &self.lora_base {
-            (self.student, self.target) =
-                lora_models(&self.student_cfg, base, &self.student_vars, &self.device)?;
         }
         let cfg = &self.config;
         let lcd_cfg = LcdConfig {

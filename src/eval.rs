@@ -17,13 +17,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{conv2d, linear, Conv2d};
+use crate::nn::{conv2d, linear, Conv2d, Linear};
 use crate::pretrain::{save_safetensors, CommonArgs, RunLog, TrainState};
 use crate::toydata;
 

@@ -205,9 +205,10 @@ pub fn merge(
     Ok(out)
 }
 
-/// `w + up·down` for 2-D f32 tensors. On the CPU one op whose backward needs only the incoming
-/// gradient G (d up = G·downᵀ, d down = upᵀ·G): the composite would keep a W-sized product alive
-/// in the graph for every adapted layer (SD1.5-size LCM-LoRA ran out of 24 GB that way).
+/// `w + up·down` for 2-D f32 tensors. On the CPU one op writing one W-sized result, whose
+/// backward needs only the incoming gradient G (d up = G·downᵀ, d down = upᵀ·G); the composite
+/// keeps a W-sized product per layer alive (training SD1.5-size adapters through merged weights
+/// ran out of 24 GB that way; training now keeps adapters beside the layers, see `nn::Linear`).
 fn add_product(w: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
     if w.device().is_cpu() && [w, up, down].iter().all(|t| t.dtype() == DType::F32) {
         Ok(w.contiguous()?.apply_op3(up, down, AddProduct)?)
@@ -369,6 +370,50 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn adapters_beside_layers_equal_adapters_merged_into_them() -> Result<()> {
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        let t = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+        let base = HashMap::from([
+            ("lin.weight".to_string(), t(&[6, 5])?),
+            ("lin.bias".to_string(), t(&[6])?),
+            ("conv.weight".to_string(), t(&[4, 3, 3, 3])?),
+            ("conv.bias".to_string(), t(&[4])?),
+        ]);
+        let adapters = HashMap::from([
+            (down_key("lin"), t(&[2, 5])?),
+            (up_key("lin"), t(&[6, 2])?),
+            (down_key("conv"), t(&[2, 3, 3, 3])?),
+            (up_key("conv"), t(&[4, 2, 1, 1])?),
+        ]);
+        let mods = vec!["lin".to_string(), "conv".to_string()];
+        let merged = merge(&base, &parse(&adapters, &mods, "t")?, 1.0, "t")?;
+        let mut beside = base.clone();
+        for (k, v) in &adapters {
+            beside.insert(k.trim_start_matches("unet.").to_string(), v.clone());
+        }
+        let vb = |m: HashMap<String, Tensor>| {
+            candle_nn::VarBuilder::from_tensors(m, DType::F32, &Device::Cpu)
+        };
+        let diff = |a: Tensor, b: Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        let x = t(&[3, 5])?;
+        let (l1, l2) = (
+            crate::nn::linear(5, 6, true, vb(beside.clone()).pp("lin"))?,
+            crate::nn::linear(5, 6, true, vb(merged.clone()).pp("lin"))?,
+        );
+        assert!(diff(l1.forward(&x)?, l2.forward(&x)?)? < 1e-4);
+        let x = t(&[2, 3, 8, 8])?;
+        let (c1, c2) = (
+            crate::nn::conv2d(3, 4, 3, 1, 1, vb(beside).pp("conv"))?,
+            crate::nn::conv2d(3, 4, 3, 1, 1, vb(merged).pp("conv"))?,
+        );
+        assert!(diff(c1.forward(&x)?, c2.forward(&x)?)? < 1e-4);
         Ok(())
     }
 

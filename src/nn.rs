@@ -8,7 +8,51 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::Linear;
+/// A low-rank adapter found beside a layer's weight (`<layer>.lora.down.weight`,
+/// `<layer>.lora.up.weight`, optional `<layer>.alpha`): the layer adds scale·(α/r)·up(down(x)).
+/// Used while training LCM-LoRA, where the adapters are variables and the base weights frozen;
+/// inference merges adapters into the weights instead ([`crate::lora::merge`]).
+fn lora_pair(vb: &VarBuilder) -> Result<Option<(Tensor, Tensor, f64)>> {
+    let l = vb.pp("lora");
+    if !l.contains_tensor("down.weight") {
+        return Ok(None);
+    }
+    let down = l.get_unchecked("down.weight")?;
+    let up = l.get_unchecked("up.weight")?;
+    let r = down.dim(0)? as f64;
+    let alpha = if vb.contains_tensor("alpha") {
+        vb.get_unchecked("alpha")?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?[0]
+    } else {
+        r
+    };
+    Ok(Some((down, up, alpha / r)))
+}
+
+/// A linear layer, optionally with a LoRA branch beside it.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    lora: Option<(candle_nn::Linear, candle_nn::Linear, f64)>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = self.inner.forward(xs)?;
+        match &self.lora {
+            None => Ok(out),
+            Some((down, up, scale)) => out + (up.forward(&down.forward(xs)?)? * *scale)?,
+        }
+    }
+}
 
 /// From this many pixels up, 3×3 convolutions use Winograd F(2×2, 3×3) (measured: 1.35× faster
 /// at 64×64×320; below ≈ 32×32 the kernel transform no longer pays for itself).
@@ -23,6 +67,8 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
+    /// LoRA branch: down (same kernel, stride, padding as the layer), up (1×1), scale.
+    lora: Option<Box<(Conv2d, Conv2d, f64)>>,
 }
 
 impl Conv2d {
@@ -52,10 +98,19 @@ impl Module for Conv2d {
         } else {
             xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
-        match &self.bias {
-            Some(b) if cpu_f32 && b.dtype() == DType::F32 => crate::conv::add_channel_bias(&out, b),
-            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        let out = match &self.bias {
+            Some(b) if cpu_f32 && b.dtype() == DType::F32 => {
+                crate::conv::add_channel_bias(&out, b)?
+            }
+            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => out,
+        };
+        match &self.lora {
             None => Ok(out),
+            Some(l) => {
+                let (down, up, scale) = l.as_ref();
+                out + (up.forward(&down.forward(xs)?)? * *scale)?
+            }
         }
     }
 }
@@ -102,11 +157,19 @@ impl Module for LayerNorm {
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
+    let lora = lora_pair(&vb)?.map(|(down, up, scale)| {
+        (
+            candle_nn::Linear::new(down, None),
+            candle_nn::Linear::new(up, None),
+            scale,
+        )
+    });
+    let inner = if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
     } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    };
+    Ok(Linear { inner, lora })
 }
 
 pub fn conv2d(
@@ -134,11 +197,22 @@ pub fn conv2d(
             up: bound,
         },
     )?;
+    let lora = lora_pair(&vb)?.map(|(down, up, scale)| {
+        let plain = |weight: Tensor, padding: usize, stride: usize| Conv2d {
+            weight,
+            bias: None,
+            padding,
+            stride,
+            lora: None,
+        };
+        Box::new((plain(down, padding, stride), plain(up, 0, 1), scale))
+    });
     Ok(Conv2d {
         weight,
         bias: Some(bias),
         padding,
         stride,
+        lora,
     })
 }
 
