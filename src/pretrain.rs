@@ -816,3 +816,69 @@ fn write_teacher_samples(
     }
     crate::image_io::save_png(&grid, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The jointly trained teacher must train every weight: candle ops without a backward cut the
+    /// graph silently (e.g. its fused softmax and layer norm).
+    #[test]
+    fn every_teacher_weight_gets_a_gradient() -> Result<()> {
+        use crate::config::{ClipTextConfig, UNetConfig};
+        let root = crate::source::repo_root().join("configs/tiny");
+        let unet_cfg = UNetConfig::load(&root.join("unet/config.json"))?;
+        let te_cfg = ClipTextConfig::load(&root.join("text_encoder/config.json"))?;
+        let tok = crate::tokenizer::ClipTokenizer::from_dir(
+            &root.join("tokenizer"),
+            te_cfg.max_position_embeddings,
+        )?;
+        let dev = Device::Cpu;
+        let build = |vb: VarBuilder| -> candle_core::Result<Teacher> {
+            Ok(Teacher {
+                unet: crate::unet::UNet2DConditionModel::new(&unet_cfg, vb.pp("unet"))?,
+                text: crate::clip::ClipTextModel::new(
+                    &te_cfg,
+                    vb.pp("text_encoder").pp("text_model"),
+                )?,
+            })
+        };
+        let init = crate::init::init_weights(0, &dev, build)?;
+        let vars: HashMap<String, Var> = init
+            .into_iter()
+            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
+        let map = candle_nn::VarMap::new();
+        map.data().lock().unwrap().extend(vars.clone());
+        let model = build(VarBuilder::from_varmap(&map, DType::F32, &dev))?;
+        let ids: Vec<u32> = ["a red circle on blue", "an emoji of a cat"]
+            .iter()
+            .flat_map(|p| tok.encode(p).unwrap().ids)
+            .collect();
+        let ids = Tensor::from_vec(ids, (2, te_cfg.max_position_embeddings), &dev)?;
+        let s = unet_cfg.sample_size.unwrap_or(16);
+        let x = Tensor::randn(0f32, 1.0, (2, unet_cfg.in_channels, s, s), &dev)?;
+        let noise = Tensor::randn(0f32, 1.0, x.shape(), &dev)?;
+        let ctx = model.text.forward(&ids)?;
+        let t = Tensor::new(&[10f32, 700.0], &dev)?;
+        let loss = (model.unet.forward(&x, &t, &ctx, None)? - noise)?
+            .sqr()?
+            .mean_all()?;
+        let grads = loss.backward()?;
+        let mut missing = Vec::new();
+        for (name, v) in &vars {
+            let norm = match grads.get(v) {
+                Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?,
+                None => 0.0,
+            };
+            // Token embeddings of ids absent from the batch legitimately get zero gradient.
+            if norm == 0.0 && !name.ends_with("token_embedding.weight") {
+                missing.push(name.clone());
+            }
+        }
+        missing.sort();
+        assert!(missing.is_empty(), "no gradient for {missing:?}");
+        assert!(vars.keys().any(|k| k.starts_with("text_encoder.")));
+        Ok(())
+    }
+}
