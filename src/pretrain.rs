@@ -618,6 +618,20 @@ struct Teacher {
     text: crate::clip::ClipTextModel,
 }
 
+impl Teacher {
+    /// Both halves under one VarBuilder (`unet.*`, `text_encoder.text_model.*`).
+    fn new(
+        unet_cfg: &crate::config::UNetConfig,
+        te_cfg: &crate::config::ClipTextConfig,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            unet: crate::unet::UNet2DConditionModel::new(unet_cfg, vb.pp("unet"))?,
+            text: crate::clip::ClipTextModel::new(te_cfg, vb.pp("text_encoder").pp("text_model"))?,
+        })
+    }
+}
+
 /// `lcm pretrain unet`.
 pub fn run_unet(args: &UnetArgs) -> Result<()> {
     use crate::config::{ClipTextConfig, SchedulerConfig, UNetConfig};
@@ -664,12 +678,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     let uncond_ids = Tensor::new(tokenizer.encode("")?.ids.as_slice(), &device)?.unsqueeze(0)?;
     let schedule = crate::schedule::NoiseSchedule::from_config(&sched_cfg)?;
 
-    let build = |vb: VarBuilder| -> candle_core::Result<Teacher> {
-        Ok(Teacher {
-            unet: crate::unet::UNet2DConditionModel::new(&unet_cfg, vb.pp("unet"))?,
-            text: crate::clip::ClipTextModel::new(&te_cfg, vb.pp("text_encoder").pp("text_model"))?,
-        })
-    };
+    let build = |vb: VarBuilder| Teacher::new(&unet_cfg, &te_cfg, vb);
     let init = crate::init::init_weights(c.seed, &device, build)?;
     let mut state = TrainState::new(init, c)?;
     let run_state = UnetRunState {
@@ -834,15 +843,7 @@ mod tests {
             te_cfg.max_position_embeddings,
         )?;
         let dev = Device::Cpu;
-        let build = |vb: VarBuilder| -> candle_core::Result<Teacher> {
-            Ok(Teacher {
-                unet: crate::unet::UNet2DConditionModel::new(&unet_cfg, vb.pp("unet"))?,
-                text: crate::clip::ClipTextModel::new(
-                    &te_cfg,
-                    vb.pp("text_encoder").pp("text_model"),
-                )?,
-            })
-        };
+        let build = |vb: VarBuilder| Teacher::new(&unet_cfg, &te_cfg, vb);
         let init = crate::init::init_weights(0, &dev, build)?;
         let vars: HashMap<String, Var> = init
             .into_iter()
