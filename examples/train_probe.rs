@@ -49,16 +49,7 @@ fn main() -> anyhow::Result<()> {
         &Device::Cpu,
     )?;
     // One warm-up step, then five timed (as scripts/bench_lcd_step_torch.py does).
-    let mut times = vec![];
-    for i in 0..6 {
-        let s = std::time::Instant::now();
-        let m = t.train_step(&data)?;
-        let dt = s.elapsed().as_secs_f64();
-        eprintln!("step {} loss {:.5} {dt:.2}s", m.step, m.loss);
-        if i > 0 {
-            times.push(dt);
-        }
-    }
+    let mut times = timed_steps(&mut t, &data, 5)?;
     times.sort_by(f64::total_cmp);
     println!(
         "median {:.3} s per step (batch 8), peak RSS {:.0} MB",
@@ -106,20 +97,26 @@ fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
         c,
         &dev,
     )?;
-    let mut times = vec![];
-    for i in 0..3 {
-        let s = std::time::Instant::now();
-        let m = t.train_step(&data)?;
-        let dt = s.elapsed().as_secs_f64();
-        eprintln!("step {} loss {:.5} {dt:.2}s", m.step, m.loss);
-        if i > 0 {
-            times.push(dt);
-        }
-    }
+    let times = timed_steps(&mut t, &data, 2)?;
     println!(
         "SD1.5 LCM-LoRA r64 at {resolution}²: mean {:.2} s per step (batch 1), peak RSS {:.0} MB",
         times.iter().sum::<f64>() / times.len() as f64,
         lcm::runtime::peak_rss_bytes() as f64 / 1e6
     );
     Ok(())
+}
+
+/// One warm-up step, then `n` timed ones; their durations in seconds.
+fn timed_steps(t: &mut Trainer, data: &TrainData, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut times = vec![];
+    for i in 0..=n {
+        let s = std::time::Instant::now();
+        let m = t.train_step(data)?;
+        let dt = s.elapsed().as_secs_f64();
+        eprintln!("step {} loss {:.5} {dt:.2}s", m.step, m.loss);
+        if i > 0 {
+            times.push(dt);
+        }
+    }
+    Ok(times)
 }

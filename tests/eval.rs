@@ -177,26 +177,29 @@ fn pretrain_evaluator_exports_a_folder_that_eval_loads() -> Result<()> {
         dir.join("config.json"),
         r#"{"resolution": 32, "channels": [4, 8], "feature_dim": 8}"#,
     )?;
-    let o = lcm_bin(&[
-        "pretrain",
-        "evaluator",
-        "--config",
-        &s(dir.join("config.json")),
-        "--data",
-        &s(dir.join("train")),
-        "--heldout",
-        &s(dir.join("heldout")),
-        "--output",
-        &s(dir.join("run")),
-        "--resolution",
-        "32",
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--save-every",
-        "2",
-    ]);
+    let train = |heldout: &str, out: &str, steps: &str| {
+        lcm_bin(&[
+            "pretrain",
+            "evaluator",
+            "--config",
+            &s(dir.join("config.json")),
+            "--data",
+            &s(dir.join("train")),
+            "--heldout",
+            &s(dir.join(heldout)),
+            "--output",
+            &s(dir.join(out)),
+            "--resolution",
+            "32",
+            "--max-steps",
+            steps,
+            "--batch-size",
+            "8",
+            "--save-every",
+            "2",
+        ])
+    };
+    let o = train("heldout", "run", "4");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let losses = common::losses(&dir.join("run/metrics.jsonl"));
     assert_eq!(losses.len(), 4);
@@ -208,22 +211,7 @@ fn pretrain_evaluator_exports_a_folder_that_eval_loads() -> Result<()> {
     assert!(ev.config.heldout_accuracy.contains_key("color"));
     assert!(ev.config.real_fid.unwrap().is_finite());
     // A missing held-out folder is named.
-    let o = lcm_bin(&[
-        "pretrain",
-        "evaluator",
-        "--config",
-        &s(dir.join("config.json")),
-        "--data",
-        &s(dir.join("train")),
-        "--heldout",
-        &s(dir.join("missing")),
-        "--output",
-        &s(dir.join("run2")),
-        "--resolution",
-        "32",
-        "--max-steps",
-        "1",
-    ]);
+    let o = train("missing", "run2", "1");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("missing"), "{err}");
     std::fs::remove_dir_all(dir).ok();
