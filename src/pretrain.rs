@@ -347,21 +347,7 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     eprintln!("{n} training images at {}²", c.resolution);
     let mut init = crate::init::init_weights(c.seed, &device, |vb| AutoencoderKL::new(&cfg, vb))?;
     if let Some(dir) = &args.init {
-        let trained = load_component(dir, &device)?;
-        for (name, t) in init.iter_mut() {
-            let w = trained
-                .get(name)
-                .with_context(|| format!("--init {}: no tensor {name}", dir.display()))?;
-            if w.dims() != t.dims() {
-                bail!(
-                    "--init {}: {name} has shape {:?}, the config wants {:?}",
-                    dir.display(),
-                    w.dims(),
-                    t.dims()
-                )
-            }
-            *t = w.to_dtype(DType::F32)?;
-        }
+        overwrite_from(&mut init, &load_component(dir, &device)?, dir)?;
     }
     let mut state = TrainState::new(init, c)?;
     let run_state = VaeRunState {
@@ -430,6 +416,30 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
 }
 
 /// Every tensor of a component folder's safetensors files.
+/// Replace every freshly initialised tensor by the trained one of the same name (`--init`): the
+/// trained folder must hold each of them with the config's shape.
+fn overwrite_from(
+    init: &mut HashMap<String, Tensor>,
+    trained: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    for (name, t) in init.iter_mut() {
+        let w = trained
+            .get(name)
+            .with_context(|| format!("--init {}: no tensor {name}", dir.display()))?;
+        if w.dims() != t.dims() {
+            bail!(
+                "--init {}: {name} has shape {:?}, the config wants {:?}",
+                dir.display(),
+                w.dims(),
+                t.dims()
+            )
+        }
+        *t = w.to_dtype(DType::F32)?;
+    }
+    Ok(())
+}
+
 fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in crate::source::weight_file(dir)? {
@@ -508,6 +518,10 @@ pub struct UnetArgs {
     /// Probability of training on the empty prompt instead of the caption (for CFG).
     #[arg(long, default_value_t = 0.1)]
     pub caption_dropout: f64,
+    /// Start from a trained teacher folder's unet/ and text_encoder/ weights (fresh optimizer)
+    /// instead of a seeded init, so that a stage can span sessions through its exported weights.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -679,7 +693,16 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     let schedule = crate::schedule::NoiseSchedule::from_config(&sched_cfg)?;
 
     let build = |vb: VarBuilder| Teacher::new(&unet_cfg, &te_cfg, vb);
-    let init = crate::init::init_weights(c.seed, &device, build)?;
+    let mut init = crate::init::init_weights(c.seed, &device, build)?;
+    if let Some(dir) = &args.init {
+        let mut trained = HashMap::new();
+        for part in ["unet", "text_encoder"] {
+            let weights = load_component(&dir.join(part), &device)
+                .with_context(|| format!("--init {}", dir.display()))?;
+            trained.extend(weights.into_iter().map(|(k, v)| (format!("{part}.{k}"), v)));
+        }
+        overwrite_from(&mut init, &trained, dir)?;
+    }
     let mut state = TrainState::new(init, c)?;
     let run_state = UnetRunState {
         caption_dropout: args.caption_dropout,

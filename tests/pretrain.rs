@@ -204,5 +204,30 @@ fn pretrain_unet_trains_resumes_and_exports_a_generating_teacher() {
         png.to_str().unwrap(),
     ]));
     assert_eq!(image::open(&png).unwrap().width(), 32);
+
+    // --init continues from the exported teacher (fresh optimizer): at lr 0 the weights it
+    // exports are the ones it loaded, unet and text encoder alike.
+    let e = root.join("e");
+    ok(run(&e, &["--init", model.to_str().unwrap(), "--lr", "0"]));
+    for (part, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ] {
+        let load = |dir: &Path| {
+            candle_core::safetensors::load(dir.join(part).join(file), &candle_core::Device::Cpu)
+                .unwrap()
+        };
+        let (want, got) = (load(&model), load(&e.join("model")));
+        assert_eq!(want.len(), got.len(), "{part}");
+        for (name, w) in &want {
+            let diff = (w - &got[name]).unwrap().abs().unwrap();
+            let max = diff.flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(max.to_scalar::<f32>().unwrap(), 0.0, "{part}.{name}");
+        }
+    }
+    // A folder without the teacher's parts is refused, naming --init.
+    let e = run(&root.join("f"), &["--init", vae.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("--init"), "{err}");
     std::fs::remove_dir_all(root).ok();
 }
