@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -43,6 +43,10 @@ pub struct DistillConfig {
     /// LCM-LoRA: the adapter rank (α = rank); None distils the whole U-Net with a w-embedding.
     #[serde(default)]
     pub lora_rank: Option<usize>,
+    /// Offset noise on the forward noising (see [`crate::schedule::offset_noise`]); use the
+    /// teacher's own training value. 0 = the reference script's plain ε.
+    #[serde(default)]
+    pub noise_offset: f64,
 }
 
 impl Default for DistillConfig {
@@ -63,6 +67,7 @@ impl Default for DistillConfig {
             seed: 0,
             timestep_scaling: 10.0,
             lora_rank: None,
+            noise_offset: 0.0,
         }
     }
 }
@@ -280,7 +285,13 @@ impl<'t> Trainer<'t> {
             let prompt = data.prompt_embeds.index_select(&rows_t, 0)?;
             let uncond = data.uncond_embeds.repeat((b, 1, 1))?;
             let mut noise_src = SeededNoise::new(rng.random());
-            let noise = noise_src.sample(z0.shape(), &self.device)?;
+            let mut noise = noise_src.sample(z0.shape(), &self.device)?;
+            if cfg.noise_offset > 0.0 {
+                // Drawn only with an offset, so plain runs keep their random stream.
+                let per_channel = SeededNoise::new(rng.random())
+                    .sample(&Shape::from(&z0.dims()[..2]), &self.device)?;
+                noise = crate::schedule::offset_noise(&noise, &per_channel, cfg.noise_offset)?;
+            }
             let batch = LcdBatch {
                 z0: &z0,
                 noise: &noise,
@@ -443,6 +454,11 @@ pub struct DistillArgs {
     /// without gradients. Writes `pytorch_lora_weights.safetensors` for `lcm generate --lora`.
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// Offset noise when noising the data (as `lcm pretrain unet --noise-offset`): a student of a
+    /// teacher trained with it should see the same, or it learns to take the image's overall
+    /// colour from the initial noise. 0 = the reference script's plain ε.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -697,7 +713,11 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         seed: args.seed,
         timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
         lora_rank: args.lora_rank,
+        noise_offset: args.noise_offset,
     };
+    if !(0.0..=1.0).contains(&config.noise_offset) {
+        bail!("--noise-offset {} must be in [0, 1]", config.noise_offset)
+    }
     if pipe.unet.config.time_cond_proj_dim.is_some() {
         bail!(
             "--teacher {}: its U-Net already has a guidance embedding (an LCM); distil from a many-step teacher",

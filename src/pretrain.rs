@@ -518,6 +518,11 @@ pub struct UnetArgs {
     /// Probability of training on the empty prompt instead of the caption (for CFG).
     #[arg(long, default_value_t = 0.1)]
     pub caption_dropout: f64,
+    /// Offset noise (diffusers' `--noise_offset`): add s·N(0, 1) per sample and channel to the
+    /// training noise, so the prompt rather than the seed decides an image's overall colour (small
+    /// latents leave the mean of x_T readable under SD1.5's schedule). 0 = plain ε.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
     /// Start from a trained teacher folder's unet/ and text_encoder/ weights (fresh optimizer)
     /// instead of a seeded init, so that a stage can span sessions through its exported weights.
     #[arg(long)]
@@ -529,6 +534,8 @@ pub struct UnetArgs {
 #[derive(Serialize, Deserialize, PartialEq)]
 struct UnetRunState {
     caption_dropout: f64,
+    #[serde(default)]
+    noise_offset: f64,
     resolution: usize,
     batch_size: usize,
     seed: u64,
@@ -686,6 +693,9 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     if c.batch_size == 0 || !(0.0..=1.0).contains(&args.caption_dropout) {
         bail!("--batch-size must be ≥ 1 and --caption-dropout in [0, 1]")
     }
+    if !(0.0..=1.0).contains(&args.noise_offset) {
+        bail!("--noise-offset {} must be in [0, 1]", args.noise_offset)
+    }
     let data = encode_for_unet(args, &vae, &tokenizer, &device)?;
     let n = data.mean.dim(0)?;
     eprintln!("{n} training examples, latents {:?}", data.mean.dims());
@@ -706,6 +716,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     let mut state = TrainState::new(init, c)?;
     let run_state = UnetRunState {
         caption_dropout: args.caption_dropout,
+        noise_offset: args.noise_offset,
         resolution: c.resolution,
         batch_size: c.batch_size,
         seed: c.seed,
@@ -745,7 +756,13 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
             ids
         };
         let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..num_t)).collect();
-        let noise = SeededNoise::new(rng.random()).sample(&shape, &device)?;
+        let mut noise = SeededNoise::new(rng.random()).sample(&shape, &device)?;
+        if args.noise_offset > 0.0 {
+            // Drawn only with an offset, so plain runs keep their random stream (and resumes).
+            let per_channel = SeededNoise::new(rng.random())
+                .sample(&candle_core::Shape::from(&shape.dims()[..2]), &device)?;
+            noise = crate::schedule::offset_noise(&noise, &per_channel, args.noise_offset)?;
+        }
         let x_t = schedule.add_noise(&z0, &noise, &t)?;
         let ctx = model.text.forward(&ids)?;
         let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();

@@ -80,6 +80,19 @@ impl NoiseSchedule {
     }
 }
 
+/// diffusers' `noise_offset` (offset noise): ε + s·δ, δ ~ N(0, 1) drawn once per sample and
+/// channel (`per_channel`: `[b, c]`) and constant over space. Small latents leave the per-channel
+/// mean of x_T readable at SD1.5's last timestep (at 16×16 the mean of ε has std 1/16, about the
+/// signal √ᾱ_T·std(mean x0)), so a model trained on plain ε takes the image's overall colour from
+/// the seed instead of the prompt; the offset makes that mean uninformative.
+pub fn offset_noise(noise: &Tensor, per_channel: &Tensor, strength: f64) -> Result<Tensor> {
+    let (b, c) = per_channel.dims2()?;
+    let mut shape = vec![b, c];
+    shape.extend(std::iter::repeat_n(1, noise.rank().saturating_sub(2)));
+    let delta = per_channel.reshape(shape)?.affine(strength, 0.0)?;
+    Ok(noise.broadcast_add(&delta)?)
+}
+
 /// `[b, 1, 1, …]` tensor of per-sample scalars, shaped to broadcast against `like`, in its dtype.
 pub fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
     let mut shape = vec![values.len()];
@@ -125,6 +138,29 @@ pub fn mean_per_sample(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offset_noise_shifts_each_channel_by_its_own_constant() {
+        let dev = candle_core::Device::Cpu;
+        let noise = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &dev).unwrap();
+        let delta = Tensor::new(&[[1f32, -2.0, 0.5], [0.0, 3.0, -1.0]], &dev).unwrap();
+        let out = offset_noise(&noise, &delta, 0.1).unwrap();
+        assert_eq!(out.dims(), noise.dims());
+        let diff = (out - &noise)
+            .unwrap()
+            .flatten_from(2)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let want = delta.to_vec2::<f32>().unwrap();
+        for (b, row) in diff.iter().enumerate() {
+            for (c, px) in row.iter().enumerate() {
+                for v in px {
+                    assert!((v - 0.1 * want[b][c]).abs() < 1e-6, "{b} {c} {v}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn boundary_conditions_hold() {

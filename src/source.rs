@@ -56,6 +56,10 @@ impl Defaults {
 const BUILTIN: &[(&str, &str)] = &[
     ("sd15", include_str!("../pipelines/sd15.toml")),
     ("lcm-sd15", include_str!("../pipelines/lcm-sd15.toml")),
+    (
+        "tiny-teacher",
+        include_str!("../pipelines/tiny-teacher.toml"),
+    ),
 ];
 
 /// Every pipeline definition compiled into the binary.

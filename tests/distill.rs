@@ -115,12 +115,33 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         &teacher,
         &teacher.config,
         &weights,
-        schedule,
+        schedule.clone(),
         other,
         &Device::Cpu,
     )
     .unwrap();
     assert!(c.resume(&latest).is_err());
+
+    // Offset noise changes what the first step sees (same seed, same rows, solver indices and
+    // w), and still trains.
+    let offset = DistillConfig {
+        noise_offset: 0.2,
+        ..config()
+    };
+    let mut d = Trainer::new(
+        &teacher,
+        &teacher.config,
+        &weights,
+        schedule,
+        offset,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = d.train_step(&data).unwrap();
+    assert!(
+        m.loss.is_finite() && m.loss != losses[0],
+        "{m:?} vs {losses:?}"
+    );
     std::fs::remove_dir_all(run).ok();
 }
 

@@ -208,7 +208,17 @@ fn pretrain_unet_trains_resumes_and_exports_a_generating_teacher() {
     // --init continues from the exported teacher (fresh optimizer): at lr 0 the weights it
     // exports are the ones it loaded, unet and text encoder alike.
     let e = root.join("e");
-    ok(run(&e, &["--init", model.to_str().unwrap(), "--lr", "0"]));
+    ok(run(
+        &e,
+        &[
+            "--init",
+            model.to_str().unwrap(),
+            "--lr",
+            "0",
+            "--noise-offset",
+            "0.1",
+        ],
+    ));
     for (part, file) in [
         ("unet", "diffusion_pytorch_model.safetensors"),
         ("text_encoder", "model.safetensors"),
@@ -229,5 +239,11 @@ fn pretrain_unet_trains_resumes_and_exports_a_generating_teacher() {
     let e = run(&root.join("f"), &["--init", vae.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(!e.status.success() && err.contains("--init"), "{err}");
+    let e = run(&root.join("g"), &["--noise-offset", "2"]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("--noise-offset"),
+        "{err}"
+    );
     std::fs::remove_dir_all(root).ok();
 }
