@@ -247,3 +247,92 @@ fn pretrain_unet_trains_resumes_and_exports_a_generating_teacher() {
     );
     std::fs::remove_dir_all(root).ok();
 }
+
+/// The teacher's ε-loss gradient is the true one along the whole text path (token embeddings,
+/// every text-encoder layer, the U-Net's cross-attention): for each variable, the directional
+/// derivative along its gradient, by central differences, equals the gradient's norm. Candle
+/// drops gradients silently (candle-0.11 notes); a present but wrong gradient would pass the
+/// "every weight gets a gradient" check and still keep the prompt from ever being learned.
+#[test]
+fn teacher_loss_gradients_through_the_text_path_match_finite_differences() -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Tensor, Var};
+    use std::collections::HashMap;
+    setup();
+    let dir = fixtures().join("tiny-sd");
+    let dev = Device::Cpu;
+    let load = |p: &str| -> anyhow::Result<HashMap<String, Var>> {
+        candle_core::safetensors::load(dir.join(p), &dev)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, Var::from_tensor(&v.to_dtype(DType::F64)?)?)))
+            .collect()
+    };
+    let uv = load("unet/diffusion_pytorch_model.safetensors")?;
+    let tv = load("text_encoder/model.safetensors")?;
+    let vb = |m: &HashMap<String, Var>| {
+        let t = m.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone()));
+        candle_nn::VarBuilder::from_tensors(t.collect(), DType::F64, &dev)
+    };
+    let ucfg = lcm::config::UNetConfig::load(&dir.join("unet/config.json"))?;
+    let tcfg = lcm::config::ClipTextConfig::load(&dir.join("text_encoder/config.json"))?;
+    let unet = lcm::unet::UNet2DConditionModel::new(&ucfg, vb(&uv))?;
+    let text = lcm::clip::ClipTextModel::new(&tcfg, vb(&tv))?;
+    let tok = lcm::tokenizer::ClipTokenizer::from_dir(
+        &dir.join("tokenizer"),
+        tcfg.max_position_embeddings,
+    )?;
+    let ids = Tensor::new(
+        tok.encode("a green circle on a red background")?
+            .ids
+            .as_slice(),
+        &dev,
+    )?
+    .unsqueeze(0)?
+    .repeat((2, 1))?;
+    let size = ucfg.sample_size.unwrap_or(8);
+    let shape = (2, ucfg.in_channels, size, size);
+    let x_t = Tensor::randn(0f64, 1.0, shape, &dev)?;
+    let noise = Tensor::randn(0f64, 1.0, shape, &dev)?;
+    let t = Tensor::new(&[500f64, 800.0], &dev)?;
+    let loss = || -> anyhow::Result<Tensor> {
+        let pred = unet.forward(&x_t, &t, &text.forward(&ids)?, None)?;
+        Ok((pred - &noise)?.sqr()?.mean_all()?)
+    };
+    let grads = loss()?.backward()?;
+    let mut checked: Vec<(String, &Var)> = tv.iter().map(|(k, v)| (k.clone(), v)).collect();
+    checked.extend(
+        uv.iter()
+            .filter(|(k, _)| k.contains("attn2"))
+            .map(|(k, v)| (k.clone(), v)),
+    );
+    checked.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut compared = 0;
+    for (name, var) in checked {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+        if norm < 1e-9 {
+            // k_proj biases: softmax is invariant to them, so their true gradient is zero.
+            assert!(name.ends_with("k_proj.bias"), "{name}: zero gradient");
+            continue;
+        }
+        let step = (g / norm)?.affine(1e-4, 0.0)?;
+        let orig = var.as_tensor().copy()?;
+        var.set(&(&orig + &step)?)?;
+        let plus = loss()?.to_scalar::<f64>()?;
+        var.set(&(&orig - &step)?)?;
+        let minus = loss()?.to_scalar::<f64>()?;
+        var.set(&orig)?;
+        let fd = (plus - minus) / 2e-4;
+        // f64 throughout (so attention takes the composite path; the fused f32 kernel's backward
+        // is checked against it in src/attention.rs): central differences agree to ~1e-6
+        // relative; 1e-3 leaves room.
+        assert!(
+            (fd - norm).abs() <= 1e-3 * norm,
+            "{name}: finite difference {fd:e} vs gradient norm {norm:e}"
+        );
+        compared += 1;
+    }
+    assert!(compared > 20, "only {compared} variables compared");
+    Ok(())
+}

