@@ -426,6 +426,12 @@ mod tests {
         assert!(defs.len() >= 2);
         for d in defs {
             assert!(d.repo.is_some() ^ d.path.is_some(), "{}", d.name);
+            // A shipped model's folder is in the repository, complete.
+            if let Some(p) = &d.path {
+                let dir = repo_root().join(p);
+                complete_folder(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", d.name));
+                assert_eq!(resolve(&d.name).unwrap().dir, dir);
+            }
         }
     }
 

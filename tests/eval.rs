@@ -12,7 +12,7 @@ use lcm::toydata;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use common::{fixtures, lcm_bin};
+use common::{assert_figures_match, eval_figures as figures, fixtures, lcm_bin};
 
 fn shipped() -> PathBuf {
     lcm::eval::default_evaluator()
@@ -77,13 +77,6 @@ fn shipped_evaluator_recognises_real_shapes_and_separates_noise() -> Result<()> 
     Ok(())
 }
 
-fn figures(path: &std::path::Path) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v.as_object_mut().unwrap().remove("ms_per_image");
-    v
-}
-
 #[test]
 fn eval_is_deterministic_and_names_bad_input() {
     common::setup();
@@ -115,26 +108,7 @@ fn eval_is_deterministic_and_names_bad_input() {
     assert_eq!(fa["samples"], 6);
     assert_eq!(fa["steps"], 1);
     // The stored figures (tests/fixtures/PROVENANCE.md says how they were made).
-    let stored: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("eval-tiny-lcm.json")).unwrap(),
-    )
-    .unwrap();
-    for k in ["fid", "agreement", "prompt_accuracy"] {
-        let (got, want) = (fa[k].as_f64().unwrap(), stored[k].as_f64().unwrap());
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs().max(1e-3),
-            "{k}: {got} vs stored {want}"
-        );
-    }
-    for k in [
-        "attribute_accuracy",
-        "shape_prompts",
-        "samples",
-        "steps",
-        "sampler",
-    ] {
-        assert_eq!(fa[k], stored[k], "{k}");
-    }
+    assert_figures_match(&fa, "eval-tiny-lcm.json");
     let md = std::fs::read_to_string(a.with_extension("md")).unwrap();
     assert!(
         md.contains("| FID ↓ |") && md.contains("| lcm | 1 |"),

@@ -13,7 +13,7 @@ use lcm::eval::{EvalPrompt, Evaluator};
 use lcm::pipeline::{GenerateRequest, Pipeline};
 use lcm::sampler::SeededNoise;
 
-use common::{fixtures, lcm_bin};
+use common::{assert_figures_match, eval_figures, fixtures, lcm_bin};
 
 /// Peak signal-to-noise ratio of two 8-bit images, in dB (∞ when equal).
 fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
@@ -69,6 +69,32 @@ fn assert_stable(model: &str, steps: &str, stored: &str) {
 #[test]
 fn shipped_teacher_reproduces_its_stored_image() {
     assert_stable("tiny-teacher", "20", "shipped/tiny-teacher-seed7.png");
+}
+
+/// `lcm eval` on a fixed small sample reproduces the figures stored with the weights.
+fn assert_eval_reproduced(model: &str, steps: &str, stored: &str) {
+    common::setup();
+    let dir = tmp(&format!("eval-{model}"));
+    let out = dir.join("eval.json");
+    let o = lcm_bin(&[
+        "eval",
+        "--model",
+        model,
+        "--samples",
+        "8",
+        "--steps",
+        steps,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_figures_match(&eval_figures(&out), stored);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn shipped_teacher_reproduces_its_stored_eval_figures() {
+    assert_eval_reproduced("tiny-teacher", "10", "shipped/eval-tiny-teacher.json");
 }
 
 /// Prompts naming a shape and a colour (and a background), each generated from `seeds` seeds:

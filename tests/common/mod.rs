@@ -111,3 +111,34 @@ pub fn losses(metrics: &std::path::Path) -> Vec<(u64, f64)> {
         })
         .collect()
 }
+
+/// The figures `lcm eval` wrote to `path`, without the timing (which varies run to run).
+pub fn eval_figures(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_object_mut().unwrap().remove("ms_per_image");
+    v
+}
+
+/// `lcm eval` figures against those stored in tests/fixtures/`stored` (PROVENANCE.md there): the
+/// scores to 1e-4 relative (the sums run in another order on other CPUs), the rest exactly.
+pub fn assert_figures_match(got: &serde_json::Value, stored: &str) {
+    let text = std::fs::read_to_string(fixtures().join(stored)).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for k in ["fid", "agreement", "prompt_accuracy"] {
+        let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1e-3),
+            "{k}: {g} vs stored {w} ({stored})"
+        );
+    }
+    for k in [
+        "attribute_accuracy",
+        "shape_prompts",
+        "samples",
+        "steps",
+        "sampler",
+    ] {
+        assert_eq!(got[k], want[k], "{k} ({stored})");
+    }
+}
