@@ -10,6 +10,9 @@ WORK=${1:-tiny-work}
 mkdir -p "$WORK"
 cargo build --release
 LCM=target/release/lcm
+# One thread for matmuls too: at these sizes a teacher step took 0.92 s on one thread against
+# 1.21 s on two beside another job (docs/benchmarks.md); two stages can then run side by side.
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1}
 
 # Data: procedural shapes (train + held-out) and the Noto emoji with a held-out split.
 [ -f "$WORK/data/shapes/metadata.jsonl" ] || $LCM data shapes --out "$WORK/data/shapes" --count 20000 --seed 0
