@@ -7,12 +7,12 @@ mod common;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use lcm::eval::{EvalPrompt, Evaluator};
+use lcm::eval::Evaluator;
 use lcm::toydata;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use common::{assert_figures_match, eval_figures as figures, fixtures, lcm_bin};
+use common::{assert_figures_match, eval_figures as figures, fixtures, lcm_bin, rendered};
 
 fn shipped() -> PathBuf {
     lcm::eval::default_evaluator()
@@ -22,22 +22,6 @@ fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lcm-eval-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Rendered shapes with full captions (a seed the training and held-out sets never used).
-fn rendered(n: usize, seed: u64) -> (Vec<EvalPrompt>, Vec<image::RgbImage>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let a = toydata::random_attrs(&mut rng);
-            let img = toydata::render(&a, 64, &mut rng);
-            let p = EvalPrompt {
-                text: toydata::caption(&a, 0),
-                category: Some("shape".into()),
-            };
-            (p, img)
-        })
-        .unzip()
 }
 
 #[test]

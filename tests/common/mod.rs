@@ -142,3 +142,20 @@ pub fn assert_figures_match(got: &serde_json::Value, stored: &str) {
         assert_eq!(got[k], want[k], "{k} ({stored})");
     }
 }
+
+/// Rendered shapes with full captions (from a seed the training and held-out sets never used).
+pub fn rendered(n: usize, seed: u64) -> (Vec<lcm::eval::EvalPrompt>, Vec<image::RgbImage>) {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let a = lcm::toydata::random_attrs(&mut rng);
+            let img = lcm::toydata::render(&a, 64, &mut rng);
+            let p = lcm::eval::EvalPrompt {
+                text: lcm::toydata::caption(&a, 0),
+                category: Some("shape".into()),
+            };
+            (p, img)
+        })
+        .unzip()
+}
