@@ -58,12 +58,13 @@ fi
 # 1000 steps on plain noise, then from that export with offset noise 0.2 (weights/README.md says
 # why). The second part's length is what weights/README.md records; it spans sessions through
 # --init from its exports.
-if [ ! -f "$WORK/teacher/model/model_index.json" ]; then
+# (A "done" marker, not the export: samples every 500 steps export model/ before the part ends.)
+if [ ! -f "$WORK/teacher/done" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain unet --config configs/tiny --vae "$VAE" \
         --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher" \
         --max-steps 1000 --batch-size 16 --lr 1e-3 --warmup-steps 200 --save-every 250 --sample-every 500 \
-        --seed 0 $(resume_flag "$WORK/teacher")
+        --seed 0 $(resume_flag "$WORK/teacher") && touch "$WORK/teacher/done"
 fi
 if [ ! -f "$WORK/teacher2/done" ]; then
     # shellcheck disable=SC2046

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -47,6 +47,22 @@ pub struct DistillConfig {
     /// teacher's own training value. 0 = the reference script's plain ε.
     #[serde(default)]
     pub noise_offset: f64,
+}
+
+impl DistillConfig {
+    /// The settings' own bounds, named by their flags (checked before any data is encoded).
+    pub fn check(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("--batch-size and --grad-accum must be at least 1")
+        }
+        if self.w_min > self.w_max {
+            bail!("--w-min {} exceeds --w-max {}", self.w_min, self.w_max)
+        }
+        if !(0.0..=1.0).contains(&self.noise_offset) {
+            bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
+        }
+        Ok(())
+    }
 }
 
 impl Default for DistillConfig {
@@ -154,12 +170,7 @@ impl<'t> Trainer<'t> {
         config: DistillConfig,
         device: &Device,
     ) -> Result<Self> {
-        if config.batch_size == 0 || config.grad_accum == 0 {
-            bail!("--batch-size and --grad-accum must be at least 1")
-        }
-        if config.w_min > config.w_max {
-            bail!("--w-min {} exceeds --w-max {}", config.w_min, config.w_max)
-        }
+        config.check()?;
         if let Some(rank) = config.lora_rank {
             let base: HashMap<String, Tensor> = student_init
                 .iter()
@@ -288,9 +299,8 @@ impl<'t> Trainer<'t> {
             let mut noise = noise_src.sample(z0.shape(), &self.device)?;
             if cfg.noise_offset > 0.0 {
                 // Drawn only with an offset, so plain runs keep their random stream.
-                let per_channel = SeededNoise::new(rng.random())
-                    .sample(&Shape::from(&z0.dims()[..2]), &self.device)?;
-                noise = crate::schedule::offset_noise(&noise, &per_channel, cfg.noise_offset)?;
+                let mut src = SeededNoise::new(rng.random());
+                noise = crate::schedule::offset_noise(&noise, cfg.noise_offset, &mut src)?;
             }
             let batch = LcdBatch {
                 z0: &z0,
@@ -715,9 +725,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         lora_rank: args.lora_rank,
         noise_offset: args.noise_offset,
     };
-    if !(0.0..=1.0).contains(&config.noise_offset) {
-        bail!("--noise-offset {} must be in [0, 1]", config.noise_offset)
-    }
+    config.check()?;
     if pipe.unet.config.time_cond_proj_dim.is_some() {
         bail!(
             "--teacher {}: its U-Net already has a guidance embedding (an LCM); distil from a many-step teacher",

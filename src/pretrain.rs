@@ -415,7 +415,6 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every tensor of a component folder's safetensors files.
 /// Replace every freshly initialised tensor by the trained one of the same name (`--init`): the
 /// trained folder must hold each of them with the config's shape.
 fn overwrite_from(
@@ -440,6 +439,7 @@ fn overwrite_from(
     Ok(())
 }
 
+/// Every tensor of a component folder's safetensors files.
 fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in crate::source::weight_file(dir)? {
@@ -759,9 +759,8 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         let mut noise = SeededNoise::new(rng.random()).sample(&shape, &device)?;
         if args.noise_offset > 0.0 {
             // Drawn only with an offset, so plain runs keep their random stream (and resumes).
-            let per_channel = SeededNoise::new(rng.random())
-                .sample(&candle_core::Shape::from(&shape.dims()[..2]), &device)?;
-            noise = crate::schedule::offset_noise(&noise, &per_channel, args.noise_offset)?;
+            let mut src = SeededNoise::new(rng.random());
+            noise = crate::schedule::offset_noise(&noise, args.noise_offset, &mut src)?;
         }
         let x_t = schedule.add_noise(&z0, &noise, &t)?;
         let ctx = model.text.forward(&ids)?;

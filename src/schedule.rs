@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use crate::config::SchedulerConfig;
+use crate::sampler::NoiseSource;
 
 #[derive(Debug, Clone)]
 pub struct NoiseSchedule {
@@ -80,17 +81,17 @@ impl NoiseSchedule {
     }
 }
 
-/// diffusers' `noise_offset` (offset noise): ε + s·δ, δ ~ N(0, 1) drawn once per sample and
-/// channel (`per_channel`: `[b, c]`) and constant over space. Small latents leave the per-channel
-/// mean of x_T readable at SD1.5's last timestep (at 16×16 the mean of ε has std 1/16, about the
-/// signal √ᾱ_T·std(mean x0)), so a model trained on plain ε takes the image's overall colour from
-/// the seed instead of the prompt; the offset makes that mean uninformative.
-pub fn offset_noise(noise: &Tensor, per_channel: &Tensor, strength: f64) -> Result<Tensor> {
-    let (b, c) = per_channel.dims2()?;
-    let mut shape = vec![b, c];
-    shape.extend(std::iter::repeat_n(1, noise.rank().saturating_sub(2)));
-    let delta = per_channel.reshape(shape)?.affine(strength, 0.0)?;
-    Ok(noise.broadcast_add(&delta)?)
+/// diffusers' `noise_offset` (offset noise): ε + s·δ, δ ~ N(0, 1) drawn from `src` once per
+/// sample and channel and constant over space. Small latents leave the per-channel mean of x_T
+/// readable at SD1.5's last timestep (at 16×16 the mean of ε has std 1/16, about the signal
+/// √ᾱ_T·std(mean x0)), so a model trained on plain ε takes the image's overall colour from the
+/// seed instead of the prompt; the offset makes that mean uninformative.
+pub fn offset_noise(noise: &Tensor, strength: f64, src: &mut dyn NoiseSource) -> Result<Tensor> {
+    let dims = noise.dims();
+    let mut shape = dims[..2].to_vec();
+    shape.extend(std::iter::repeat_n(1, dims.len().saturating_sub(2)));
+    let delta = src.sample(&shape.into(), noise.device())?;
+    Ok(noise.broadcast_add(&delta.affine(strength, 0.0)?)?)
 }
 
 /// `[b, 1, 1, …]` tensor of per-sample scalars, shaped to broadcast against `like`, in its dtype.
@@ -144,7 +145,10 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let noise = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &dev).unwrap();
         let delta = Tensor::new(&[[1f32, -2.0, 0.5], [0.0, 3.0, -1.0]], &dev).unwrap();
-        let out = offset_noise(&noise, &delta, 0.1).unwrap();
+        let mut src = crate::sampler::RecordedNoise(
+            [delta.reshape((2, 3, 1, 1)).unwrap()].into_iter().collect(),
+        );
+        let out = offset_noise(&noise, 0.1, &mut src).unwrap();
         assert_eq!(out.dims(), noise.dims());
         let diff = (out - &noise)
             .unwrap()
