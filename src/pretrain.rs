@@ -523,6 +523,10 @@ pub struct UnetArgs {
     /// latents leave the mean of x_T readable under SD1.5's schedule). 0 = plain ε.
     #[arg(long, default_value_t = 0.0)]
     pub noise_offset: f64,
+    /// Min-SNR-γ loss weighting (diffusers' `--snr_gamma`; 5 is the paper's choice): weight each
+    /// sample's ε loss by min(SNR_t, γ)/SNR_t. 0 = unweighted (the reference's default).
+    #[arg(long, default_value_t = 0.0)]
+    pub snr_gamma: f64,
     /// Start from a trained teacher folder's unet/ and text_encoder/ weights (fresh optimizer)
     /// instead of a seeded init, so that a stage can span sessions through its exported weights.
     #[arg(long)]
@@ -536,6 +540,8 @@ struct UnetRunState {
     caption_dropout: f64,
     #[serde(default)]
     noise_offset: f64,
+    #[serde(default)]
+    snr_gamma: f64,
     resolution: usize,
     batch_size: usize,
     seed: u64,
@@ -696,6 +702,9 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.noise_offset) {
         bail!("--noise-offset {} must be in [0, 1]", args.noise_offset)
     }
+    if args.snr_gamma.is_nan() || args.snr_gamma < 0.0 {
+        bail!("--snr-gamma {} must be ≥ 0", args.snr_gamma)
+    }
     let data = encode_for_unet(args, &vae, &tokenizer, &device)?;
     let n = data.mean.dim(0)?;
     eprintln!("{n} training examples, latents {:?}", data.mean.dims());
@@ -717,6 +726,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     let run_state = UnetRunState {
         caption_dropout: args.caption_dropout,
         noise_offset: args.noise_offset,
+        snr_gamma: args.snr_gamma,
         resolution: c.resolution,
         batch_size: c.batch_size,
         seed: c.seed,
@@ -768,7 +778,14 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         let pred = model
             .unet
             .forward(&x_t, &Tensor::new(tf.as_slice(), &device)?, &ctx, None)?;
-        let loss = (pred - &noise)?.sqr()?.mean_all()?;
+        let sq = (pred - &noise)?.sqr()?;
+        let loss = if args.snr_gamma > 0.0 {
+            let w = crate::schedule::min_snr_weights(&schedule, &t, args.snr_gamma);
+            let w = Tensor::from_vec(w.iter().map(|&v| v as f32).collect(), b, &device)?;
+            (crate::schedule::mean_per_sample(&sq)? * w)?.mean_all()?
+        } else {
+            sq.mean_all()?
+        };
         let l = loss.to_scalar::<f32>()? as f64;
         let (lr, gn) = state.apply(&loss)?;
         log.record(

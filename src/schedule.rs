@@ -130,6 +130,20 @@ pub fn boundary_scalings(t: f64, timestep_scaling: f64) -> (f64, f64) {
     (c_skip, c_out)
 }
 
+/// Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023; diffusers' `--snr_gamma`):
+/// min(SNR_t, γ)/SNR_t with SNR_t = ᾱ_t/(1 − ᾱ_t). Nearly clean timesteps, where the ε loss is
+/// spent on fine detail, are weighted down; the noisy ones that decide layout keep weight 1.
+pub fn min_snr_weights(schedule: &NoiseSchedule, timesteps: &[usize], gamma: f64) -> Vec<f64> {
+    timesteps
+        .iter()
+        .map(|&t| {
+            let a = schedule.alpha_bar(t as i64);
+            let snr = a / (1.0 - a);
+            snr.min(gamma) / snr
+        })
+        .collect()
+}
+
 /// Mean over all but the batch dimension, e.g. a per-sample loss.
 pub fn mean_per_sample(x: &Tensor) -> Result<Tensor> {
     let b = x.dim(0)?;
@@ -164,6 +178,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn min_snr_weights_cap_only_the_clean_timesteps() {
+        let s = NoiseSchedule::from_config(&SchedulerConfig::default()).unwrap();
+        let ts = [0, 100, 500, 999];
+        let w = min_snr_weights(&s, &ts, 5.0);
+        for (&t, &w) in ts.iter().zip(&w) {
+            let a = s.alphas_cumprod[t];
+            let snr = a / (1.0 - a);
+            let want = if snr > 5.0 { 5.0 / snr } else { 1.0 };
+            assert!((w - want).abs() < 1e-12, "t {t}: {w} vs {want}");
+        }
+        // SD1.5's schedule: t = 0 is almost clean (weight ≪ 1), t = 999 pure noise (weight 1).
+        assert!(w[0] < 0.01 && w[3] == 1.0);
+        assert!(w.windows(2).all(|p| p[0] <= p[1]));
+        assert!(min_snr_weights(&s, &ts, f64::INFINITY)
+            .iter()
+            .all(|&w| w == 1.0));
     }
 
     #[test]
