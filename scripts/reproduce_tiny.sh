@@ -16,6 +16,8 @@ export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1}
 
 # Data: procedural shapes (train + held-out) and the Noto emoji with a held-out split.
 [ -f "$WORK/data/shapes/metadata.jsonl" ] || $LCM data shapes --out "$WORK/data/shapes" --count 20000 --seed 0
+# The distillation reads the first 8000 of them (the same seed gives the same images).
+[ -f "$WORK/data/shapes8k/metadata.jsonl" ] || $LCM data shapes --out "$WORK/data/shapes8k" --count 8000 --seed 0
 [ -f "$WORK/data/shapes-heldout/metadata.jsonl" ] || $LCM data shapes --out "$WORK/data/shapes-heldout" --count 1000 --seed 1
 if [ ! -f "$WORK/data/emoji/train/metadata.jsonl" ]; then
     (cd "$WORK" && npm pack emoji-datasource-google@16.0.0 >/dev/null && mkdir -p emoji-pkg && tar xzf emoji-datasource-google-16.0.0.tgz -C emoji-pkg)
@@ -56,8 +58,8 @@ fi
 
 # Stage 2: the teacher (U-Net + text encoder) on the VAE's latents, in the parts that were run:
 # 1000 steps on plain noise, then from that export with offset noise 0.2 (weights/README.md says
-# why). The second part's length is what weights/README.md records; it spans sessions through
-# --init from its exports.
+# why), then a third part with min-SNR weighting; each part starts from the previous one's export
+# (--init, fresh optimizer), which is how the stage spanned sessions.
 # (A "done" marker, not the export: samples every 500 steps export model/ before the part ends.)
 if [ ! -f "$WORK/teacher/done" ]; then
     # shellcheck disable=SC2046
@@ -70,16 +72,25 @@ if [ ! -f "$WORK/teacher2/done" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain unet --config configs/tiny --vae "$VAE" --init "$WORK/teacher/model" --noise-offset 0.2 \
         --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher2" \
-        --max-steps "${TEACHER2_STEPS:-8000}" --batch-size 16 --lr 1e-3 --warmup-steps 100 --save-every 250 \
+        --max-steps 5000 --batch-size 16 --lr 1e-3 --warmup-steps 100 --save-every 250 \
         --sample-every 500 --seed 1 $(resume_flag "$WORK/teacher2") && touch "$WORK/teacher2/done"
 fi
-TEACHER="$WORK/teacher2/model"
+# Part 3: from part 2's export with min-SNR-5 weighting, constant lr to 2000, then falling linearly
+# to a tenth at 4000 (weights/README.md: it learned shapes faster than the unweighted continuation).
+if [ ! -f "$WORK/teacher3/done" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain unet --config configs/tiny --vae "$VAE" --init "$WORK/teacher2/model" --noise-offset 0.2 \
+        --snr-gamma 5 --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher3" \
+        --max-steps 4000 --decay-from 2000 --batch-size 16 --lr 1e-3 --warmup-steps 100 --save-every 250 \
+        --sample-every 500 --seed 2 $(resume_flag "$WORK/teacher3") && touch "$WORK/teacher3/done"
+fi
+TEACHER="$WORK/teacher3/model"
 
-# Stage 3: the LCM, distilled from the teacher on the same data. (Provisional settings, like stage 2.)
+# Stage 3: the LCM, distilled from the teacher on the first 8000 shapes and the emoji twice.
 if [ ! -f "$WORK/lcm/model_index.json" ]; then
     # shellcheck disable=SC2046
-    $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" \
-        --output "$WORK/lcm" --max-steps 3000 --batch-size 16 --lr 1e-4 --warmup-steps 200 \
+    $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
+        --output "$WORK/lcm" --max-steps 3000 --batch-size 16 --lr 2e-4 --warmup-steps 100 \
         --w-embed-dim 64 --w-min 2 --w-max 8 --save-every 250 --sample-every 500 \
         --seed 0 $(resume_flag "$WORK/lcm")
 fi

@@ -60,6 +60,7 @@ const BUILTIN: &[(&str, &str)] = &[
         "tiny-teacher",
         include_str!("../pipelines/tiny-teacher.toml"),
     ),
+    ("tiny", include_str!("../pipelines/tiny.toml")),
 ];
 
 /// Every pipeline definition compiled into the binary.
@@ -75,7 +76,7 @@ pub fn builtin_pipelines() -> Result<Vec<PipelineDef>> {
 
 /// The model used when no `--model` is given (generate, serve).
 pub fn default_model() -> Result<String> {
-    bail!("--model is required until the project ships its default model (see `lcm models`)")
+    Ok("tiny".to_string())
 }
 
 pub fn find_pipeline(name: &str) -> Result<Option<PipelineDef>> {

@@ -40,14 +40,15 @@ fn tmp(tag: &str) -> PathBuf {
 /// sampling steps carry that into the last bit of a few pixels. 40 dB is an RMS error of 2.5 of
 /// 255, far above what a change to the weights gives (two exports of the teacher's run 500
 /// steps apart score 7 dB against each other).
-fn assert_stable(model: &str, steps: &str, stored: &str) {
+fn assert_stable(model: Option<&str>, steps: &str, stored: &str) {
     common::setup();
-    let dir = tmp(model);
+    let dir = tmp(model.unwrap_or("default"));
     let out = dir.join("out.png");
-    let o = lcm_bin(&[
-        "generate",
-        "--model",
-        model,
+    let mut args = vec!["generate"];
+    if let Some(m) = model {
+        args.extend(["--model", m]);
+    }
+    args.extend([
         "--prompt",
         "a large red circle in the center on a blue background",
         "--steps",
@@ -57,18 +58,25 @@ fn assert_stable(model: &str, steps: &str, stored: &str) {
         "--output",
         out.to_str().unwrap(),
     ]);
+    let o = lcm_bin(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
     let want = image::open(fixtures().join(stored)).unwrap().to_rgb8();
     assert_eq!(got.dimensions(), (64, 64), "the shipped models are 64²");
     let p = psnr(&got, &want);
-    assert!(p >= 40.0, "{model}: PSNR {p:.1} dB against {stored}");
+    assert!(p >= 40.0, "{model:?}: PSNR {p:.1} dB against {stored}");
     std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
 fn shipped_teacher_reproduces_its_stored_image() {
-    assert_stable("tiny-teacher", "20", "shipped/tiny-teacher-seed7.png");
+    assert_stable(Some("tiny-teacher"), "20", "shipped/tiny-teacher-seed7.png");
+}
+
+/// `lcm generate` without `--model` runs the shipped LCM (`tiny`).
+#[test]
+fn default_model_reproduces_its_stored_image() {
+    assert_stable(None, "4", "shipped/tiny-seed7.png");
 }
 
 /// `lcm eval` on a fixed small sample reproduces the figures stored with the weights.
@@ -95,6 +103,11 @@ fn assert_eval_reproduced(model: &str, steps: &str, stored: &str) {
 #[test]
 fn shipped_teacher_reproduces_its_stored_eval_figures() {
     assert_eval_reproduced("tiny-teacher", "10", "shipped/eval-tiny-teacher.json");
+}
+
+#[test]
+fn shipped_lcm_reproduces_its_stored_eval_figures() {
+    assert_eval_reproduced("tiny", "4", "shipped/eval-tiny.json");
 }
 
 /// Prompts naming a shape and a colour (and a background), each generated from `seeds` seeds:
@@ -147,8 +160,10 @@ fn assert_prompts_followed(dir: &Path, req: GenerateRequest, seeds: u64) -> Resu
 }
 
 #[test]
-#[ignore = "weights/tiny-teacher is an intermediate export that does not follow prompts yet \
-            (weights/README.md, stage 2); run with --ignored once the stage is finished"]
+// Measured 2026-12-02 for the committed teacher (shape / colour): circle 0.50 / 1.00, square
+// 0.33 / 1.00, triangle 0.00 / 0.00, star 0.00 / 0.17, cross 0.17 / 1.00.
+#[ignore = "the shipped teacher draws the named colour, not yet the named shape, for most seeds \
+            (weights/README.md, stage 2); run with --ignored to measure it"]
 fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
     let dir = lcm::source::resolve("tiny-teacher")?.dir;
     let req = GenerateRequest {
@@ -156,6 +171,18 @@ fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
         ..Default::default()
     };
     assert_prompts_followed(&dir, req, 6)
+}
+
+/// Must-show 2: the default model (`lcm generate` with no `--model`, at its own defaults: LCM,
+/// 4 steps) draws the shape and colour a prompt names for most seeds.
+// Measured 2026-12-02 for the committed LCM (shape / colour): circle 0.50 / 1.00, square
+// 0.00 / 1.00, triangle 0.17 / 0.00, star 0.83 / 0.17, cross 0.00 / 1.00 — as its teacher.
+#[test]
+#[ignore = "the shipped LCM, like its teacher, draws the named colour but not yet the named shape \
+            for most seeds (weights/README.md); run with --ignored to measure it"]
+fn default_model_follows_shape_and_colour() -> Result<()> {
+    let dir = lcm::source::resolve(&lcm::source::default_model()?)?.dir;
+    assert_prompts_followed(&dir, GenerateRequest::default(), 6)
 }
 
 /// The shipped VAE keeps what the evaluator reads: freshly rendered shapes (a seed no training
