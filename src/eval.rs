@@ -768,10 +768,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             evaluator.prompts.len()
         )
     }
-    let model_name = match &args.model {
-        Some(m) => m.clone(),
-        None => crate::source::default_model()?,
-    };
+    let model_name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| crate::source::DEFAULT_MODEL.to_string());
     let (device, dtype) = args.runtime.resolve()?;
     let resolved = crate::source::resolve(&model_name)?;
     let pipe = Pipeline::load(&resolved.dir, &device, dtype)

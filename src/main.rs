@@ -221,10 +221,10 @@ fn models() -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let model_name = match &args.model {
-        Some(m) => m.clone(),
-        None => source::default_model()?,
-    };
+    let model_name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| source::DEFAULT_MODEL.to_string());
     let (device, dtype) = args.runtime.resolve()?;
     let resolved = source::resolve(&model_name)?;
 

@@ -781,8 +781,8 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         let sq = (pred - &noise)?.sqr()?;
         let loss = if args.snr_gamma > 0.0 {
             let w = crate::schedule::min_snr_weights(&schedule, &t, args.snr_gamma);
-            let w = Tensor::from_vec(w.iter().map(|&v| v as f32).collect(), b, &device)?;
-            (crate::schedule::mean_per_sample(&sq)? * w)?.mean_all()?
+            sq.broadcast_mul(&crate::schedule::per_sample(&w, &sq)?)?
+                .mean_all()?
         } else {
             sq.mean_all()?
         };

@@ -74,10 +74,8 @@ pub fn builtin_pipelines() -> Result<Vec<PipelineDef>> {
         .collect()
 }
 
-/// The model used when no `--model` is given (generate, serve).
-pub fn default_model() -> Result<String> {
-    Ok("tiny".to_string())
-}
+/// The model used when no `--model` is given (generate, eval, serve): the shipped LCM.
+pub const DEFAULT_MODEL: &str = "tiny";
 
 pub fn find_pipeline(name: &str) -> Result<Option<PipelineDef>> {
     Ok(builtin_pipelines()?.into_iter().find(|p| p.name == name))

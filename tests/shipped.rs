@@ -181,7 +181,7 @@ fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
 #[ignore = "the shipped LCM, like its teacher, draws the named colour but not yet the named shape \
             for most seeds (weights/README.md); run with --ignored to measure it"]
 fn default_model_follows_shape_and_colour() -> Result<()> {
-    let dir = lcm::source::resolve(&lcm::source::default_model()?)?.dir;
+    let dir = lcm::source::resolve(lcm::source::DEFAULT_MODEL)?.dir;
     assert_prompts_followed(&dir, GenerateRequest::default(), 6)
 }
 
