@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::UNetConfig;
 use crate::lcd::{lcd_step, DdimSolver, Denoiser, LcdBatch, LcdConfig, Loss};
-use crate::optim::{clip_grad_norm, ema_update, warmup_lr, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, ema_update, linear_decay, warmup_lr, AdamW, AdamWConfig};
 use crate::sampler::{NoiseSource, SeededNoise};
 use crate::schedule::NoiseSchedule;
 use crate::unet::UNet2DConditionModel;
@@ -47,6 +47,10 @@ pub struct DistillConfig {
     /// teacher's own training value. 0 = the reference script's plain ε.
     #[serde(default)]
     pub noise_offset: f64,
+    /// Linear learning-rate decay (from step, to step) down to a tenth of the rate, as
+    /// `lcm pretrain --decay-from`; None keeps it constant after the warm-up, as the reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay: Option<(u64, u64)>,
 }
 
 impl DistillConfig {
@@ -60,6 +64,11 @@ impl DistillConfig {
         }
         if !(0.0..=1.0).contains(&self.noise_offset) {
             bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
+        }
+        if let Some((from, to)) = self.decay {
+            if from >= to {
+                bail!("--decay-from {from} must be below --max-steps {to}")
+            }
         }
         Ok(())
     }
@@ -84,6 +93,7 @@ impl Default for DistillConfig {
             timestep_scaling: 10.0,
             lora_rank: None,
             noise_offset: 0.0,
+            decay: None,
         }
     }
 }
@@ -340,11 +350,14 @@ impl<'t> Trainer<'t> {
         let mut grads = grads.context("no gradients")?;
         let refs: Vec<&Var> = vars.iter().collect();
         let grad_norm = clip_grad_norm(&refs, &mut grads, self.config.max_grad_norm)?;
-        let lr = warmup_lr(
+        let mut lr = warmup_lr(
             self.config.adamw.lr,
             self.config.warmup_steps,
             self.step + 1,
         );
+        if let Some((from, to)) = self.config.decay {
+            lr = linear_decay(lr, from, to, 0.1, self.step + 1);
+        }
         self.opt.step(&grads, lr)?;
         if self.lora_base.is_none() {
             ema_update(&self.target_vars, &self.student_vars, self.config.ema)?;
@@ -451,6 +464,10 @@ pub struct DistillArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 500)]
     pub warmup_steps: u64,
+    /// From this step on, the learning rate falls linearly to a tenth of --lr at --max-steps
+    /// (default: constant after the warm-up, as the reference script).
+    #[arg(long)]
+    pub decay_from: Option<u64>,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 5.0)]
@@ -724,6 +741,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
         lora_rank: args.lora_rank,
         noise_offset: args.noise_offset,
+        decay: args.decay_from.map(|from| (from, args.max_steps)),
     };
     config.check()?;
     if pipe.unet.config.time_cond_proj_dim.is_some() {

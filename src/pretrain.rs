@@ -72,6 +72,11 @@ pub struct VaeArgs {
     /// Start from a trained VAE folder's weights (fresh optimizer) instead of a seeded init.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Train the decoder (and post_quant_conv) alone, with --init's encoder frozen: the latents,
+    /// and so every U-Net trained on them, stay valid while the reconstructions sharpen. Keeps
+    /// --init's scaling_factor.
+    #[arg(long, requires = "init")]
+    pub decoder_only: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -102,6 +107,8 @@ pub fn load_images(dirs: &[PathBuf], resolution: usize) -> Result<(Tensor, Vec<S
 /// Trainable variables by name, with AdamW, a step counter and the seed: what a checkpoint holds.
 pub struct TrainState {
     pub vars: HashMap<String, Var>,
+    /// Weights the model reads but the optimizer leaves alone (saved and exported with the rest).
+    frozen: HashMap<String, Var>,
     opt: AdamW,
     pub step: u64,
     seed: u64,
@@ -113,10 +120,28 @@ pub struct TrainState {
 
 impl TrainState {
     pub fn new(weights: HashMap<String, Tensor>, args: &CommonArgs) -> Result<Self> {
-        let vars: HashMap<String, Var> = weights
-            .into_iter()
-            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
-            .collect::<Result<_>>()?;
+        Self::with_trainable(weights, args, |_| true)
+    }
+
+    /// Only the weights `trainable` accepts by name are optimised; the others stay frozen.
+    pub fn with_trainable(
+        weights: HashMap<String, Tensor>,
+        args: &CommonArgs,
+        trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let mut vars = HashMap::new();
+        let mut frozen = HashMap::new();
+        for (k, t) in weights {
+            let v = Var::from_tensor(&t)?;
+            if trainable(&k) {
+                vars.insert(k, v);
+            } else {
+                frozen.insert(k, v);
+            }
+        }
+        if vars.is_empty() {
+            bail!("no trainable weights")
+        }
         let opt = AdamW::new(
             vars.clone(),
             AdamWConfig {
@@ -127,6 +152,7 @@ impl TrainState {
         )?;
         Ok(Self {
             vars,
+            frozen,
             opt,
             step: 0,
             seed: args.seed,
@@ -140,10 +166,12 @@ impl TrainState {
     /// A VarBuilder over the live variables (gradients flow into them).
     pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
         let map = candle_nn::VarMap::new();
-        map.data()
-            .lock()
-            .expect("varmap lock")
-            .extend(self.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        map.data().lock().expect("varmap lock").extend(
+            self.vars
+                .iter()
+                .chain(&self.frozen)
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         VarBuilder::from_varmap(&map, DType::F32, device)
     }
 
@@ -151,6 +179,7 @@ impl TrainState {
     pub fn weights(&self) -> HashMap<String, Tensor> {
         self.vars
             .iter()
+            .chain(&self.frozen)
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect()
     }
@@ -222,7 +251,7 @@ impl TrainState {
         };
         let ck = Checkpoint::open(&dir)?;
         let model = ck.group("model", device)?;
-        for (name, var) in &self.vars {
+        for (name, var) in self.vars.iter().chain(&self.frozen) {
             let t = model
                 .get(name)
                 .with_context(|| format!("checkpoint {} lacks {name}", dir.display()))?;
@@ -291,28 +320,40 @@ impl RunLog {
 #[derive(Serialize, Deserialize, PartialEq)]
 struct VaeRunState {
     kl_weight: f64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    decoder_only: bool,
     resolution: usize,
     batch_size: usize,
     seed: u64,
 }
 
 /// One VAE training step's loss: L1 reconstruction + kl_weight · KL(q(z|x) ‖ N(0, I)), both per
-/// element means.
+/// element means. `decoder_only`: the latent sample is detached, so no gradient reaches the
+/// encoder (nor its backward pass runs), and the loss is the reconstruction alone (the KL is
+/// still reported).
 pub fn vae_loss(
     vae: &AutoencoderKL,
     images: &Tensor,
     noise: &Tensor,
     kl_weight: f64,
+    decoder_only: bool,
 ) -> Result<(Tensor, f64, f64)> {
     let post = vae.encode(images)?;
-    let z = post.sample_with(noise)?;
+    let mut z = post.sample_with(noise)?;
+    if decoder_only {
+        z = z.detach();
+    }
     let recon = vae.decode(&z)?;
     let rec = (recon - images)?.abs()?.mean_all()?;
     let kl = ((post.mean.sqr()? + post.logvar.exp()?)? - 1.0)?
         .sub(&post.logvar)?
         .mean_all()?
         .affine(0.5, 0.0)?;
-    let loss = (&rec + (&kl * kl_weight)?)?;
+    let loss = if decoder_only {
+        rec.clone()
+    } else {
+        (&rec + (&kl * kl_weight)?)?
+    };
     let (r, k) = (
         rec.to_scalar::<f32>()? as f64,
         kl.to_scalar::<f32>()? as f64,
@@ -346,12 +387,23 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     let n = images.dim(0)?;
     eprintln!("{n} training images at {}²", c.resolution);
     let mut init = crate::init::init_weights(c.seed, &device, |vb| AutoencoderKL::new(&cfg, vb))?;
+    let mut kept_scaling = None;
     if let Some(dir) = &args.init {
         overwrite_from(&mut init, &load_component(dir, &device)?, dir)?;
+        if args.decoder_only {
+            kept_scaling = Some(VaeConfig::load(&dir.join("config.json"))?.scaling_factor);
+        }
     }
-    let mut state = TrainState::new(init, c)?;
+    let mut state = if args.decoder_only {
+        TrainState::with_trainable(init, c, |name| {
+            name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+        })?
+    } else {
+        TrainState::new(init, c)?
+    };
     let run_state = VaeRunState {
         kl_weight: args.kl_weight,
+        decoder_only: args.decoder_only,
         resolution: c.resolution,
         batch_size: c.batch_size,
         seed: c.seed,
@@ -372,7 +424,7 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
         let mut rng = state.rng();
         let batch = images.index_select(&rows(&mut rng, n, c.batch_size, &device)?, 0)?;
         let noise = SeededNoise::new(rng.random()).sample(&lat_shape.into(), &device)?;
-        let (loss, rec, kl) = vae_loss(&vae, &batch, &noise, args.kl_weight)?;
+        let (loss, rec, kl) = vae_loss(&vae, &batch, &noise, args.kl_weight, args.decoder_only)?;
         let l = loss.to_scalar::<f32>()? as f64;
         let (lr, gn) = state.apply(&loss)?;
         log.record(
@@ -399,7 +451,10 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
         &c.output,
         serde_json::json!({"step": state.step, "run": run_state}),
     )?;
-    let scaling = latent_scaling(&vae, &images)?;
+    let scaling = match kept_scaling {
+        Some(s) => s,
+        None => latent_scaling(&vae, &images)?,
+    };
     export_vae(
         &args.config,
         &state.weights(),

@@ -132,7 +132,7 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         &teacher,
         &teacher.config,
         &weights,
-        schedule,
+        schedule.clone(),
         offset,
         &Device::Cpu,
     )
@@ -142,6 +142,38 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         m.loss.is_finite() && m.loss != losses[0],
         "{m:?} vs {losses:?}"
     );
+
+    // --decay-from: past the warm-up the rate falls linearly to a tenth at the last step, and a
+    // checkpoint made without it is refused (the settings differ).
+    let decayed = DistillConfig {
+        decay: Some((2, 4)),
+        ..config()
+    };
+    let mut e = Trainer::new(
+        &teacher,
+        &teacher.config,
+        &weights,
+        schedule,
+        decayed.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(e.resume(&latest).is_err());
+    let lrs: Vec<f64> = (0..4).map(|_| e.train_step(&data).unwrap().lr).collect();
+    let lr = decayed.adamw.lr;
+    let want = [lr * 0.5, lr, lr * 0.55, lr * 0.1];
+    for (got, want) in lrs.iter().zip(want) {
+        assert!(
+            (got - want).abs() < 1e-15 * lr.max(1.0),
+            "{lrs:?} vs {want}"
+        );
+    }
+    assert!(DistillConfig {
+        decay: Some((4, 4)),
+        ..config()
+    }
+    .check()
+    .is_err());
     std::fs::remove_dir_all(run).ok();
 }
 

@@ -116,6 +116,48 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(!e.status.success() && err.contains("--init"), "{err}");
 
+    // --decoder-only: the encoder (and quant_conv) come out bit-identical, so latents and every
+    // U-Net trained on them stay valid; the decoder moves; the scaling factor is --init's.
+    let g = root.join("g");
+    ok(run(
+        &g,
+        &["--init", vae_dir.to_str().unwrap(), "--decoder-only"],
+    ));
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(
+            dir.join("diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (before, after) = (load(&vae_dir), load(&g.join("vae")));
+    let mut moved = 0;
+    for (name, w) in &before {
+        let diff = (w - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            moved += usize::from(diff > 0.0);
+        } else {
+            assert_eq!(diff, 0.0, "{name} changed under --decoder-only");
+        }
+    }
+    assert!(moved > 0, "--decoder-only trained nothing");
+    let kept = lcm::config::VaeConfig::load(&g.join("vae/config.json")).unwrap();
+    assert_eq!(kept.scaling_factor, vae_cfg.scaling_factor);
+    // It needs the trained encoder it keeps: one line that names the missing flag.
+    let e = run(&root.join("h"), &["--decoder-only"]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("--init") && err.lines().count() == 1,
+        "{err}"
+    );
+
     // Different settings are refused; bad flags fail with one line naming them.
     let e = run(
         &root.join("c"),
