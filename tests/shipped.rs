@@ -160,8 +160,9 @@ fn assert_prompts_followed(dir: &Path, req: GenerateRequest, seeds: u64) -> Resu
 }
 
 #[test]
-// Measured 2026-12-02 for the committed teacher (shape / colour): circle 0.50 / 1.00, square
-// 0.33 / 1.00, triangle 0.00 / 0.00, star 0.00 / 0.17, cross 0.17 / 1.00.
+// Measured 2026-12-04 for the committed teacher (part 4, decoder-tuned VAE; shape / colour):
+// circle 0.67 / 1.00, square 0.00 / 1.00, triangle 0.50 / 1.00, star 0.00 / 1.00, cross
+// 0.17 / 1.00 (2026-12-02, part 3 and the old decoder: colour 0.00–0.17 for triangle and star).
 #[ignore = "the shipped teacher draws the named colour, not yet the named shape, for most seeds \
             (weights/README.md, stage 2); run with --ignored to measure it"]
 fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
@@ -175,8 +176,8 @@ fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
 
 /// Must-show 2: the default model (`lcm generate` with no `--model`, at its own defaults: LCM,
 /// 4 steps) draws the shape and colour a prompt names for most seeds.
-// Measured 2026-12-02 for the committed LCM (shape / colour): circle 0.50 / 1.00, square
-// 0.00 / 1.00, triangle 0.17 / 0.00, star 0.83 / 0.17, cross 0.00 / 1.00 — as its teacher.
+// Measured 2026-12-04 for the committed LCM (shape / colour): circle 0.50 / 1.00, square
+// 0.00 / 1.00, triangle 0.50 / 0.33, star 0.00 / 1.00, cross 0.00 / 1.00 — as its teacher.
 #[test]
 #[ignore = "the shipped LCM, like its teacher, draws the named colour but not yet the named shape \
             for most seeds (weights/README.md); run with --ignored to measure it"]
@@ -207,12 +208,13 @@ fn shipped_vae_reconstructions_keep_shape_colour_and_position() -> Result<()> {
     let recon = lcm::image_io::to_rgb8(&lcm::image_io::to_unit_nhwc(&decoded)?)?;
     let (real, rec) = (ev.score(&prompts, &images)?, ev.score(&prompts, &recon)?);
     println!("rendered {real:?}\nreconstructed {rec:?}");
-    // Measured for the committed VAE (weights/README.md, stage 1): the rendered images score
-    // 1.00 / 1.00 / 1.00, their reconstructions shape 0.81, colour 0.83, position 0.96, all three
-    // 0.69. The bounds sit a few images below that, so a worse VAE fails.
-    assert!(rec.attribute_accuracy["shape"] >= 0.7, "{rec:?}");
-    assert!(rec.attribute_accuracy["color"] >= 0.7, "{rec:?}");
-    assert!(rec.prompt_accuracy.unwrap() >= 0.55, "{rec:?}");
+    // Measured for the committed VAE (weights/README.md, stage 1, after the decoder fine-tune):
+    // the rendered images score 1.00 / 1.00 / 1.00, their reconstructions shape 0.92, colour
+    // 0.96, position 1.00, all three 0.875 (before the fine-tune: 0.81, 0.83, 0.96, 0.69). The
+    // bounds sit two to three images below that, so a worse VAE fails.
+    assert!(rec.attribute_accuracy["shape"] >= 0.85, "{rec:?}");
+    assert!(rec.attribute_accuracy["color"] >= 0.9, "{rec:?}");
+    assert!(rec.prompt_accuracy.unwrap() >= 0.8, "{rec:?}");
     assert!(real.prompt_accuracy.unwrap() >= 0.95, "{real:?}");
     Ok(())
 }
