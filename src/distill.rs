@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::UNetConfig;
 use crate::lcd::{lcd_step, DdimSolver, Denoiser, LcdBatch, LcdConfig, Loss};
-use crate::optim::{clip_grad_norm, ema_update, linear_decay, warmup_lr, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, ema_update, scheduled_lr, AdamW, AdamWConfig};
 use crate::sampler::{NoiseSource, SeededNoise};
 use crate::schedule::NoiseSchedule;
 use crate::unet::UNet2DConditionModel;
@@ -350,14 +350,12 @@ impl<'t> Trainer<'t> {
         let mut grads = grads.context("no gradients")?;
         let refs: Vec<&Var> = vars.iter().collect();
         let grad_norm = clip_grad_norm(&refs, &mut grads, self.config.max_grad_norm)?;
-        let mut lr = warmup_lr(
+        let lr = scheduled_lr(
             self.config.adamw.lr,
             self.config.warmup_steps,
+            self.config.decay,
             self.step + 1,
         );
-        if let Some((from, to)) = self.config.decay {
-            lr = linear_decay(lr, from, to, 0.1, self.step + 1);
-        }
         self.opt.step(&grads, lr)?;
         if self.lora_base.is_none() {
             ema_update(&self.target_vars, &self.student_vars, self.config.ema)?;

@@ -162,6 +162,16 @@ pub fn linear_decay(lr: f64, from: u64, to: u64, floor: f64, step: u64) -> f64 {
     lr * (1.0 - (1.0 - floor) * t)
 }
 
+/// The training schedules' rate at `step` (1-based): linear warm-up over `warmup` steps, then,
+/// with `decay = Some((from, to))`, a linear fall to a tenth of `lr` between those steps.
+pub fn scheduled_lr(lr: f64, warmup: u64, decay: Option<(u64, u64)>, step: u64) -> f64 {
+    let lr = warmup_lr(lr, warmup, step);
+    match decay {
+        Some((from, to)) => linear_decay(lr, from, to, 0.1, step),
+        None => lr,
+    }
+}
+
 /// target ← decay·target + (1 − decay)·online, for tensors paired by name.
 pub fn ema_update(
     target: &HashMap<String, Var>,

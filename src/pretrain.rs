@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::VaeConfig;
-use crate::optim::{clip_grad_norm, linear_decay, warmup_lr, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, scheduled_lr, AdamW, AdamWConfig};
 use crate::sampler::{NoiseSource, SeededNoise};
 use crate::vae::AutoencoderKL;
 
@@ -197,10 +197,7 @@ impl TrainState {
         named.sort_by(|a, b| a.0.cmp(b.0));
         let refs: Vec<&Var> = named.into_iter().map(|(_, v)| v).collect();
         let norm = clip_grad_norm(&refs, &mut grads, self.max_grad_norm)?;
-        let mut lr = warmup_lr(self.lr, self.warmup, self.step + 1);
-        if let Some((from, to)) = self.decay {
-            lr = linear_decay(lr, from, to, 0.1, self.step + 1);
-        }
+        let lr = scheduled_lr(self.lr, self.warmup, self.decay, self.step + 1);
         self.opt.step(&grads, lr)?;
         self.step += 1;
         Ok((lr, norm))
@@ -394,13 +391,9 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
             kept_scaling = Some(VaeConfig::load(&dir.join("config.json"))?.scaling_factor);
         }
     }
-    let mut state = if args.decoder_only {
-        TrainState::with_trainable(init, c, |name| {
-            name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
-        })?
-    } else {
-        TrainState::new(init, c)?
-    };
+    let mut state = TrainState::with_trainable(init, c, |name| {
+        !args.decoder_only || name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+    })?;
     let run_state = VaeRunState {
         kl_weight: args.kl_weight,
         decoder_only: args.decoder_only,
