@@ -708,6 +708,70 @@ pub struct Scores {
     pub images: usize,
 }
 
+/// Prompts naming a shape and a colour (and a background) that the shipped models are held to
+/// (tests/shipped.rs; `cargo run --release --example prompt_following` measures any model).
+pub const SHAPE_COLOUR_PROMPTS: [&str; 5] = [
+    "a red circle on a white background",
+    "a blue square on a yellow background",
+    "a green triangle on a purple background",
+    "a yellow star on a black background",
+    "a white cross on a red background",
+];
+
+/// How one prompt was followed over seeds `0..seeds` (one image per seed).
+#[derive(Debug, Clone)]
+pub struct Followed {
+    pub prompt: String,
+    pub shape: f64,
+    pub color: f64,
+}
+
+impl Followed {
+    /// "Most seeds": both the named shape and the named colour in more than half the images.
+    pub fn by_most_seeds(&self) -> bool {
+        self.shape > 0.5 && self.color > 0.5
+    }
+}
+
+/// Generate each prompt from seeds `0..seeds` with `req`'s settings and read the images' shape
+/// and colour with the evaluator.
+pub fn prompt_following(
+    pipe: &crate::pipeline::Pipeline,
+    ev: &Evaluator,
+    prompts: &[&str],
+    req: &crate::pipeline::GenerateRequest,
+    seeds: u64,
+) -> Result<Vec<Followed>> {
+    let mut out = Vec::new();
+    for text in prompts {
+        let mut images = Vec::new();
+        for seed in 0..seeds {
+            let r = crate::pipeline::GenerateRequest {
+                prompt: text.to_string(),
+                seed,
+                n: 1,
+                ..req.clone()
+            };
+            let mut noise = crate::sampler::SeededNoise::new(seed);
+            images.extend(
+                pipe.generate(&r, &Default::default(), &mut noise, &mut |_| {})?
+                    .images,
+            );
+        }
+        let p = EvalPrompt {
+            text: text.to_string(),
+            category: Some("shape".into()),
+        };
+        let s = ev.score(&vec![p; images.len()], &images)?;
+        out.push(Followed {
+            prompt: text.to_string(),
+            shape: s.attribute_accuracy["shape"],
+            color: s.attribute_accuracy["color"],
+        });
+    }
+    Ok(out)
+}
+
 /// `lcm eval`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {

@@ -487,6 +487,42 @@ fn overwrite_from(
     Ok(())
 }
 
+/// `--init --grow`: take every tensor the trained folder has (same shape), keep the fresh ones it
+/// lacks, and zero the output projections among those, so each new attention block (a residual
+/// branch) starts as the identity. Returns the number of new parameters.
+fn grow_from(
+    init: &mut HashMap<String, Tensor>,
+    trained: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<usize> {
+    let mut fresh = 0;
+    for (name, t) in init.iter_mut() {
+        match trained.get(name) {
+            Some(w) if w.dims() == t.dims() => *t = w.to_dtype(DType::F32)?,
+            Some(w) => bail!(
+                "--init {}: {name} has shape {:?}, the config wants {:?} (--grow adds tensors, \
+                 it does not reshape them)",
+                dir.display(),
+                w.dims(),
+                t.dims()
+            ),
+            None => {
+                fresh += t.elem_count();
+                if name.contains(".proj_out.") {
+                    *t = t.zeros_like()?;
+                }
+            }
+        }
+    }
+    if fresh == 0 {
+        bail!(
+            "--grow: the config adds nothing to --init {}; drop --grow",
+            dir.display()
+        )
+    }
+    Ok(fresh)
+}
+
 /// Every tensor of a component folder's safetensors files.
 fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
@@ -579,6 +615,11 @@ pub struct UnetArgs {
     /// instead of a seeded init, so that a stage can span sessions through its exported weights.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// With --init from a smaller U-Net of the same layout (e.g. one that had no attention at
+    /// some level): tensors --init lacks start freshly drawn, the output projections of new
+    /// attention blocks at zero, so the grown model starts as exactly --init's function.
+    #[arg(long, requires = "init")]
+    pub grow: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -768,7 +809,12 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
                 .with_context(|| format!("--init {}", dir.display()))?;
             trained.extend(weights.into_iter().map(|(k, v)| (format!("{part}.{k}"), v)));
         }
-        overwrite_from(&mut init, &trained, dir)?;
+        if args.grow {
+            let fresh = grow_from(&mut init, &trained, dir)?;
+            eprintln!("--grow: {fresh} parameters new to --init (attention outputs zeroed)");
+        } else {
+            overwrite_from(&mut init, &trained, dir)?;
+        }
     }
     let mut state = TrainState::new(init, c)?;
     let run_state = UnetRunState {
@@ -984,6 +1030,49 @@ mod tests {
         missing.sort();
         assert!(missing.is_empty(), "no gradient for {missing:?}");
         assert!(vars.keys().any(|k| k.starts_with("text_encoder.")));
+        Ok(())
+    }
+
+    /// `--grow` from the tiny teacher to the one with attention at full latent resolution: the
+    /// grown model starts as the same function (new attention blocks are identities), has new
+    /// parameters, and a shape clash is refused.
+    #[test]
+    fn a_grown_unet_starts_as_its_init() -> Result<()> {
+        use crate::config::UNetConfig;
+        let root = crate::source::repo_root().join("configs");
+        let small = UNetConfig::load(&root.join("tiny/unet/config.json"))?;
+        let big = UNetConfig::load(&root.join("tiny-xattn/unet/config.json"))?;
+        let dev = Device::Cpu;
+        let unet = |cfg: &UNetConfig, vb: VarBuilder| {
+            crate::unet::UNet2DConditionModel::new(cfg, vb.pp("unet"))
+        };
+        let trained = crate::init::init_weights(1, &dev, |vb| unet(&small, vb))?;
+        let mut grown = crate::init::init_weights(2, &dev, |vb| unet(&big, vb))?;
+        let fresh = grow_from(&mut grown, &trained, Path::new("small"))?;
+        assert!(fresh > 0 && grown.len() > trained.len());
+        let s = small.sample_size.unwrap_or(16);
+        let x = Tensor::randn(0f32, 1.0, (2, small.in_channels, s, s), &dev)?;
+        let ctx = Tensor::randn(0f32, 1.0, (2, 8, small.cross_attention_dim), &dev)?;
+        let t = Tensor::new(&[10f32, 700.0], &dev)?;
+        let run = |w: &HashMap<String, Tensor>, cfg: &UNetConfig| -> Result<Tensor> {
+            let m = unet(cfg, VarBuilder::from_tensors(w.clone(), DType::F32, &dev))?;
+            Ok(m.forward(&x, &t, &ctx, None)?)
+        };
+        let d = (run(&grown, &big)? - run(&trained, &small)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "the grown U-Net must start as its --init");
+        // Growing into a config with a different width is a reshape, not a growth.
+        let mut wider = big.clone();
+        wider.cross_attention_dim *= 2;
+        let mut bad = crate::init::init_weights(3, &dev, |vb| unet(&wider, vb))?;
+        let e = grow_from(&mut bad, &trained, Path::new("small")).unwrap_err();
+        assert!(e.to_string().contains("has shape"), "{e}");
+        // And a config that adds nothing needs no --grow.
+        let mut same = crate::init::init_weights(4, &dev, |vb| unet(&small, vb))?;
+        let e = grow_from(&mut same, &trained, Path::new("small")).unwrap_err();
+        assert!(e.to_string().contains("adds nothing"), "{e}");
         Ok(())
     }
 }
