@@ -312,8 +312,9 @@ pub fn run_pretrain(args: &EvaluatorArgs) -> Result<()> {
         state.resume_matching(r, &device, &run_state)?;
     }
     let model = Classifier::new(&cfg, state.var_builder(&device))?;
-    let mut log = RunLog::new(&c.output, state.step, c.max_steps)?;
-    while state.step < c.max_steps {
+    let last = c.last_step()?;
+    let mut log = RunLog::new(&c.output, state.step, last)?;
+    while state.step < last {
         let mut rng = state.rng();
         let idx = crate::pretrain::rows(&mut rng, n, c.batch_size, &device)?;
         let batch = images.index_select(&idx, 0)?;

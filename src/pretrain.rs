@@ -44,6 +44,10 @@ pub struct CommonArgs {
     /// (default: constant after the warm-up). A run can be resumed with it to finish a stage.
     #[arg(long)]
     pub decay_from: Option<u64>,
+    /// End the run at this step of the --max-steps schedule (the learning rate falls as if it ran
+    /// on): how a stage that was stopped early, e.g. for time, is reproduced.
+    #[arg(long)]
+    pub stop_at: Option<u64>,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 0)]
@@ -58,6 +62,20 @@ pub struct CommonArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
+}
+
+impl CommonArgs {
+    /// The step the run ends at: --stop-at, else --max-steps.
+    pub fn last_step(&self) -> Result<u64> {
+        match self.stop_at {
+            Some(n) if n > self.max_steps || n == 0 => bail!(
+                "--stop-at {n} must be in 1..=--max-steps ({})",
+                self.max_steps
+            ),
+            Some(n) => Ok(n),
+            None => Ok(self.max_steps),
+        }
+    }
 }
 
 /// `lcm pretrain vae`: an AutoencoderKL trained on the images alone.
@@ -406,14 +424,15 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     }
     let vae = AutoencoderKL::new(&cfg, state.var_builder(&device))?;
     let fixed = images.narrow(0, 0, n.min(8))?;
-    let mut log = RunLog::new(&c.output, state.step, c.max_steps)?;
+    let last = c.last_step()?;
+    let mut log = RunLog::new(&c.output, state.step, last)?;
     let lat_shape = (
         c.batch_size,
         cfg.latent_channels,
         c.resolution / f,
         c.resolution / f,
     );
-    while state.step < c.max_steps {
+    while state.step < last {
         let mut rng = state.rng();
         let batch = images.index_select(&rows(&mut rng, n, c.batch_size, &device)?, 0)?;
         let noise = SeededNoise::new(rng.random()).sample(&lat_shape.into(), &device)?;
@@ -829,11 +848,12 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         state.resume_matching(r, &device, &run_state)?;
     }
     let model = build(state.var_builder(&device))?;
-    let mut log = RunLog::new(&c.output, state.step, c.max_steps)?;
+    let last = c.last_step()?;
+    let mut log = RunLog::new(&c.output, state.step, last)?;
     let num_t = schedule.num_train_timesteps();
     let b = c.batch_size;
     let sample_prompts: Vec<String> = data.captions.iter().take(4).cloned().collect();
-    while state.step < c.max_steps {
+    while state.step < last {
         let mut rng = state.rng();
         let rows_t = rows(&mut rng, n, b, &device)?;
         let shape = data.mean.index_select(&rows_t, 0)?.shape().clone();

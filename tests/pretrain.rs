@@ -107,6 +107,15 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     ok(run(&b, &["--resume", ck.to_str().unwrap()]));
     assert_eq!(losses(&b.join("metrics.jsonl")), full[2..]);
 
+    // --stop-at 3 ends the same schedule early: the first three steps exactly, then the export.
+    let s = root.join("s");
+    ok(run(&s, &["--stop-at", "3"]));
+    assert_eq!(losses(&s.join("metrics.jsonl")), full[..3]);
+    assert!(s.join("vae/config.json").exists());
+    let e = run(&root.join("t"), &["--stop-at", "5"]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("--stop-at"), "{err}");
+
     // Training can continue from an exported VAE (fresh optimizer); a folder of another model
     // is refused naming --init.
     let vae_dir = a.join("vae");
