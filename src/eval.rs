@@ -262,6 +262,7 @@ pub fn run_pretrain(args: &EvaluatorArgs) -> Result<()> {
     if c.batch_size == 0 {
         bail!("--batch-size must be at least 1")
     }
+    c.last_step()?;
     // Read the held-out lists first: a bad folder should fail before training, not after.
     let heldout = args
         .heldout

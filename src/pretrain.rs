@@ -397,6 +397,7 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     if c.batch_size == 0 {
         bail!("--batch-size must be at least 1")
     }
+    c.last_step()?;
     let (images, _) = load_images(&c.data, c.resolution)?;
     let images = images.to_device(&device)?;
     let n = images.dim(0)?;
@@ -807,6 +808,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     if c.batch_size == 0 || !(0.0..=1.0).contains(&args.caption_dropout) {
         bail!("--batch-size must be ≥ 1 and --caption-dropout in [0, 1]")
     }
+    c.last_step()?;
     if !(0.0..=1.0).contains(&args.noise_offset) {
         bail!("--noise-offset {} must be in [0, 1]", args.noise_offset)
     }
