@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped tiny model from scratch: data, VAE, teacher, LCM distillation.
 # Stages are resumable: a finished stage is skipped, an interrupted one continues from its last
-# checkpoint. Needs npm (for the emoji package) and about 8 CPU-hours on 2 cores.
+# checkpoint. Needs npm (for the emoji package) and about 9 CPU-hours on 2 cores.
 #
 #   scripts/reproduce_tiny.sh [WORK_DIR]       (default: ./tiny-work)
 set -euo pipefail
@@ -104,13 +104,24 @@ if [ ! -f "$WORK/teacher4/done" ]; then
         --max-steps 4000 --decay-from 100 --batch-size 16 --lr 5e-4 --warmup-steps 100 --save-every 250 \
         --sample-every 500 --seed 3 $(resume_flag "$WORK/teacher4") && touch "$WORK/teacher4/done"
 fi
-TEACHER="$WORK/teacher4/model"
+# Part 5: grown from part 4 (`--grow`) into configs/tiny-xattn, which adds cross-attention at the
+# full 16² latent resolution (the first down block and the last up block), new attention outputs
+# zeroed so it starts as part 4; then the same weighting, lr 5e-4 falling linearly towards a
+# tenth at step 4000, stopped at 3000 for time (weights/README.md), the export there shipped.
+if [ ! -f "$WORK/teacher5/done" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher4/model" --grow \
+        --noise-offset 0.2 --snr-gamma 5 --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher5" \
+        --max-steps 4000 --stop-at 3000 --decay-from 100 --batch-size 16 --lr 5e-4 --warmup-steps 100 \
+        --save-every 250 --sample-every 500 --seed 5 $(resume_flag "$WORK/teacher5") && touch "$WORK/teacher5/done"
+fi
+TEACHER="$WORK/teacher5/model"
 
 # Stage 3: the LCM, distilled from the teacher on the first 8000 shapes and the emoji twice.
 if [ ! -f "$WORK/lcm/model_index.json" ]; then
     # shellcheck disable=SC2046
     $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
-        --output "$WORK/lcm" --max-steps 2000 --batch-size 16 --lr 2e-4 --warmup-steps 100 --decay-from 500 \
+        --output "$WORK/lcm" --max-steps 1500 --batch-size 16 --lr 2e-4 --warmup-steps 100 --decay-from 400 \
         --w-embed-dim 64 --w-min 2 --w-max 8 --save-every 250 --sample-every 500 \
         --seed 0 $(resume_flag "$WORK/lcm")
 fi
