@@ -262,7 +262,7 @@ pub fn run_pretrain(args: &EvaluatorArgs) -> Result<()> {
     if c.batch_size == 0 {
         bail!("--batch-size must be at least 1")
     }
-    c.last_step()?;
+    let last = c.last_step()?;
     // Read the held-out lists first: a bad folder should fail before training, not after.
     let heldout = args
         .heldout
@@ -313,7 +313,6 @@ pub fn run_pretrain(args: &EvaluatorArgs) -> Result<()> {
         state.resume_matching(r, &device, &run_state)?;
     }
     let model = Classifier::new(&cfg, state.var_builder(&device))?;
-    let last = c.last_step()?;
     let mut log = RunLog::new(&c.output, state.step, last)?;
     while state.step < last {
         let mut rng = state.rng();

@@ -397,7 +397,7 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     if c.batch_size == 0 {
         bail!("--batch-size must be at least 1")
     }
-    c.last_step()?;
+    let last = c.last_step()?;
     let (images, _) = load_images(&c.data, c.resolution)?;
     let images = images.to_device(&device)?;
     let n = images.dim(0)?;
@@ -405,7 +405,7 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     let mut init = crate::init::init_weights(c.seed, &device, |vb| AutoencoderKL::new(&cfg, vb))?;
     let mut kept_scaling = None;
     if let Some(dir) = &args.init {
-        overwrite_from(&mut init, &load_component(dir, &device)?, dir)?;
+        take_trained(&mut init, &load_component(dir, &device)?, dir, false)?;
         if args.decoder_only {
             kept_scaling = Some(VaeConfig::load(&dir.join("config.json"))?.scaling_factor);
         }
@@ -425,7 +425,6 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     }
     let vae = AutoencoderKL::new(&cfg, state.var_builder(&device))?;
     let fixed = images.narrow(0, 0, n.min(8))?;
-    let last = c.last_step()?;
     let mut log = RunLog::new(&c.output, state.step, last)?;
     let lat_shape = (
         c.batch_size,
@@ -483,49 +482,28 @@ pub fn run_vae(args: &VaeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Replace every freshly initialised tensor by the trained one of the same name (`--init`): the
-/// trained folder must hold each of them with the config's shape.
-fn overwrite_from(
+/// Replace every freshly initialised tensor by the trained one of the same name (`--init`), shapes
+/// equal. Without `grow` the trained folder must hold every tensor; with it (`--init --grow`) the
+/// ones it lacks keep their fresh values, the output projections among them zeroed so that each new
+/// attention block (a residual branch) starts as the identity. Returns the number of new
+/// parameters.
+fn take_trained(
     init: &mut HashMap<String, Tensor>,
     trained: &HashMap<String, Tensor>,
     dir: &Path,
-) -> Result<()> {
-    for (name, t) in init.iter_mut() {
-        let w = trained
-            .get(name)
-            .with_context(|| format!("--init {}: no tensor {name}", dir.display()))?;
-        if w.dims() != t.dims() {
-            bail!(
-                "--init {}: {name} has shape {:?}, the config wants {:?}",
-                dir.display(),
-                w.dims(),
-                t.dims()
-            )
-        }
-        *t = w.to_dtype(DType::F32)?;
-    }
-    Ok(())
-}
-
-/// `--init --grow`: take every tensor the trained folder has (same shape), keep the fresh ones it
-/// lacks, and zero the output projections among those, so each new attention block (a residual
-/// branch) starts as the identity. Returns the number of new parameters.
-fn grow_from(
-    init: &mut HashMap<String, Tensor>,
-    trained: &HashMap<String, Tensor>,
-    dir: &Path,
+    grow: bool,
 ) -> Result<usize> {
     let mut fresh = 0;
     for (name, t) in init.iter_mut() {
         match trained.get(name) {
             Some(w) if w.dims() == t.dims() => *t = w.to_dtype(DType::F32)?,
             Some(w) => bail!(
-                "--init {}: {name} has shape {:?}, the config wants {:?} (--grow adds tensors, \
-                 it does not reshape them)",
+                "--init {}: {name} has shape {:?}, the config wants {:?}",
                 dir.display(),
                 w.dims(),
                 t.dims()
             ),
+            None if !grow => bail!("--init {}: no tensor {name}", dir.display()),
             None => {
                 fresh += t.elem_count();
                 if name.contains(".proj_out.") {
@@ -534,7 +512,7 @@ fn grow_from(
             }
         }
     }
-    if fresh == 0 {
+    if grow && fresh == 0 {
         bail!(
             "--grow: the config adds nothing to --init {}; drop --grow",
             dir.display()
@@ -808,7 +786,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     if c.batch_size == 0 || !(0.0..=1.0).contains(&args.caption_dropout) {
         bail!("--batch-size must be ≥ 1 and --caption-dropout in [0, 1]")
     }
-    c.last_step()?;
+    let last = c.last_step()?;
     if !(0.0..=1.0).contains(&args.noise_offset) {
         bail!("--noise-offset {} must be in [0, 1]", args.noise_offset)
     }
@@ -830,11 +808,9 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
                 .with_context(|| format!("--init {}", dir.display()))?;
             trained.extend(weights.into_iter().map(|(k, v)| (format!("{part}.{k}"), v)));
         }
+        let fresh = take_trained(&mut init, &trained, dir, args.grow)?;
         if args.grow {
-            let fresh = grow_from(&mut init, &trained, dir)?;
             eprintln!("--grow: {fresh} parameters new to --init (attention outputs zeroed)");
-        } else {
-            overwrite_from(&mut init, &trained, dir)?;
         }
     }
     let mut state = TrainState::new(init, c)?;
@@ -850,7 +826,6 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         state.resume_matching(r, &device, &run_state)?;
     }
     let model = build(state.var_builder(&device))?;
-    let last = c.last_step()?;
     let mut log = RunLog::new(&c.output, state.step, last)?;
     let num_t = schedule.num_train_timesteps();
     let b = c.batch_size;
@@ -1070,7 +1045,7 @@ mod tests {
         };
         let trained = crate::init::init_weights(1, &dev, |vb| unet(&small, vb))?;
         let mut grown = crate::init::init_weights(2, &dev, |vb| unet(&big, vb))?;
-        let fresh = grow_from(&mut grown, &trained, Path::new("small"))?;
+        let fresh = take_trained(&mut grown, &trained, Path::new("small"), true)?;
         assert!(fresh > 0 && grown.len() > trained.len());
         let s = small.sample_size.unwrap_or(16);
         let x = Tensor::randn(0f32, 1.0, (2, small.in_channels, s, s), &dev)?;
@@ -1089,11 +1064,11 @@ mod tests {
         let mut wider = big.clone();
         wider.cross_attention_dim *= 2;
         let mut bad = crate::init::init_weights(3, &dev, |vb| unet(&wider, vb))?;
-        let e = grow_from(&mut bad, &trained, Path::new("small")).unwrap_err();
+        let e = take_trained(&mut bad, &trained, Path::new("small"), true).unwrap_err();
         assert!(e.to_string().contains("has shape"), "{e}");
         // And a config that adds nothing needs no --grow.
         let mut same = crate::init::init_weights(4, &dev, |vb| unet(&small, vb))?;
-        let e = grow_from(&mut same, &trained, Path::new("small")).unwrap_err();
+        let e = take_trained(&mut same, &trained, Path::new("small"), true).unwrap_err();
         assert!(e.to_string().contains("adds nothing"), "{e}");
         Ok(())
     }
