@@ -4,7 +4,9 @@
 //!
 //!   cargo run --release --example prompt_following -- MODEL [STEPS] [SEEDS] [GUIDANCE]
 //!
-//! STEPS defaults to the model's own (LCM 4, DDIM 25 as the test uses); SEEDS to 6.
+//! STEPS defaults to the model's own (LCM 4, DDIM 25 as the test uses); SEEDS to 6. Environment:
+//! PROMPTS="p1;p2;…" measures other prompts, SAMPLER (lcm, tcd, ddim) and GAMMA (TCD's) override
+//! the model's sampler.
 use anyhow::Context;
 use candle_core::{DType, Device};
 use lcm::eval::{prompt_following, Evaluator, SHAPE_COLOUR_PROMPTS};
@@ -26,6 +28,11 @@ fn main() -> anyhow::Result<()> {
     let mut req = GenerateRequest {
         steps: arg(1, "STEPS")?.map(|s| s as usize),
         guidance: arg(3, "GUIDANCE")?,
+        sampler: std::env::var("SAMPLER")
+            .ok()
+            .map(|s| s.parse())
+            .transpose()?,
+        tcd_gamma: std::env::var("GAMMA").ok().map(|s| s.parse()).transpose()?,
         ..Default::default()
     };
     if req.steps.is_none() && !pipe.unet.has_guidance_embedding() {
@@ -33,11 +40,27 @@ fn main() -> anyhow::Result<()> {
     }
     let seeds = arg(2, "SEEDS")?.map_or(6, |s| s as u64);
     let ev = Evaluator::load(&lcm::eval::default_evaluator())?;
-    let got = prompt_following(&pipe, &ev, &SHAPE_COLOUR_PROMPTS, &req, seeds)?;
+    let custom = std::env::var("PROMPTS").ok();
+    let custom: Vec<&str> = custom
+        .as_deref()
+        .map(|c| c.split(';').collect())
+        .unwrap_or_default();
+    let prompts: &[&str] = if custom.is_empty() {
+        &SHAPE_COLOUR_PROMPTS
+    } else {
+        &custom
+    };
+    let got = prompt_following(&pipe, &ev, prompts, &req, seeds)?;
     let mut passed = 0;
     for f in &got {
         passed += usize::from(f.by_most_seeds());
-        println!("{:45} shape {:.2} colour {:.2}", f.prompt, f.shape, f.color);
+        println!(
+            "{:45} shape {:.2} colour {:.2}  seen: {}",
+            f.prompt,
+            f.shape,
+            f.color,
+            f.seen.join(", ")
+        );
     }
     println!("{passed}/{} prompts followed by most seeds", got.len());
     Ok(())

@@ -309,7 +309,7 @@ impl VaeConfig {
 
 /// transformers `CLIPTextConfig` (a `CLIPTextModel`'s config.json; also accepts a full `CLIPConfig`
 /// with a nested `text_config`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -611,6 +611,25 @@ impl Evaluator {
         })
     }
 
+    /// What the evaluator reads in each image: one `head -> class` map per image.
+    pub fn predict(&self, images: &[RgbImage]) -> Result<Vec<BTreeMap<String, String>>> {
+        let r = self.config.resolution;
+        let tensors = images
+            .iter()
+            .map(|img| crate::data::image_tensor(img.clone(), "generated image", r, &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        let (_, log_probs) = classify(&self.model, &Tensor::stack(&tensors, 0)?)?;
+        let mut out = vec![BTreeMap::new(); images.len()];
+        for (h, lp) in HEADS.iter().zip(&log_probs) {
+            let classes = self.config.classes(h)?;
+            for (o, j) in out.iter_mut().zip(lp.argmax(D::Minus1)?.to_vec1::<u32>()?) {
+                let class = classes.get(j as usize).cloned().unwrap_or_default();
+                o.insert(h.to_string(), class);
+            }
+        }
+        Ok(out)
+    }
+
     /// Score generated images against the prompts that made them.
     pub fn score(&self, prompts: &[EvalPrompt], images: &[RgbImage]) -> Result<Scores> {
         if prompts.len() != images.len() {
@@ -725,6 +744,8 @@ pub struct Followed {
     pub prompt: String,
     pub shape: f64,
     pub color: f64,
+    /// The evaluator's reading of each seed's image, as "colour shape".
+    pub seen: Vec<String>,
 }
 
 impl Followed {
@@ -764,10 +785,16 @@ pub fn prompt_following(
             category: Some("shape".into()),
         };
         let s = ev.score(&vec![p; images.len()], &images)?;
+        let seen = ev
+            .predict(&images)?
+            .iter()
+            .map(|p| format!("{} {}", p["color"], p["shape"]))
+            .collect();
         out.push(Followed {
             prompt: text.to_string(),
             shape: s.attribute_accuracy["shape"],
             color: s.attribute_accuracy["color"],
+            seen,
         });
     }
     Ok(out)

@@ -10,6 +10,7 @@ pub mod blocks;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod contrastive;
 pub mod conv;
 pub mod data;
 pub mod distill;

@@ -60,7 +60,10 @@ enum Command {
 enum PretrainCommand {
     /// An AutoencoderKL (L1 reconstruction + KL) on the images alone.
     Vae(lcm::pretrain::VaeArgs),
-    /// A text-to-image teacher: ε-prediction U-Net + CLIP-architecture text encoder, jointly.
+    /// A CLIP-architecture text encoder, contrastively against an image tower over VAE latents.
+    Text(lcm::contrastive::TextArgs),
+    /// A text-to-image teacher: ε-prediction U-Net + CLIP-architecture text encoder (trained
+    /// jointly, or a frozen one from `pretrain text`).
     Unet(lcm::pretrain::UnetArgs),
     /// The evaluator behind `lcm eval`: a small classifier on real images only.
     Evaluator(lcm::eval::EvaluatorArgs),
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
         } => lcm::runtime::parse_dtype(&dtype)
             .and_then(|dt| source::convert_folder(&input, &output, dt)),
         Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
+        Command::Pretrain(PretrainCommand::Text(args)) => lcm::contrastive::run_text(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
         Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::run_pretrain(&args),
         Command::Eval(args) => lcm::eval::run(&args),

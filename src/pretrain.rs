@@ -521,8 +521,36 @@ fn take_trained(
     Ok(fresh)
 }
 
+/// `--text-encoder DIR`'s weights under the teacher's `text_encoder.` names, checked against the
+/// shapes the config gives (`init`).
+fn text_encoder_weights(
+    dir: &Path,
+    init: &HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let flag = || format!("--text-encoder {}", dir.display());
+    let weights = load_component(dir, device).with_context(flag)?;
+    let mut out = HashMap::new();
+    for (name, want) in init.iter().filter(|(k, _)| k.starts_with("text_encoder.")) {
+        let key = name.trim_start_matches("text_encoder.");
+        let w = weights
+            .get(key)
+            .with_context(|| format!("{}: no tensor {key}", flag()))?;
+        if w.dims() != want.dims() {
+            bail!(
+                "{}: {key} has shape {:?}, --config wants {:?}",
+                flag(),
+                w.dims(),
+                want.dims()
+            )
+        }
+        out.insert(name.clone(), w.to_dtype(DType::F32)?);
+    }
+    Ok(out)
+}
+
 /// Every tensor of a component folder's safetensors files.
-fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for f in crate::source::weight_file(dir)? {
         all.extend(
@@ -618,6 +646,11 @@ pub struct UnetArgs {
     /// attention blocks at zero, so the grown model starts as exactly --init's function.
     #[arg(long, requires = "init")]
     pub grow: bool,
+    /// A trained text encoder folder (e.g. `<pretrain text run>/text_encoder`) to condition on,
+    /// frozen, instead of training one jointly; replaces --init's. Its config.json must be
+    /// --config's.
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -629,6 +662,8 @@ struct UnetRunState {
     noise_offset: f64,
     #[serde(default)]
     snr_gamma: f64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    frozen_text: bool,
     resolution: usize,
     batch_size: usize,
     seed: u64,
@@ -643,17 +678,19 @@ pub struct EncodedData {
     pub captions: Vec<String>,
 }
 
-fn encode_for_unet(
-    args: &UnetArgs,
+/// [`EncodedData`] of `c.data` under the VAE in `vae_dir`, cached in `c.output/cache` by a hash of
+/// the resolution, the VAE's weight files and the images.
+pub fn encode_dataset(
+    c: &CommonArgs,
+    vae_dir: &Path,
     vae: &AutoencoderKL,
     tokenizer: &crate::tokenizer::ClipTokenizer,
     device: &Device,
 ) -> Result<EncodedData> {
     use std::hash::{Hash, Hasher};
-    let c = &args.common;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     c.resolution.hash(&mut h);
-    for f in crate::source::weight_file(&args.vae)? {
+    for f in crate::source::weight_file(vae_dir)? {
         let m = std::fs::metadata(&f)?;
         (f.display().to_string(), m.len(), m.modified().ok()).hash(&mut h);
     }
@@ -793,7 +830,15 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     if args.snr_gamma.is_nan() || args.snr_gamma < 0.0 {
         bail!("--snr-gamma {} must be ≥ 0", args.snr_gamma)
     }
-    let data = encode_for_unet(args, &vae, &tokenizer, &device)?;
+    if let Some(te) = &args.text_encoder {
+        if ClipTextConfig::load(&te.join("config.json"))? != te_cfg {
+            bail!(
+                "--text-encoder {}: its config.json differs from --config's text_encoder/config.json",
+                te.display()
+            )
+        }
+    }
+    let data = encode_dataset(c, &args.vae, &vae, &tokenizer, &device)?;
     let n = data.mean.dim(0)?;
     eprintln!("{n} training examples, latents {:?}", data.mean.dims());
     let uncond_ids = Tensor::new(tokenizer.encode("")?.ids.as_slice(), &device)?.unsqueeze(0)?;
@@ -808,16 +853,26 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
                 .with_context(|| format!("--init {}", dir.display()))?;
             trained.extend(weights.into_iter().map(|(k, v)| (format!("{part}.{k}"), v)));
         }
+        if let Some(te) = &args.text_encoder {
+            trained.retain(|k, _| !k.starts_with("text_encoder."));
+            trained.extend(text_encoder_weights(te, &init, &device)?);
+        }
         let fresh = take_trained(&mut init, &trained, dir, args.grow)?;
         if args.grow {
             eprintln!("--grow: {fresh} parameters new to --init (attention outputs zeroed)");
         }
+    } else if let Some(te) = &args.text_encoder {
+        init.extend(text_encoder_weights(te, &init, &device)?);
     }
-    let mut state = TrainState::new(init, c)?;
+    let frozen_text = args.text_encoder.is_some();
+    let mut state = TrainState::with_trainable(init, c, |k| {
+        !(frozen_text && k.starts_with("text_encoder."))
+    })?;
     let run_state = UnetRunState {
         caption_dropout: args.caption_dropout,
         noise_offset: args.noise_offset,
         snr_gamma: args.snr_gamma,
+        frozen_text,
         resolution: c.resolution,
         batch_size: c.batch_size,
         seed: c.seed,
@@ -864,7 +919,11 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
             noise = crate::schedule::offset_noise(&noise, args.noise_offset, &mut src)?;
         }
         let x_t = schedule.add_noise(&z0, &noise, &t)?;
-        let ctx = model.text.forward(&ids)?;
+        let mut ctx = model.text.forward(&ids)?;
+        if frozen_text {
+            // No gradient is wanted through a frozen encoder; detaching skips its backward.
+            ctx = ctx.detach();
+        }
         let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let pred = model
             .unet

@@ -129,6 +129,11 @@ impl ClipTokenizer {
         self.max_len
     }
 
+    /// The end-of-text id: CLIP pools the text at its first occurrence.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
     /// Ids of the prompt between bos and eos, unpadded and untruncated.
     pub fn raw_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let enc = self

@@ -117,7 +117,11 @@ fn assert_prompts_followed(dir: &Path, req: GenerateRequest, seeds: u64) -> Resu
     let ev = Evaluator::load(&lcm::eval::default_evaluator())?;
     let got = prompt_following(&pipe, &ev, &SHAPE_COLOUR_PROMPTS, &req, seeds)?;
     for f in &got {
-        println!("{}: shape {:.2} colour {:.2}", f.prompt, f.shape, f.color);
+        let seen = f.seen.join(", ");
+        println!(
+            "{}: shape {:.2} colour {:.2} ({seen})",
+            f.prompt, f.shape, f.color
+        );
     }
     let failed: Vec<_> = got.iter().filter(|f| !f.by_most_seeds()).collect();
     assert!(failed.is_empty(), "not followed: {failed:#?}");
