@@ -101,8 +101,8 @@ pub struct ContrastiveModel {
 
 /// CLIP's initial temperature, 1/0.07, as a log.
 const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778_3;
-/// CLIP's cap on the logit scale (100).
-const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_091;
+/// CLIP's cap on the logit scale: ln 100.
+const LOGIT_SCALE_MAX: f64 = 2.0 * std::f64::consts::LN_10;
 
 impl ContrastiveModel {
     pub fn new(
