@@ -17,10 +17,11 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::clip::ClipTextModel;
-use crate::config::{ClipTextConfig, VaeConfig};
-use crate::pretrain::{encode_dataset, rows, save_safetensors, CommonArgs, RunLog, TrainState};
+use crate::config::ClipTextConfig;
+use crate::pretrain::{
+    encode_dataset, frozen_vae, rows, save_safetensors, CommonArgs, RunLog, TrainState,
+};
 use crate::sampler::{NoiseSource, SeededNoise};
-use crate::vae::AutoencoderKL;
 
 /// `lcm pretrain text`.
 #[derive(clap::Args, Debug, Clone)]
@@ -248,23 +249,7 @@ pub fn run_text(args: &TextArgs) -> Result<()> {
         &args.config.join("tokenizer"),
         te_cfg.max_position_embeddings,
     )?;
-    let vae_cfg = VaeConfig::load(&args.vae.join("config.json"))?;
-    let vae = AutoencoderKL::new(
-        &vae_cfg,
-        crate::pipeline::load_weights(
-            &crate::source::weight_file(&args.vae)?,
-            DType::F32,
-            &device,
-        )?,
-    )
-    .with_context(|| format!("--vae {}", args.vae.display()))?;
-    let f = vae_cfg.scale_factor();
-    if c.resolution == 0 || !c.resolution.is_multiple_of(f) {
-        bail!(
-            "--resolution {} must be a positive multiple of {f}",
-            c.resolution
-        )
-    }
+    let (vae, vae_cfg) = frozen_vae(&args.vae, c.resolution, &device)?;
     if c.batch_size < 2 {
         bail!("--batch-size must be ≥ 2: the other captions of a batch are the negatives")
     }
@@ -281,7 +266,10 @@ pub fn run_text(args: &TextArgs) -> Result<()> {
     let data = encode_dataset(c, &args.vae, &vae, &tokenizer, &device)?;
     let n = data.mean.dim(0)?;
     eprintln!("{n} training examples, latents {:?}", data.mean.dims());
-    let latent = (vae_cfg.latent_channels, c.resolution / f);
+    let latent = (
+        vae_cfg.latent_channels,
+        c.resolution / vae_cfg.scale_factor(),
+    );
     let id_rows = data.ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
     let neighbours = if args.hard_negatives > 0.0 {
         let nb = one_token_neighbours(&id_rows, tokenizer.eos());

@@ -521,6 +521,25 @@ fn take_trained(
     Ok(fresh)
 }
 
+/// The trained VAE in `dir` (`--vae`), frozen, for a stage that trains on its latents; refuses a
+/// `--resolution` it cannot encode.
+pub fn frozen_vae(
+    dir: &Path,
+    resolution: usize,
+    device: &Device,
+) -> Result<(AutoencoderKL, VaeConfig)> {
+    let cfg = VaeConfig::load(&dir.join("config.json"))?;
+    let weights =
+        crate::pipeline::load_weights(&crate::source::weight_file(dir)?, DType::F32, device)?;
+    let vae =
+        AutoencoderKL::new(&cfg, weights).with_context(|| format!("--vae {}", dir.display()))?;
+    let f = cfg.scale_factor();
+    if resolution == 0 || !resolution.is_multiple_of(f) {
+        bail!("--resolution {resolution} must be a positive multiple of {f}")
+    }
+    Ok((vae, cfg))
+}
+
 /// `--text-encoder DIR`'s weights under the teacher's `text_encoder.` names, checked against the
 /// shapes the config gives (`init`).
 fn text_encoder_weights(
@@ -796,23 +815,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         &dir.join("tokenizer"),
         te_cfg.max_position_embeddings,
     )?;
-    let vae_cfg = VaeConfig::load(&args.vae.join("config.json"))?;
-    let vae = AutoencoderKL::new(
-        &vae_cfg,
-        crate::pipeline::load_weights(
-            &crate::source::weight_file(&args.vae)?,
-            DType::F32,
-            &device,
-        )?,
-    )
-    .with_context(|| format!("--vae {}", args.vae.display()))?;
-    let f = vae_cfg.scale_factor();
-    if c.resolution == 0 || !c.resolution.is_multiple_of(f) {
-        bail!(
-            "--resolution {} must be a positive multiple of {f}",
-            c.resolution
-        )
-    }
+    let (vae, vae_cfg) = frozen_vae(&args.vae, c.resolution, &device)?;
     if unet_cfg.in_channels != vae_cfg.latent_channels {
         bail!(
             "the U-Net takes {} channels but the VAE makes {}",
