@@ -358,7 +358,7 @@ fn export_text_encoder(config: &Path, weights: &HashMap<String, Tensor>, out: &P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     /// Every weight of both towers, the temperature included, gets a gradient (candle cuts the
     /// graph silently at ops without a backward), and the pooled position is the first eos.
@@ -372,13 +372,7 @@ mod tests {
         )?;
         let dev = Device::Cpu;
         let build = |vb: VarBuilder| ContrastiveModel::new(&te_cfg, (4, 8), 16, vb);
-        let vars: HashMap<String, Var> = crate::init::init_weights(0, &dev, build)?
-            .into_iter()
-            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
-            .collect::<Result<_>>()?;
-        let map = candle_nn::VarMap::new();
-        map.data().lock().unwrap().extend(vars.clone());
-        let model = build(VarBuilder::from_varmap(&map, DType::F32, &dev))?;
+        let (vars, model) = crate::init::live_vars(0, &dev, build)?;
         let prompts = [
             "a red circle",
             "a blue square on a yellow background",

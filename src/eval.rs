@@ -611,14 +611,19 @@ impl Evaluator {
         })
     }
 
-    /// What the evaluator reads in each image: one `head -> class` map per image.
-    pub fn predict(&self, images: &[RgbImage]) -> Result<Vec<BTreeMap<String, String>>> {
+    /// Features and per-head log-probabilities of generated images.
+    fn read(&self, images: &[RgbImage]) -> Result<(Tensor, Vec<Tensor>)> {
         let r = self.config.resolution;
         let tensors = images
             .iter()
             .map(|img| crate::data::image_tensor(img.clone(), "generated image", r, &Device::Cpu))
             .collect::<Result<Vec<_>>>()?;
-        let (_, log_probs) = classify(&self.model, &Tensor::stack(&tensors, 0)?)?;
+        classify(&self.model, &Tensor::stack(&tensors, 0)?)
+    }
+
+    /// What the evaluator reads in each image: one `head -> class` map per image.
+    pub fn predict(&self, images: &[RgbImage]) -> Result<Vec<BTreeMap<String, String>>> {
+        let (_, log_probs) = self.read(images)?;
         let mut out = vec![BTreeMap::new(); images.len()];
         for (h, lp) in HEADS.iter().zip(&log_probs) {
             let classes = self.config.classes(h)?;
@@ -635,12 +640,7 @@ impl Evaluator {
         if prompts.len() != images.len() {
             bail!("{} prompts for {} images", prompts.len(), images.len())
         }
-        let r = self.config.resolution;
-        let tensors = images
-            .iter()
-            .map(|img| crate::data::image_tensor(img.clone(), "generated image", r, &Device::Cpu))
-            .collect::<Result<Vec<_>>>()?;
-        let (features, log_probs) = classify(&self.model, &Tensor::stack(&tensors, 0)?)?;
+        let (features, log_probs) = self.read(images)?;
         let probs = log_probs
             .iter()
             .map(|lp| Ok(lp.exp()?.to_vec2::<f32>()?))

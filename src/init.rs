@@ -102,6 +102,23 @@ pub fn init_weights<M>(
     Ok(tensors)
 }
 
+/// Tests that need gradients: a model built once over seeded `Var`s, and the `Var`s by name.
+#[cfg(test)]
+pub fn live_vars<M>(
+    seed: u64,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> candle_core::Result<M>,
+) -> Result<(HashMap<String, candle_core::Var>, M)> {
+    let vars: HashMap<String, candle_core::Var> = init_weights(seed, device, &build)?
+        .into_iter()
+        .map(|(k, t)| Ok((k, candle_core::Var::from_tensor(&t)?)))
+        .collect::<Result<_>>()?;
+    let map = candle_nn::VarMap::new();
+    map.data().lock().expect("varmap lock").extend(vars.clone());
+    let model = build(VarBuilder::from_varmap(&map, DType::F32, device))?;
+    Ok((vars, model))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1053,14 +1053,7 @@ mod tests {
         )?;
         let dev = Device::Cpu;
         let build = |vb: VarBuilder| Teacher::new(&unet_cfg, &te_cfg, vb);
-        let init = crate::init::init_weights(0, &dev, build)?;
-        let vars: HashMap<String, Var> = init
-            .into_iter()
-            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
-            .collect::<Result<_>>()?;
-        let map = candle_nn::VarMap::new();
-        map.data().lock().unwrap().extend(vars.clone());
-        let model = build(VarBuilder::from_varmap(&map, DType::F32, &dev))?;
+        let (vars, model) = crate::init::live_vars(0, &dev, build)?;
         let ids: Vec<u32> = ["a red circle on blue", "an emoji of a cat"]
             .iter()
             .flat_map(|p| tok.encode(p).unwrap().ids)
