@@ -119,6 +119,26 @@ pub fn live_vars<M>(
     Ok((vars, model))
 }
 
+/// Names of the `vars` whose gradient is absent or all zero, except those `exempt` accepts.
+#[cfg(test)]
+pub fn without_gradient(
+    vars: &HashMap<String, candle_core::Var>,
+    grads: &candle_core::backprop::GradStore,
+    exempt: impl Fn(&str) -> bool,
+) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (name, v) in vars {
+        let norm = match grads.get(v) {
+            Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        if norm == 0.0 && !exempt(name) {
+            missing.push(name.clone());
+        }
+    }
+    Ok(missing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
