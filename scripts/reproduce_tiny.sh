@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped tiny model from scratch: data, VAE, teacher, LCM distillation.
 # Stages are resumable: a finished stage is skipped, an interrupted one continues from its last
-# checkpoint. Needs npm (for the emoji package) and about 9 CPU-hours on 2 cores.
+# checkpoint. Needs npm (for the emoji package) and about 13 CPU-hours on 2 cores.
 #
 #   scripts/reproduce_tiny.sh [WORK_DIR]       (default: ./tiny-work)
 set -euo pipefail
@@ -106,23 +106,59 @@ if [ ! -f "$WORK/teacher4/done" ]; then
 fi
 # Part 5: grown from part 4 (`--grow`) into configs/tiny-xattn, which adds cross-attention at the
 # full 16² latent resolution (the first down block and the last up block), new attention outputs
-# zeroed so it starts as part 4; then the same weighting, lr 5e-4 falling linearly towards a
-# tenth at step 4000, stopped at 3000 for time (weights/README.md), the export there shipped.
+# zeroed so it starts as part 4; then the same weighting, lr 5e-4 falling linearly to a tenth at
+# step 4000. (The third shipped model used this run's step-3000 export; part 6 starts from 4000.)
 if [ ! -f "$WORK/teacher5/done" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher4/model" --grow \
         --noise-offset 0.2 --snr-gamma 5 --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher5" \
-        --max-steps 4000 --stop-at 3000 --decay-from 100 --batch-size 16 --lr 5e-4 --warmup-steps 100 \
+        --max-steps 4000 --decay-from 100 --batch-size 16 --lr 5e-4 --warmup-steps 100 \
         --save-every 250 --sample-every 500 --seed 5 $(resume_flag "$WORK/teacher5") && touch "$WORK/teacher5/done"
 fi
-TEACHER="$WORK/teacher5/model"
+# The text encoder retrained as CLIP's text tower: contrastively against a small image tower over
+# the VAE's latents (weights/README.md: a twin with --hard-negatives 0.5 made a worse teacher).
+if [ ! -f "$WORK/text/done" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain text --config configs/tiny-xattn --vae "$VAE" \
+        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/text" \
+        --max-steps 1500 --decay-from 500 --batch-size 128 --lr 1e-3 --warmup-steps 100 --save-every 250 \
+        --seed 0 $(resume_flag "$WORK/text") && touch "$WORK/text/done"
+fi
+# Part 6: part 5's U-Net conditioned on that text encoder, frozen (--text-encoder): the
+# cross-attention relearns to read it. lr 5e-4 falling linearly to a tenth from step 500 towards
+# 3000 (the run was interrupted at step 1000 and resumed, bit-exact).
+if [ ! -f "$WORK/teacher6/done" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher5/model" \
+        --text-encoder "$WORK/text/text_encoder" --noise-offset 0.2 --snr-gamma 5 \
+        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher6" \
+        --max-steps 3000 --decay-from 500 --batch-size 16 --lr 5e-4 --warmup-steps 100 \
+        --save-every 250 --sample-every 500 --seed 6 $(resume_flag "$WORK/teacher6") && touch "$WORK/teacher6/done"
+fi
+# Part 7: part 6 continued (lr 3e-4 falling from step 500 over 4000 steps). The LCM was distilled
+# from its step-2000 export while it ran on, so the part stops there first, keeps that export, and
+# resumes (bit-exact) to 4000, whose export is the shipped teacher.
+teacher7() {
+    # shellcheck disable=SC2046
+    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher6/model" \
+        --text-encoder "$WORK/text/text_encoder" --noise-offset 0.2 --snr-gamma 5 \
+        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher7" \
+        --max-steps 4000 --decay-from 500 --batch-size 16 --lr 3e-4 --warmup-steps 100 \
+        --save-every 250 --sample-every 500 --seed 7 "$@" $(resume_flag "$WORK/teacher7")
+}
+if [ ! -f "$WORK/teacher7-2000/model_index.json" ]; then
+    teacher7 --stop-at 2000 && rm -rf "$WORK/teacher7-2000" && cp -a "$WORK/teacher7/model" "$WORK/teacher7-2000"
+fi
+[ -f "$WORK/teacher7/done" ] || { teacher7 && touch "$WORK/teacher7/done"; }
+TEACHER="$WORK/teacher7/model"
 
-# Stage 3: the LCM, distilled from the teacher on the first 8000 shapes and the emoji twice.
+# Stage 3: the LCM, distilled from part 7's step-2000 export with the pseudo-Huber loss on the
+# first 8000 shapes and the emoji twice.
 if [ ! -f "$WORK/lcm/model_index.json" ]; then
     # shellcheck disable=SC2046
-    $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
+    $LCM distill --teacher "$WORK/teacher7-2000" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
         --output "$WORK/lcm" --max-steps 1500 --batch-size 16 --lr 2e-4 --warmup-steps 100 --decay-from 400 \
-        --w-embed-dim 64 --w-min 2 --w-max 8 --save-every 250 --sample-every 500 \
+        --w-embed-dim 64 --w-min 2 --w-max 8 --loss huber --save-every 250 --sample-every 500 \
         --seed 0 $(resume_flag "$WORK/lcm")
 fi
 
