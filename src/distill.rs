@@ -515,8 +515,34 @@ fn file_fingerprint(path: &Path) -> String {
     }
 }
 
-/// Encode the dataset with the teacher's VAE and text encoder once; reuse the cache while the
-/// teacher, the resolution and the data are unchanged.
+/// What the cached encodings depend on: the teacher's weights, the dtype of its text embeddings,
+/// the resolution, the data, and the seed the VAE posterior samples are drawn from (without it a
+/// rerun with another `--seed` silently reused the first run's latents).
+fn encodings_key(
+    teacher_dir: &Path,
+    dtype: DType,
+    resolution: usize,
+    seed: u64,
+    examples: &[crate::data::Example],
+) -> Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    resolution.hash(&mut h);
+    seed.hash(&mut h);
+    format!("{dtype:?}").hash(&mut h);
+    for c in ["unet", "vae", "text_encoder"] {
+        for f in crate::source::weight_file(&teacher_dir.join(c))? {
+            file_fingerprint(&f).hash(&mut h);
+        }
+    }
+    for ex in examples {
+        ex.fingerprint().hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+/// Encode the dataset with the teacher's VAE and text encoder once; reuse the cache while
+/// `encodings_key` is unchanged.
 fn encode_dataset(
     pipe: &crate::pipeline::Pipeline,
     teacher_dir: &Path,
@@ -524,23 +550,12 @@ fn encode_dataset(
     resolution: usize,
     cache_dir: &Path,
 ) -> Result<TrainData> {
-    use std::hash::{Hash, Hasher};
     let mut examples = Vec::new();
     for d in &args.data {
         examples.extend(crate::data::scan(d)?);
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    resolution.hash(&mut h);
-    format!("{:?}", pipe.dtype).hash(&mut h); // text embeddings are computed in the teacher's dtype
-    for c in ["unet", "vae", "text_encoder"] {
-        for f in crate::source::weight_file(&teacher_dir.join(c))? {
-            file_fingerprint(&f).hash(&mut h);
-        }
-    }
-    for ex in &examples {
-        ex.fingerprint().hash(&mut h);
-    }
-    let cache = cache_dir.join(format!("data-{:016x}.safetensors", h.finish()));
+    let key = encodings_key(teacher_dir, pipe.dtype, resolution, args.seed, &examples)?;
+    let cache = cache_dir.join(format!("data-{key:016x}.safetensors"));
     let dev = &pipe.device;
     if cache.is_file() {
         let t = candle_core::safetensors::load(&cache, dev)?;
@@ -849,4 +864,25 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_encodings_are_keyed_by_seed_resolution_and_teacher() -> Result<()> {
+        let teacher = crate::source::repo_root().join("weights/tiny-teacher");
+        let key = |res, seed| encodings_key(&teacher, DType::F32, res, seed, &[]);
+        assert_eq!(key(64, 0)?, key(64, 0)?);
+        assert_ne!(key(64, 0)?, key(64, 1)?);
+        assert_ne!(key(64, 0)?, key(32, 0)?);
+        assert_ne!(
+            key(64, 0)?,
+            encodings_key(&teacher, DType::F16, 64, 0, &[])?
+        );
+        let other = crate::source::repo_root().join("weights/tiny");
+        assert_ne!(key(64, 0)?, encodings_key(&other, DType::F32, 64, 0, &[])?);
+        Ok(())
+    }
 }
