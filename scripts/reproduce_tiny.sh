@@ -135,28 +135,22 @@ if [ ! -f "$WORK/teacher6/done" ]; then
         --max-steps 3000 --decay-from 500 --batch-size 16 --lr 5e-4 --warmup-steps 100 \
         --save-every 250 --sample-every 500 --seed 6 $(resume_flag "$WORK/teacher6") && touch "$WORK/teacher6/done"
 fi
-# Part 7: part 6 continued (lr 3e-4 falling from step 500 over 4000 steps). The LCM was distilled
-# from its step-2000 export while it ran on, so the part stops there first, keeps that export, and
-# resumes (bit-exact) to 4000, whose export is the shipped teacher.
-teacher7() {
+# Part 7: part 6 continued, lr 3e-4 falling from step 500 over 4000 steps (interrupted at step
+# 1549 and resumed from 1500, bit-exact).
+if [ ! -f "$WORK/teacher7/done" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher6/model" \
         --text-encoder "$WORK/text/text_encoder" --noise-offset 0.2 --snr-gamma 5 \
         --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher7" \
         --max-steps 4000 --decay-from 500 --batch-size 16 --lr 3e-4 --warmup-steps 100 \
-        --save-every 250 --sample-every 500 --seed 7 "$@" $(resume_flag "$WORK/teacher7")
-}
-if [ ! -f "$WORK/teacher7-2000/model_index.json" ]; then
-    teacher7 --stop-at 2000 && rm -rf "$WORK/teacher7-2000" && cp -a "$WORK/teacher7/model" "$WORK/teacher7-2000"
+        --save-every 250 --sample-every 500 --seed 7 $(resume_flag "$WORK/teacher7") && touch "$WORK/teacher7/done"
 fi
-[ -f "$WORK/teacher7/done" ] || { teacher7 && touch "$WORK/teacher7/done"; }
 TEACHER="$WORK/teacher7/model"
 
-# Stage 3: the LCM, distilled from part 7's step-2000 export with the pseudo-Huber loss on the
-# first 8000 shapes and the emoji twice.
+# Stage 3: the LCM, distilled with the pseudo-Huber loss on the first 8000 shapes and the emoji twice.
 if [ ! -f "$WORK/lcm/model_index.json" ]; then
     # shellcheck disable=SC2046
-    $LCM distill --teacher "$WORK/teacher7-2000" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
+    $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
         --output "$WORK/lcm" --max-steps 1500 --batch-size 16 --lr 2e-4 --warmup-steps 100 --decay-from 400 \
         --w-embed-dim 64 --w-min 2 --w-max 8 --loss huber --save-every 250 --sample-every 500 \
         --seed 0 $(resume_flag "$WORK/lcm")
