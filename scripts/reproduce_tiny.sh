@@ -124,27 +124,23 @@ if [ ! -f "$WORK/text/done" ]; then
         --max-steps 1500 --decay-from 500 --batch-size 128 --lr 1e-3 --warmup-steps 100 --save-every 250 \
         --seed 0 $(resume_flag "$WORK/text") && touch "$WORK/text/done"
 fi
-# Part 6: part 5's U-Net conditioned on that text encoder, frozen (--text-encoder): the
-# cross-attention relearns to read it. lr 5e-4 falling linearly to a tenth from step 500 towards
-# 3000 (the run was interrupted at step 1000 and resumed, bit-exact).
-if [ ! -f "$WORK/teacher6/done" ]; then
+# Parts 6 and 7 condition the U-Net on that text encoder, frozen (--text-encoder), and differ only
+# in where they start, their length, lr and seed: PART INIT MAX_STEPS LR SEED.
+on_text_encoder() {
+    [ -f "$WORK/teacher$1/done" ] && return
     # shellcheck disable=SC2046
-    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher5/model" \
+    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$2" \
         --text-encoder "$WORK/text/text_encoder" --noise-offset 0.2 --snr-gamma 5 \
-        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher6" \
-        --max-steps 3000 --decay-from 500 --batch-size 16 --lr 5e-4 --warmup-steps 100 \
-        --save-every 250 --sample-every 500 --seed 6 $(resume_flag "$WORK/teacher6") && touch "$WORK/teacher6/done"
-fi
+        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher$1" \
+        --max-steps "$3" --decay-from 500 --batch-size 16 --lr "$4" --warmup-steps 100 \
+        --save-every 250 --sample-every 500 --seed "$5" $(resume_flag "$WORK/teacher$1") && touch "$WORK/teacher$1/done"
+}
+# Part 6: part 5's U-Net; the cross-attention relearns to read the new encoder. lr 5e-4 falling
+# linearly to a tenth from step 500 towards 3000 (interrupted at step 1000 and resumed, bit-exact).
+on_text_encoder 6 "$WORK/teacher5/model" 3000 5e-4 6
 # Part 7: part 6 continued, lr 3e-4 falling from step 500 over 4000 steps (interrupted at step
 # 1549 and resumed from 1500, bit-exact).
-if [ ! -f "$WORK/teacher7/done" ]; then
-    # shellcheck disable=SC2046
-    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$WORK/teacher6/model" \
-        --text-encoder "$WORK/text/text_encoder" --noise-offset 0.2 --snr-gamma 5 \
-        --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher7" \
-        --max-steps 4000 --decay-from 500 --batch-size 16 --lr 3e-4 --warmup-steps 100 \
-        --save-every 250 --sample-every 500 --seed 7 $(resume_flag "$WORK/teacher7") && touch "$WORK/teacher7/done"
-fi
+on_text_encoder 7 "$WORK/teacher6/model" 4000 3e-4 7
 TEACHER="$WORK/teacher7/model"
 
 # Stage 3: the LCM, distilled with the pseudo-Huber loss on the first 8000 shapes and the emoji twice.
