@@ -134,6 +134,9 @@ pub struct TrainState {
     lr: f64,
     decay: Option<(u64, u64)>,
     max_grad_norm: f64,
+    /// An exponential moving average of the trainable weights and its decay (`--ema`): what
+    /// samples and exports read when it is on.
+    ema: Option<(f64, HashMap<String, Var>)>,
 }
 
 impl TrainState {
@@ -178,7 +181,36 @@ impl TrainState {
             lr: args.lr,
             decay: args.decay_from.map(|from| (from, args.max_steps)),
             max_grad_norm: args.max_grad_norm,
+            ema: None,
         })
+    }
+
+    /// Keep an EMA of the trainable weights with `decay` (0 = off), starting from the current
+    /// weights; call before [`resume`](Self::resume), which then restores it too.
+    pub fn with_ema(mut self, decay: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&decay) {
+            bail!("--ema {decay} must be in [0, 1)")
+        }
+        if decay > 0.0 {
+            let copies = self
+                .vars
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+                .collect::<Result<_>>()?;
+            self.ema = Some((decay, copies));
+        }
+        Ok(self)
+    }
+
+    /// The EMA decay used after optimizer step `step` (1-based), as diffusers' `EMAModel`: the
+    /// warm-up (1 + n)/(10 + n) with n = step − 1 caps it, so early averages are not dominated
+    /// by the starting weights.
+    pub fn ema_decay(max: f64, step: u64) -> f64 {
+        let n = step.saturating_sub(1) as f64;
+        if n == 0.0 {
+            return 0.0;
+        }
+        ((1.0 + n) / (10.0 + n)).min(max)
     }
 
     /// A VarBuilder over the live variables (gradients flow into them).
@@ -218,7 +250,23 @@ impl TrainState {
         let lr = scheduled_lr(self.lr, self.warmup, self.decay, self.step + 1);
         self.opt.step(&grads, lr)?;
         self.step += 1;
+        if let Some((max, ema)) = &self.ema {
+            crate::optim::ema_update(ema, &self.vars, Self::ema_decay(*max, self.step))?;
+        }
         Ok((lr, norm))
+    }
+
+    /// What samples and exports read: the EMA of the trainable weights where `--ema` is on (with
+    /// the frozen ones), otherwise [`weights`](Self::weights).
+    pub fn export_weights(&self) -> HashMap<String, Tensor> {
+        match &self.ema {
+            Some((_, ema)) => ema
+                .iter()
+                .chain(&self.frozen)
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect(),
+            None => self.weights(),
+        }
     }
 
     /// Write a checkpoint of this step (kept as is when one already exists, e.g. after resuming
@@ -230,12 +278,17 @@ impl TrainState {
         if existing.join(checkpoint::STATE_FILE).is_file() {
             return Ok(existing);
         }
-        checkpoint::save(
-            &run_dir.join("checkpoints"),
-            self.step,
-            &[("model", &self.weights()), ("optimizer", &self.opt.state())],
-            &state,
-        )
+        let (model, opt) = (self.weights(), self.opt.state());
+        let ema = self.ema.as_ref().map(|(_, e)| {
+            e.iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect::<HashMap<_, _>>()
+        });
+        let mut groups = vec![("model", &model), ("optimizer", &opt)];
+        if let Some(e) = &ema {
+            groups.push(("ema", e));
+        }
+        checkpoint::save(&run_dir.join("checkpoints"), self.step, &groups, &state)
     }
 
     /// [`resume`](Self::resume), refusing a checkpoint whose run settings differ from `run`.
@@ -274,6 +327,15 @@ impl TrainState {
         }
         self.opt
             .load_state(&ck.group("optimizer", device)?, ck.step)?;
+        if let Some((_, ema)) = &self.ema {
+            let saved = ck.group("ema", device)?;
+            for (name, var) in ema {
+                let t = saved
+                    .get(name)
+                    .with_context(|| format!("checkpoint {} lacks EMA {name}", dir.display()))?;
+                var.set(t)?;
+            }
+        }
         self.step = ck.step;
         eprintln!("resumed from {} at step {}", dir.display(), self.step);
         Ok(ck.state)
@@ -670,8 +732,17 @@ pub struct UnetArgs {
     /// --config's.
     #[arg(long)]
     pub text_encoder: Option<PathBuf>,
+    /// Keep an exponential moving average of the weights with this decay (diffusers'
+    /// `--use_ema`, whose default is 0.9999; its warm-up too) and sample and export it rather
+    /// than the last step's weights. 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    pub ema: f64,
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 #[derive(Serialize, Deserialize, PartialEq)]
@@ -683,6 +754,8 @@ struct UnetRunState {
     snr_gamma: f64,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     frozen_text: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    ema: f64,
     resolution: usize,
     batch_size: usize,
     seed: u64,
@@ -870,12 +943,14 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
     let frozen_text = args.text_encoder.is_some();
     let mut state = TrainState::with_trainable(init, c, |k| {
         !(frozen_text && k.starts_with("text_encoder."))
-    })?;
+    })?
+    .with_ema(args.ema)?;
     let run_state = UnetRunState {
         caption_dropout: args.caption_dropout,
         noise_offset: args.noise_offset,
         snr_gamma: args.snr_gamma,
         frozen_text,
+        ema: args.ema,
         resolution: c.resolution,
         batch_size: c.batch_size,
         seed: c.seed,
@@ -954,7 +1029,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         }
         if c.sample_every > 0 && step % c.sample_every == 0 {
             let out = c.output.join("model");
-            export_teacher(args, &state.weights(), &out)?;
+            export_teacher(args, &state.export_weights(), &out)?;
             let pipe = crate::pipeline::Pipeline::load(&out, &device, DType::F32)?;
             let path = c.output.join(format!("samples/step-{step:08}.png"));
             write_teacher_samples(&pipe, &sample_prompts, &path)?;
@@ -966,7 +1041,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         serde_json::json!({"step": state.step, "run": run_state}),
     )?;
     let out = c.output.join("model");
-    export_teacher(args, &state.weights(), &out)?;
+    export_teacher(args, &state.export_weights(), &out)?;
     println!(
         "trained the teacher for {} steps; wrote {}",
         state.step,
@@ -1075,6 +1150,68 @@ mod tests {
         missing.sort();
         assert!(missing.is_empty(), "no gradient for {missing:?}");
         assert!(vars.keys().any(|k| k.starts_with("text_encoder.")));
+        Ok(())
+    }
+
+    /// `--ema`: the average follows diffusers' EMAModel (a copy at the first step, then the
+    /// warm-up decay), exports read it, and a resumed run restores it exactly.
+    #[test]
+    fn ema_averages_exports_and_resumes() -> Result<()> {
+        #[derive(clap::Parser)]
+        struct W {
+            #[command(flatten)]
+            c: CommonArgs,
+        }
+        use clap::Parser;
+        let dir = std::env::temp_dir().join(format!("lcm-ema-{}", std::process::id()));
+        let out = dir.to_str().unwrap();
+        let args = W::parse_from(["x", "--data", "d", "--output", out, "--lr", "0.1"]).c;
+        let dev = Device::Cpu;
+        let start = || -> Result<TrainState> {
+            let w = HashMap::from([("w".to_string(), Tensor::new(&[1f32, -2.0], &dev)?)]);
+            TrainState::new(w, &args)?.with_ema(0.9)
+        };
+        let step = |s: &mut TrainState| -> Result<Vec<f32>> {
+            let loss = s.vars["w"].as_tensor().sqr()?.sum_all()?;
+            s.apply(&loss)?;
+            Ok(s.vars["w"].as_tensor().to_vec1()?)
+        };
+        let mut s = start()?;
+        let mut want = step(&mut s)?; // decay 0: the first average is the weights
+        for k in 2..=4u64 {
+            let d = TrainState::ema_decay(0.9, k) as f32;
+            let w = step(&mut s)?;
+            want = want
+                .iter()
+                .zip(&w)
+                .map(|(e, w)| d * e + (1.0 - d) * w)
+                .collect();
+        }
+        assert_eq!(TrainState::ema_decay(0.9, 2), 2.0 / 11.0);
+        assert_eq!(TrainState::ema_decay(0.9, 1000), 0.9);
+        let got: Vec<f32> = s.export_weights()["w"].to_vec1()?;
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} against {want:?}");
+        }
+        assert_ne!(
+            got,
+            s.weights()["w"].to_vec1::<f32>()?,
+            "exports read the EMA"
+        );
+        s.save(&dir, serde_json::json!({}))?;
+        step(&mut s)?;
+        let mut r = start()?;
+        r.resume(&dir, &dev)?;
+        step(&mut r)?;
+        let (a, b) = (s.export_weights(), r.export_weights());
+        assert_eq!(a["w"].to_vec1::<f32>()?, b["w"].to_vec1::<f32>()?);
+        assert!(TrainState::new(
+            HashMap::from([("w".into(), Tensor::new(&[1f32], &dev)?)]),
+            &args
+        )?
+        .with_ema(1.0)
+        .is_err());
+        std::fs::remove_dir_all(&dir).ok();
         Ok(())
     }
 
