@@ -298,25 +298,31 @@ impl TrainState {
         device: &Device,
         run: &impl Serialize,
     ) -> Result<()> {
-        let saved = self.resume(from, device)?;
+        // Compared before any tensor is read, so a mismatch is reported as one, not as a group
+        // (such as the EMA) the checkpoint lacks.
+        let saved = Checkpoint::open(&Self::checkpoint_dir(from)?)?.state;
         if serde_json::to_value(run)? != saved["run"] {
             bail!(
                 "--resume {}: the checkpoint was made with different settings",
                 from.display()
             )
         }
+        self.resume(from, device)?;
         Ok(())
+    }
+
+    /// `from` itself when it is a checkpoint, else the latest complete one under it.
+    fn checkpoint_dir(from: &Path) -> Result<PathBuf> {
+        if from.join(checkpoint::STATE_FILE).is_file() {
+            return Ok(from.to_path_buf());
+        }
+        checkpoint::latest(&from.join("checkpoints"))?
+            .with_context(|| format!("--resume {}: no complete checkpoint found", from.display()))
     }
 
     /// Load the latest checkpoint of `from` (a checkpoint or a run folder); returns its state.
     pub fn resume(&mut self, from: &Path, device: &Device) -> Result<serde_json::Value> {
-        let dir = if from.join(checkpoint::STATE_FILE).is_file() {
-            from.to_path_buf()
-        } else {
-            checkpoint::latest(&from.join("checkpoints"))?.with_context(|| {
-                format!("--resume {}: no complete checkpoint found", from.display())
-            })?
-        };
+        let dir = Self::checkpoint_dir(from)?;
         let ck = Checkpoint::open(&dir)?;
         let model = ck.group("model", device)?;
         for (name, var) in self.vars.iter().chain(&self.frozen) {
