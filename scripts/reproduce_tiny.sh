@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped tiny model from scratch: data, VAE, teacher, LCM distillation.
 # Stages are resumable: a finished stage is skipped, an interrupted one continues from its last
-# checkpoint. Needs npm (for the emoji package) and about 13 CPU-hours on 2 cores.
+# checkpoint. Needs npm (for the emoji package) and about 14 CPU-hours on 2 cores.
 #
 #   scripts/reproduce_tiny.sh [WORK_DIR]       (default: ./tiny-work)
 set -euo pipefail
@@ -53,7 +53,18 @@ if [ ! -f "$WORK/vae3/vae/config.json" ]; then
         --max-steps 1200 --decay-from 400 --batch-size 16 --lr 5e-4 --warmup-steps 50 \
         --save-every 200 --sample-every 200 --seed 4 $(resume_flag "$WORK/vae3")
 fi
-# The U-Nets read the encoder's latents, the same in vae2 and vae3; the pipelines decode with vae3.
+# Part 4: the decoder alone again, from part 3, lr 3e-4 falling to a tenth from step 300 to 2000
+# (run after the teacher's part 8, from part 3's f16 copy: its reconstructions drew small green
+# shapes dark; the latents stay the same, so no U-Net is retrained).
+if [ ! -f "$WORK/vae4/vae/config.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain vae --config configs/tiny/vae/config.json --init "$WORK/vae3/vae" --decoder-only \
+        --data "$WORK/data/shapes" "${EMOJI3[@]}" --output "$WORK/vae4" \
+        --max-steps 2000 --decay-from 300 --batch-size 16 --lr 3e-4 --warmup-steps 50 \
+        --save-every 250 --sample-every 250 --seed 5 $(resume_flag "$WORK/vae4")
+fi
+# The U-Nets read the encoder's latents, the same in vae2, vae3 and vae4; the pipelines decode
+# with vae4.
 VAE="$WORK/vae2/vae"
 
 # The evaluator behind `lcm eval` (real images only; independent of the model stages).
@@ -124,24 +135,28 @@ if [ ! -f "$WORK/text/done" ]; then
         --max-steps 1500 --decay-from 500 --batch-size 128 --lr 1e-3 --warmup-steps 100 --save-every 250 \
         --seed 0 $(resume_flag "$WORK/text") && touch "$WORK/text/done"
 fi
-# Parts 6 and 7 condition the U-Net on that text encoder, frozen (--text-encoder), and differ only
-# in where they start, their length, lr and seed: PART INIT MAX_STEPS LR SEED.
+# Parts 6 to 8 condition the U-Net on that text encoder, frozen (--text-encoder), and differ only
+# in where they start, their length, lr, seed and lr decay: PART INIT MAX_STEPS LR SEED DECAY_FROM
+# [MORE FLAGS].
 on_text_encoder() {
     [ -f "$WORK/teacher$1/done" ] && return
     # shellcheck disable=SC2046
-    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$2" \
+    $LCM pretrain unet --config configs/tiny-xattn --vae "$VAE" --init "$2" "${@:7}" \
         --text-encoder "$WORK/text/text_encoder" --noise-offset 0.2 --snr-gamma 5 \
         --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --output "$WORK/teacher$1" \
-        --max-steps "$3" --decay-from 500 --batch-size 16 --lr "$4" --warmup-steps 100 \
+        --max-steps "$3" --decay-from "$6" --batch-size 16 --lr "$4" --warmup-steps 100 \
         --save-every 250 --sample-every 500 --seed "$5" $(resume_flag "$WORK/teacher$1") && touch "$WORK/teacher$1/done"
 }
 # Part 6: part 5's U-Net; the cross-attention relearns to read the new encoder. lr 5e-4 falling
 # linearly to a tenth from step 500 towards 3000 (interrupted at step 1000 and resumed, bit-exact).
-on_text_encoder 6 "$WORK/teacher5/model" 3000 5e-4 6
+on_text_encoder 6 "$WORK/teacher5/model" 3000 5e-4 6 500
 # Part 7: part 6 continued, lr 3e-4 falling from step 500 over 4000 steps (interrupted at step
 # 1549 and resumed from 1500, bit-exact).
-on_text_encoder 7 "$WORK/teacher6/model" 4000 3e-4 7
-TEACHER="$WORK/teacher7/model"
+on_text_encoder 7 "$WORK/teacher6/model" 4000 3e-4 7 500
+# Part 8: part 7 continued 1500 steps with an EMA of the weights (what it exports), lr 2e-4 falling
+# from step 300 (the shipped run started from part 7's f16 copy and encoded with the f16 VAE).
+on_text_encoder 8 "$WORK/teacher7/model" 1500 2e-4 8 300 --ema 0.999
+TEACHER="$WORK/teacher8/model"
 
 # Stage 3: the LCM, distilled with the pseudo-Huber loss on the first 8000 shapes and the emoji twice.
 if [ ! -f "$WORK/lcm/model_index.json" ]; then
@@ -156,7 +171,7 @@ fi
 # and the LCM reads its teacher's text encoder and tokenizer through links.
 SHIP="$WORK/ship"
 rm -rf "$SHIP" && mkdir -p "$SHIP"
-$LCM convert --input "$WORK/vae3/vae" --output "$SHIP/tiny-vae" --dtype f16
+$LCM convert --input "$WORK/vae4/vae" --output "$SHIP/tiny-vae" --dtype f16
 $LCM convert --input "$TEACHER" --output "$SHIP/tiny-teacher" --dtype f16
 rm -rf "$SHIP/tiny-teacher/vae" && ln -s ../tiny-vae "$SHIP/tiny-teacher/vae"
 $LCM convert --input "$WORK/lcm" --output "$SHIP/tiny" --dtype f16
