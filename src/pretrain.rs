@@ -122,6 +122,12 @@ pub fn load_images(dirs: &[PathBuf], resolution: usize) -> Result<(Tensor, Vec<S
     Ok((Tensor::stack(&images, 0)?, captions))
 }
 
+/// Tensors of `vars` detached from the graph (sharing storage), by name.
+fn detached<'a>(vars: impl Iterator<Item = (&'a String, &'a Var)>) -> HashMap<String, Tensor> {
+    vars.map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
 /// Trainable variables by name, with AdamW, a step counter and the seed: what a checkpoint holds.
 pub struct TrainState {
     pub vars: HashMap<String, Var>,
@@ -195,7 +201,7 @@ impl TrainState {
             let copies = self
                 .vars
                 .iter()
-                .map(|(k, v)| Ok((k.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+                .map(|(k, v)| Ok((k.clone(), Var::from_tensor(&v.as_tensor().detach())?)))
                 .collect::<Result<_>>()?;
             self.ema = Some((decay, copies));
         }
@@ -227,11 +233,7 @@ impl TrainState {
 
     /// Detached copies of the current weights.
     pub fn weights(&self) -> HashMap<String, Tensor> {
-        self.vars
-            .iter()
-            .chain(&self.frozen)
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect()
+        detached(self.vars.iter().chain(&self.frozen))
     }
 
     /// This step's random stream: a function of (seed, step) only, so a resumed run draws the
@@ -260,11 +262,7 @@ impl TrainState {
     /// the frozen ones), otherwise [`weights`](Self::weights).
     pub fn export_weights(&self) -> HashMap<String, Tensor> {
         match &self.ema {
-            Some((_, ema)) => ema
-                .iter()
-                .chain(&self.frozen)
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect(),
+            Some((_, ema)) => detached(ema.iter().chain(&self.frozen)),
             None => self.weights(),
         }
     }
@@ -279,11 +277,7 @@ impl TrainState {
             return Ok(existing);
         }
         let (model, opt) = (self.weights(), self.opt.state());
-        let ema = self.ema.as_ref().map(|(_, e)| {
-            e.iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect::<HashMap<_, _>>()
-        });
+        let ema = self.ema.as_ref().map(|(_, e)| detached(e.iter()));
         let mut groups = vec![("model", &model), ("optimizer", &opt)];
         if let Some(e) = &ema {
             groups.push(("ema", e));
