@@ -6,6 +6,7 @@
 //! seeded with (seed, s, micro-batch), so resuming needs no generator state and reproduces the
 //! uninterrupted run.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -504,8 +505,55 @@ pub struct DistillArgs {
     /// Continue from DIR: a checkpoint folder, or an output folder (its latest checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start the student (and its EMA target) from an LCM distilled from this teacher (a
+    /// diffusers-layout folder or pipeline name) instead of from the teacher's own weights, with a
+    /// fresh optimizer and schedule: a distillation continued past its planned steps. Its U-Net
+    /// must be the teacher's layout plus a guidance embedding of --w-embed-dim.
+    #[arg(long, conflicts_with = "lora_rank")]
+    pub init: Option<String>,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
+}
+
+/// The U-Net weights of a previously distilled LCM (`--init`), checked against the teacher's: every
+/// teacher tensor with its shape, plus the guidance embedding (`time_embedding.cond_proj`) taking
+/// `w_embed_dim` inputs, and nothing else.
+fn student_start(
+    spec: &str,
+    teacher: &HashMap<String, Tensor>,
+    w_embed_dim: usize,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let dir = crate::source::resolve(spec)?.dir.join("unet");
+    let weights = crate::pretrain::load_component(&dir, device)?;
+    for (name, t) in teacher {
+        match weights.get(name) {
+            None => bail!("{} has no tensor {name}", dir.display()),
+            Some(w) if w.dims() != t.dims() => bail!(
+                "{}: {name} has shape {:?}, the teacher's is {:?}",
+                dir.display(),
+                w.dims(),
+                t.dims()
+            ),
+            Some(_) => {}
+        }
+    }
+    for (name, w) in weights.iter().filter(|(k, _)| !teacher.contains_key(*k)) {
+        if !name.contains("cond_proj") {
+            bail!("{}: {name} is not in the teacher's U-Net", dir.display())
+        }
+        if name.ends_with("weight") && w.dims().last() != Some(&w_embed_dim) {
+            bail!(
+                "{}: {name} takes a {}-dim guidance embedding, --w-embed-dim is {w_embed_dim}",
+                dir.display(),
+                w.dims().last().copied().unwrap_or(0)
+            )
+        }
+    }
+    if !weights.keys().any(|k| k.contains("cond_proj")) {
+        bail!("{} has no guidance embedding: not an LCM", dir.display())
+    }
+    Ok(weights)
 }
 
 fn file_fingerprint(path: &Path) -> String {
@@ -780,11 +828,18 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         }
         all
     };
+    let student_init = match &args.init {
+        Some(spec) => Cow::Owned(
+            student_start(spec, &teacher_weights, args.w_embed_dim, &device)
+                .with_context(|| format!("--init {spec}"))?,
+        ),
+        None => Cow::Borrowed(&teacher_weights),
+    };
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
     let mut trainer = Trainer::new(
         &pipe.unet,
         &pipe.unet.config,
-        &teacher_weights,
+        &student_init,
         schedule,
         config,
         &device,

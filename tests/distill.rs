@@ -212,7 +212,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     let root = std::env::temp_dir().join(format!("lcm-distill-cli-{}", std::process::id()));
     let data = write_squares(&root);
     let teacher = fixtures().join("tiny-sd");
-    let run = |out: &std::path::Path, extra: &[&str]| {
+    let run = |out: &std::path::Path, steps: &str, extra: &[&str]| {
         let mut args = vec![
             "distill",
             "--teacher",
@@ -222,7 +222,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
             "--output",
             out.to_str().unwrap(),
             "--max-steps",
-            "3",
+            steps,
             "--batch-size",
             "2",
             "--save-every",
@@ -240,7 +240,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     let full = root.join("full");
-    let stderr = run(&full, &[]);
+    let stderr = run(&full, "3", &[]);
     assert!(
         stderr.contains("corrupt.png") && stderr.contains("skipped 1"),
         "corrupt image not reported: {stderr}"
@@ -255,9 +255,62 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     // Resume a copy of the run from its step-2 checkpoint: step 3 must match exactly.
     let resumed = root.join("resumed");
     let ck2 = full.join("checkpoints/checkpoint-00000002");
-    let stderr = run(&resumed, &["--resume", ck2.to_str().unwrap()]);
+    let stderr = run(&resumed, "3", &["--resume", ck2.to_str().unwrap()]);
     assert!(stderr.contains("step 2"), "{stderr}");
     assert_eq!(losses(&resumed.join("metrics.jsonl")), vec![l[2]]);
+
+    // --init starts the student from the finished run's LCM: with no steps to take, the export is
+    // that LCM's U-Net, guidance embedding included, tensor for tensor.
+    let unet_file = |dir: &std::path::Path| {
+        candle_core::safetensors::load(
+            dir.join("unet/diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let continued = root.join("continued");
+    run(&continued, "0", &["--init", full.to_str().unwrap()]);
+    let (before, after) = (unet_file(&full), unet_file(&continued));
+    assert_eq!(before.len(), after.len());
+    assert!(before.keys().any(|k| k.contains("cond_proj")));
+    for (name, t) in &before {
+        let diff = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name} moved by {diff}");
+    }
+    // An init whose guidance embedding has another width, or a many-step U-Net, is refused with
+    // a line naming the flag.
+    for (init, dim, want) in [
+        (&full, "16", "--w-embed-dim is 16"),
+        (&teacher, "32", "not an LCM"),
+    ] {
+        let o = lcm_bin(&[
+            "distill",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            root.join("refused").to_str().unwrap(),
+            "--w-embed-dim",
+            dim,
+            "--init",
+            init.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--init") && err.contains(want),
+            "{err}"
+        );
+    }
 
     // --dtype f16 runs the frozen teacher (U-Net, text encoder) in f16; the student stays f32, so
     // the first loss moves only by the teacher's rounding.
