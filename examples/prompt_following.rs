@@ -4,7 +4,8 @@
 //!
 //!   cargo run --release --example prompt_following -- MODEL [STEPS] [SEEDS] [GUIDANCE]
 //!
-//! STEPS defaults to the model's own (LCM 4, DDIM 25 as the test uses); SEEDS to 6. Environment:
+//! STEPS defaults to the model's own (LCM 4, DDIM 25 as the test uses), GUIDANCE to the pipeline
+//! definition's or the model's own, as `lcm generate`'s; SEEDS to 6. Environment:
 //! PROMPTS="p1;p2;…" measures other prompts, SAMPLER (lcm, tcd, ddim) and GAMMA (TCD's) override
 //! the model's sampler.
 use anyhow::Context;
@@ -23,8 +24,8 @@ fn main() -> anyhow::Result<()> {
             .map(|s| s.parse().with_context(|| format!("{what} {s:?}")))
             .transpose()
     };
-    let dir = lcm::source::resolve(model)?.dir;
-    let pipe = Pipeline::load(&dir, &Device::Cpu, DType::F32)?;
+    let src = lcm::source::resolve(model)?;
+    let pipe = Pipeline::load(&src.dir, &Device::Cpu, DType::F32)?;
     let mut req = GenerateRequest {
         steps: arg(1, "STEPS")?.map(|s| s as usize),
         guidance: arg(3, "GUIDANCE")?,
@@ -50,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         &custom
     };
-    let got = prompt_following(&pipe, &ev, prompts, &req, seeds)?;
+    let got = prompt_following(&pipe, &ev, prompts, &req, &src.defaults, seeds)?;
     let mut passed = 0;
     for f in &got {
         passed += usize::from(f.by_most_seeds());

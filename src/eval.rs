@@ -755,13 +755,15 @@ impl Followed {
     }
 }
 
-/// Generate each prompt from seeds `0..seeds` with `req`'s settings and read the images' shape
+/// Generate each prompt from seeds `0..seeds` with `req`'s settings (its gaps filled from
+/// `defaults`, e.g. the pipeline definition's, then the model's own) and read the images' shape
 /// and colour with the evaluator.
 pub fn prompt_following(
     pipe: &crate::pipeline::Pipeline,
     ev: &Evaluator,
     prompts: &[&str],
     req: &crate::pipeline::GenerateRequest,
+    defaults: &crate::source::Defaults,
     seeds: u64,
 ) -> Result<Vec<Followed>> {
     let mut out = Vec::new();
@@ -775,10 +777,7 @@ pub fn prompt_following(
                 ..req.clone()
             };
             let mut noise = crate::sampler::SeededNoise::new(seed);
-            images.extend(
-                pipe.generate(&r, &Default::default(), &mut noise, &mut |_| {})?
-                    .images,
-            );
+            images.extend(pipe.generate(&r, defaults, &mut noise, &mut |_| {})?.images);
         }
         let p = EvalPrompt {
             text: text.to_string(),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -111,11 +111,21 @@ fn shipped_lcm_reproduces_its_stored_eval_figures() {
 
 /// Every prompt of `SHAPE_COLOUR_PROMPTS`, generated from `seeds` seeds: the evaluator must find
 /// the named shape and colour in most of each prompt's images.
-fn assert_prompts_followed(dir: &Path, req: GenerateRequest, seeds: u64) -> Result<()> {
+/// Every shape-and-colour prompt followed by most of `seeds` seeds, generated as `lcm generate
+/// --model NAME` would (the pipeline definition's defaults, then `req`'s settings over them).
+fn assert_prompts_followed(name: &str, req: GenerateRequest, seeds: u64) -> Result<()> {
     common::setup();
-    let pipe = Pipeline::load(dir, &Device::Cpu, DType::F32)?;
+    let src = lcm::source::resolve(name)?;
+    let pipe = Pipeline::load(&src.dir, &Device::Cpu, DType::F32)?;
     let ev = Evaluator::load(&lcm::eval::default_evaluator())?;
-    let got = prompt_following(&pipe, &ev, &SHAPE_COLOUR_PROMPTS, &req, seeds)?;
+    let got = prompt_following(
+        &pipe,
+        &ev,
+        &SHAPE_COLOUR_PROMPTS,
+        &req,
+        &src.defaults,
+        seeds,
+    )?;
     for f in &got {
         let seen = f.seen.join(", ");
         println!(
@@ -138,12 +148,11 @@ fn assert_prompts_followed(dir: &Path, req: GenerateRequest, seeds: u64) -> Resu
             every seed of four of five, and for three of six of the green triangle \
             (weights/README.md, stage 2); run with --ignored to measure it"]
 fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
-    let dir = lcm::source::resolve("tiny-teacher")?.dir;
     let req = GenerateRequest {
         steps: Some(25),
         ..Default::default()
     };
-    assert_prompts_followed(&dir, req, 6)
+    assert_prompts_followed("tiny-teacher", req, 6)
 }
 
 /// Must-show 2: the default model (`lcm generate` with no `--model`, at its own defaults: LCM,
@@ -157,8 +166,7 @@ fn shipped_teacher_follows_shape_and_colour() -> Result<()> {
             five, and the green triangle for three of six (weights/README.md, stage 3); run \
             with --ignored to measure it"]
 fn default_model_follows_shape_and_colour() -> Result<()> {
-    let dir = lcm::source::resolve(lcm::source::DEFAULT_MODEL)?.dir;
-    assert_prompts_followed(&dir, GenerateRequest::default(), 6)
+    assert_prompts_followed(lcm::source::DEFAULT_MODEL, GenerateRequest::default(), 6)
 }
 
 /// The shipped VAE keeps what the evaluator reads: freshly rendered shapes (a seed no training
