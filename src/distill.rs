@@ -52,6 +52,14 @@ pub struct DistillConfig {
     /// `lcm pretrain --decay-from`; None keeps it constant after the warm-up, as the reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decay: Option<(u64, u64)>,
+    /// The teacher's CFG only at solver start timesteps ≥ this (see [`LcdConfig::guidance_from`]);
+    /// 0 = everywhere, as the reference.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub guidance_from: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 impl DistillConfig {
@@ -95,6 +103,7 @@ impl Default for DistillConfig {
             lora_rank: None,
             noise_offset: 0.0,
             decay: None,
+            guidance_from: 0,
         }
     }
 }
@@ -284,6 +293,7 @@ impl<'t> Trainer<'t> {
             // LCM-LoRA students take no guidance embedding.
             w_embed_dim: cfg.lora_rank.is_none().then_some(cfg.w_embed_dim),
             loss: cfg.huber_c.map_or(Loss::L2, |c| Loss::Huber { c }),
+            guidance_from: cfg.guidance_from,
         };
         // Sorted by name: the gradient norm is a floating-point sum, and a resumed run must add
         // in the same order as the uninterrupted one (HashMap order differs per instance).
@@ -485,6 +495,12 @@ pub struct DistillArgs {
     /// colour from the initial noise. 0 = the reference script's plain ε.
     #[arg(long, default_value_t = 0.0)]
     pub noise_offset: f64,
+    /// Apply the teacher's guidance only where the solver starts at timestep ≥ T (a guidance
+    /// interval): below it the teacher's conditional prediction alone, which keeps the fine shape
+    /// that strong guidance erodes late in sampling. The student is still conditioned on w.
+    /// 0 = guidance at every timestep, as the reference script.
+    #[arg(long, default_value_t = 0)]
+    pub guidance_from: usize,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -803,6 +819,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         lora_rank: args.lora_rank,
         noise_offset: args.noise_offset,
         decay: args.decay_from.map(|from| (from, args.max_steps)),
+        guidance_from: args.guidance_from,
     };
     config.check()?;
     if pipe.unet.config.time_cond_proj_dim.is_some() {

@@ -171,6 +171,10 @@ pub struct LcdConfig {
     /// Width of the guidance embedding; `None` for LCM-LoRA style students without one.
     pub w_embed_dim: Option<usize>,
     pub loss: Loss,
+    /// The teacher's guidance applies only from this timestep up (a guidance interval, after
+    /// Kynkäänniemi et al. 2024); below it the solver follows the teacher's conditional
+    /// prediction while the student is still told w. 0 = guidance everywhere, as the reference.
+    pub guidance_from: usize,
 }
 
 /// One latent-consistency-distillation step. `online` is the student (gradients flow through its
@@ -217,7 +221,13 @@ pub fn lcd_step(
         .detach();
     let cond_x0 = predict_x0(schedule, &x_t_frozen, &cond, &start)?;
     let uncond_x0 = predict_x0(schedule, &x_t_frozen, &uncond, &start)?;
-    let w = per_sample(batch.w, &x_t)?;
+    let teacher_w: Vec<f64> = batch
+        .w
+        .iter()
+        .zip(&start)
+        .map(|(&w, &t)| if t < cfg.guidance_from { 0.0 } else { w })
+        .collect();
+    let w = per_sample(&teacher_w, &x_t)?;
     let cfg_x0 = cond_x0.add(&cond_x0.sub(&uncond_x0)?.broadcast_mul(&w)?)?;
     let cfg_eps = cond.add(&cond.sub(&uncond)?.broadcast_mul(&w)?)?;
     let x_prev = solver.step(&cfg_x0, &cfg_eps, batch.index)?;

@@ -90,6 +90,7 @@ fn distillation_step_matches_the_reference_script() {
             timestep_scaling: 10.0,
             w_embed_dim: Some(32),
             loss,
+            guidance_from: 0,
         };
         let out = lcd_step(
             &schedule, &solver, &student, &teacher, &student, &batch, &cfg,
@@ -124,6 +125,43 @@ fn distillation_step_matches_the_reference_script() {
             "{name}: {ours} vs {reference}"
         );
     }
+
+    // A guidance interval between the two samples' start timesteps: the later sample keeps the
+    // reference's guided teacher step, the earlier one gets the teacher's conditional ε alone,
+    // and the student is still told each sample's w.
+    let (start, _) = solver.timesteps_for(&index);
+    assert!(start[1] < start[0], "{start:?}");
+    let cfg = LcdConfig {
+        timestep_scaling: 10.0,
+        w_embed_dim: Some(32),
+        loss: Loss::Huber { c: 0.001 },
+        guidance_from: start[1] + 1,
+    };
+    let out = lcd_step(
+        &schedule, &solver, &student, &teacher, &student, &batch, &cfg,
+    )
+    .unwrap();
+    let row = |t: &Tensor, i: usize| t.narrow(0, i, 1).unwrap();
+    assert_close(
+        "lcd_cfg_eps (guided sample)",
+        &row(&out.cfg_eps, 0),
+        &row(&g("lcd_cfg_eps"), 0),
+        1e-4,
+        1e-5,
+    );
+    let d = max_abs_diff(&row(&out.cfg_eps, 1), &row(&out.teacher_cond_eps, 1));
+    assert_eq!(
+        d, 0.0,
+        "below the interval the teacher step must be unguided"
+    );
+    assert!(max_abs_diff(&row(&out.cfg_eps, 1), &row(&g("lcd_cfg_eps"), 1)) > 1e-3);
+    assert_close(
+        "lcd_w_embedding",
+        out.w_embedding.as_ref().unwrap(),
+        &g("lcd_w_embedding"),
+        1e-3,
+        0.0,
+    );
 }
 
 #[test]
@@ -171,6 +209,7 @@ fn every_student_weight_receives_a_gradient_from_the_lcd_loss() {
         timestep_scaling: 10.0,
         w_embed_dim: Some(32),
         loss: Loss::Huber { c: 0.001 },
+        guidance_from: 0,
     };
     let out = lcd_step(
         &schedule,
