@@ -109,10 +109,9 @@ fn shipped_lcm_reproduces_its_stored_eval_figures() {
     assert_eval_reproduced("tiny", "4", "shipped/eval-tiny.json");
 }
 
-/// Every prompt of `SHAPE_COLOUR_PROMPTS`, generated from `seeds` seeds: the evaluator must find
+/// Every prompt of `SHAPE_COLOUR_PROMPTS`, generated from `seeds` seeds as `lcm generate --model
+/// NAME` would (`req`'s settings over the pipeline definition's defaults): the evaluator must find
 /// the named shape and colour in most of each prompt's images.
-/// Every shape-and-colour prompt followed by most of `seeds` seeds, generated as `lcm generate
-/// --model NAME` would (the pipeline definition's defaults, then `req`'s settings over them).
 fn assert_prompts_followed(name: &str, req: GenerateRequest, seeds: u64) -> Result<()> {
     common::setup();
     let src = lcm::source::resolve(name)?;
