@@ -837,14 +837,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         resolution,
         &args.output.join("cache"),
     )?;
-    let teacher_weights = {
-        let files = crate::source::weight_file(&teacher_src.dir.join("unet"))?;
-        let mut all = HashMap::new();
-        for f in files {
-            all.extend(candle_core::safetensors::load(&f, &device)?);
-        }
-        all
-    };
+    let teacher_weights = crate::pretrain::load_component(&teacher_src.dir.join("unet"), &device)?;
     let student_init = match &args.init {
         Some(spec) => Cow::Owned(
             student_start(spec, &teacher_weights, args.w_embed_dim, &device)

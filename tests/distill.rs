@@ -212,7 +212,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     let root = std::env::temp_dir().join(format!("lcm-distill-cli-{}", std::process::id()));
     let data = write_squares(&root);
     let teacher = fixtures().join("tiny-sd");
-    let run = |out: &std::path::Path, steps: &str, extra: &[&str]| {
+    let distill = |out: &std::path::Path, steps: &str, w_dim: &str, extra: &[&str]| {
         let mut args = vec![
             "distill",
             "--teacher",
@@ -228,14 +228,17 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
             "--save-every",
             "2",
             "--w-embed-dim",
-            "32",
+            w_dim,
             "--warmup-steps",
             "1",
             "--loss",
             "huber",
         ];
         args.extend_from_slice(extra);
-        let o = lcm_bin(&args);
+        lcm_bin(&args)
+    };
+    let run = |out: &std::path::Path, steps: &str, extra: &[&str]| {
+        let o = distill(out, steps, "32", extra);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
@@ -274,16 +277,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     assert_eq!(before.len(), after.len());
     assert!(before.keys().any(|k| k.contains("cond_proj")));
     for (name, t) in &before {
-        let diff = (t - &after[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(t, &after[name]);
         assert_eq!(diff, 0.0, "{name} moved by {diff}");
     }
     // An init whose guidance embedding has another width, or a many-step U-Net, is refused with
@@ -292,19 +286,12 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
         (&full, "16", "--w-embed-dim is 16"),
         (&teacher, "32", "not an LCM"),
     ] {
-        let o = lcm_bin(&[
-            "distill",
-            "--teacher",
-            teacher.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            root.join("refused").to_str().unwrap(),
-            "--w-embed-dim",
+        let o = distill(
+            &root.join("refused"),
+            "1",
             dim,
-            "--init",
-            init.to_str().unwrap(),
-        ]);
+            &["--init", init.to_str().unwrap()],
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success() && err.contains("--init") && err.contains(want),
@@ -315,30 +302,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     // --dtype f16 runs the frozen teacher (U-Net, text encoder) in f16; the student stays f32, so
     // the first loss moves only by the teacher's rounding.
     let half = root.join("half");
-    let o = lcm_bin(&[
-        "distill",
-        "--teacher",
-        teacher.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        half.to_str().unwrap(),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--w-embed-dim",
-        "32",
-        "--warmup-steps",
-        "1",
-        "--loss",
-        "huber",
-        "--sample-every",
-        "0",
-        "--dtype",
-        "f16",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run(&half, "1", &["--sample-every", "0", "--dtype", "f16"]);
     let h = losses(&half.join("metrics.jsonl"))[0].1;
     println!("first loss: f32 teacher {}, f16 teacher {h}", l[0].1);
     // Measured: 0.070553 (f32) against 0.070500 (f16), 0.08 % apart.

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use lcm::config::{SchedulerConfig, UNetConfig};
-use lcm::lcd::{boundary_tensors, lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
+use lcm::lcd::{boundary_tensors, lcd_step, DdimSolver, LcdBatch, LcdConfig, LcdOutputs, Loss};
 use lcm::schedule::NoiseSchedule;
 use lcm::source::weight_file;
 use lcm::unet::UNet2DConditionModel;
@@ -23,6 +23,17 @@ fn usizes(name: &str) -> Vec<usize> {
 
 fn check(name: &str, ours: &Tensor) {
     assert_close(name, ours, &g(name), 1e-4, 1e-5);
+}
+
+/// The student's guidance embedding against the reference's.
+fn check_w_embedding(out: &LcdOutputs) {
+    assert_close(
+        "lcd_w_embedding",
+        out.w_embedding.as_ref().unwrap(),
+        &g("lcd_w_embedding"),
+        1e-3,
+        0.0,
+    );
 }
 
 fn schedule() -> NoiseSchedule {
@@ -97,13 +108,7 @@ fn distillation_step_matches_the_reference_script() {
         )
         .unwrap();
         check("lcd_noisy_model_input", &out.noisy_model_input);
-        assert_close(
-            "lcd_w_embedding",
-            out.w_embedding.as_ref().unwrap(),
-            &g("lcd_w_embedding"),
-            1e-3,
-            0.0,
-        );
+        check_w_embedding(&out);
         check("lcd_online_noise_pred", &out.online_eps);
         check("lcd_model_pred", &out.model_pred);
         check("lcd_teacher_cond_output", &out.teacher_cond_eps);
@@ -155,13 +160,7 @@ fn distillation_step_matches_the_reference_script() {
         "below the interval the teacher step must be unguided"
     );
     assert!(max_abs_diff(&row(&out.cfg_eps, 1), &row(&g("lcd_cfg_eps"), 1)) > 1e-3);
-    assert_close(
-        "lcd_w_embedding",
-        out.w_embedding.as_ref().unwrap(),
-        &g("lcd_w_embedding"),
-        1e-3,
-        0.0,
-    );
+    check_w_embedding(&out);
 }
 
 #[test]
