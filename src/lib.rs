@@ -33,3 +33,4 @@ pub mod tokenizer;
 pub mod toydata;
 pub mod unet;
 pub mod vae;
+pub mod whiten;

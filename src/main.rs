@@ -51,6 +51,9 @@ enum Command {
     },
     /// Generate images for the evaluation prompts and score them (FID, prompt accuracy, agreement).
     Eval(lcm::eval::EvalArgs),
+    /// Whiten a VAE's latents (identity channel covariance, folded into its weights) and rewire a
+    /// U-Net trained on the old latents as a starting point for fine-tuning.
+    Whiten(lcm::whiten::WhitenArgs),
     /// Write the project's own training data in the imagefolder layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -188,6 +191,7 @@ fn main() -> ExitCode {
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
         Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::run_pretrain(&args),
         Command::Eval(args) => lcm::eval::run(&args),
+        Command::Whiten(args) => lcm::whiten::run(&args),
         Command::Data(DataCommand::Shapes {
             out,
             count,
