@@ -737,6 +737,11 @@ pub struct UnetArgs {
     /// than the last step's weights. 0 = off.
     #[arg(long, default_value_t = 0.0)]
     pub ema: f64,
+    /// Train on the VAE posterior's mean instead of a sample from it (diffusers samples). For
+    /// whitened latents (`lcm whiten`), whose weakest directions the posterior's own noise would
+    /// otherwise fill: the U-Net would learn to draw that noise as coloured blotches.
+    #[arg(long)]
+    pub posterior_mean: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -756,6 +761,8 @@ struct UnetRunState {
     frozen_text: bool,
     #[serde(default, skip_serializing_if = "is_zero")]
     ema: f64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    posterior_mean: bool,
     resolution: usize,
     batch_size: usize,
     seed: u64,
@@ -951,6 +958,7 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         snr_gamma: args.snr_gamma,
         frozen_text,
         ema: args.ema,
+        posterior_mean: args.posterior_mean,
         resolution: c.resolution,
         batch_size: c.batch_size,
         seed: c.seed,
@@ -967,9 +975,14 @@ pub fn run_unet(args: &UnetArgs) -> Result<()> {
         let mut rng = state.rng();
         let rows_t = rows(&mut rng, n, b, &device)?;
         let shape = data.mean.index_select(&rows_t, 0)?.shape().clone();
+        // Drawn either way, so that both choices see the same data order and noise.
         let eps_vae = SeededNoise::new(rng.random()).sample(&shape, &device)?;
-        let z = (data.mean.index_select(&rows_t, 0)?
-            + (data.std.index_select(&rows_t, 0)? * eps_vae)?)?;
+        let mean = data.mean.index_select(&rows_t, 0)?;
+        let z = if args.posterior_mean {
+            mean
+        } else {
+            (mean + (data.std.index_select(&rows_t, 0)? * eps_vae)?)?
+        };
         let z0 = vae.scale(&z)?;
         let drop: Vec<bool> = (0..b)
             .map(|_| rng.random::<f64>() < args.caption_dropout)

@@ -248,6 +248,25 @@ fn pretrain_unet_trains_resumes_and_exports_a_generating_teacher() {
         !h.status.success() && err.contains("different settings"),
         "{err}"
     );
+    // --posterior-mean trains on the posterior's means: the same seed, data order and noise,
+    // other inputs, so other losses; and a checkpoint made with samples is not resumed with it.
+    let m = root.join("m");
+    ok(run(&m, &["--posterior-mean", "--stop-at", "1"]));
+    let on_means = losses(&m.join("metrics.jsonl"));
+    assert_eq!(on_means.len(), 1);
+    assert!(
+        on_means[0].1.is_finite() && on_means[0].1 != full[0].1,
+        "{on_means:?} vs {full:?}"
+    );
+    let h = run(
+        &root.join("pm"),
+        &["--resume", ck.to_str().unwrap(), "--posterior-mean"],
+    );
+    let err = String::from_utf8_lossy(&h.stderr);
+    assert!(
+        !h.status.success() && err.contains("different settings"),
+        "{err}"
+    );
     // The exported teacher is a Stable Diffusion folder that `lcm generate` runs.
     let model = a.join("model");
     let png = root.join("gen.png");
