@@ -56,6 +56,10 @@ pub struct DistillConfig {
     /// 0 = everywhere, as the reference.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub guidance_from: usize,
+    /// Latents are the VAE posterior's means, not samples (as `lcm pretrain unet
+    /// --posterior-mean`); the reference samples.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub posterior_mean: bool,
 }
 
 fn is_zero(x: &usize) -> bool {
@@ -104,6 +108,7 @@ impl Default for DistillConfig {
             noise_offset: 0.0,
             decay: None,
             guidance_from: 0,
+            posterior_mean: false,
         }
     }
 }
@@ -501,6 +506,10 @@ pub struct DistillArgs {
     /// 0 = guidance at every timestep, as the reference script.
     #[arg(long, default_value_t = 0)]
     pub guidance_from: usize,
+    /// Encode the data as the VAE posterior's means rather than samples: for a teacher trained
+    /// with `lcm pretrain unet --posterior-mean` (whitened latents).
+    #[arg(long)]
+    pub posterior_mean: bool,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -587,12 +596,16 @@ fn encodings_key(
     dtype: DType,
     resolution: usize,
     seed: u64,
+    posterior_mean: bool,
     examples: &[crate::data::Example],
 ) -> Result<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     resolution.hash(&mut h);
     seed.hash(&mut h);
+    if posterior_mean {
+        "posterior mean".hash(&mut h);
+    }
     format!("{dtype:?}").hash(&mut h);
     for c in ["unet", "vae", "text_encoder"] {
         for f in crate::source::weight_file(&teacher_dir.join(c))? {
@@ -618,7 +631,14 @@ fn encode_dataset(
     for d in &args.data {
         examples.extend(crate::data::scan(d)?);
     }
-    let key = encodings_key(teacher_dir, pipe.dtype, resolution, args.seed, &examples)?;
+    let key = encodings_key(
+        teacher_dir,
+        pipe.dtype,
+        resolution,
+        args.seed,
+        args.posterior_mean,
+        &examples,
+    )?;
     let cache = cache_dir.join(format!("data-{key:016x}.safetensors"));
     let dev = &pipe.device;
     if cache.is_file() {
@@ -660,7 +680,12 @@ fn encode_dataset(
         let imgs: Vec<Tensor> = chunk.iter().map(|(img, _)| img.clone()).collect();
         let post = pipe.vae.encode(&Tensor::stack(&imgs, 0)?)?;
         let eps = noise.sample(post.mean.shape(), dev)?;
-        latents.push(pipe.vae.scale(&post.sample_with(&eps)?)?);
+        let z = if args.posterior_mean {
+            post.mean
+        } else {
+            post.sample_with(&eps)?
+        };
+        latents.push(pipe.vae.scale(&z)?);
         for (_, caption) in chunk {
             embeds.push(pipe.encode_prompt(caption)?);
         }
@@ -820,6 +845,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         noise_offset: args.noise_offset,
         decay: args.decay_from.map(|from| (from, args.max_steps)),
         guidance_from: args.guidance_from,
+        posterior_mean: args.posterior_mean,
     };
     config.check()?;
     if pipe.unet.config.time_cond_proj_dim.is_some() {
@@ -936,18 +962,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cached_encodings_are_keyed_by_seed_resolution_and_teacher() -> Result<()> {
+    fn cached_encodings_are_keyed_by_seed_resolution_teacher_and_posterior() -> Result<()> {
         let teacher = crate::source::repo_root().join("weights/tiny-teacher");
-        let key = |res, seed| encodings_key(&teacher, DType::F32, res, seed, &[]);
+        let key = |res, seed| encodings_key(&teacher, DType::F32, res, seed, false, &[]);
         assert_eq!(key(64, 0)?, key(64, 0)?);
         assert_ne!(key(64, 0)?, key(64, 1)?);
         assert_ne!(key(64, 0)?, key(32, 0)?);
         assert_ne!(
             key(64, 0)?,
-            encodings_key(&teacher, DType::F16, 64, 0, &[])?
+            encodings_key(&teacher, DType::F16, 64, 0, false, &[])?
+        );
+        // Means and samples of the posterior are different data.
+        assert_ne!(
+            key(64, 0)?,
+            encodings_key(&teacher, DType::F32, 64, 0, true, &[])?
         );
         let other = crate::source::repo_root().join("weights/tiny");
-        assert_ne!(key(64, 0)?, encodings_key(&other, DType::F32, 64, 0, &[])?);
+        assert_ne!(
+            key(64, 0)?,
+            encodings_key(&other, DType::F32, 64, 0, false, &[])?
+        );
         Ok(())
     }
 }
