@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped tiny model from scratch: data, VAE, teacher, LCM distillation.
 # Stages are resumable: a finished stage is skipped, an interrupted one continues from its last
-# checkpoint. Needs npm (for the emoji package) and about 14 CPU-hours on 2 cores.
+# checkpoint. Needs npm (for the emoji package) and about 15 CPU-hours on 2 cores.
 #
 #   scripts/reproduce_tiny.sh [WORK_DIR]       (default: ./tiny-work)
 set -euo pipefail
@@ -156,22 +156,42 @@ on_text_encoder 7 "$WORK/teacher6/model" 4000 3e-4 7 500
 # Part 8: part 7 continued 1500 steps with an EMA of the weights (what it exports), lr 2e-4 falling
 # from step 300 (the shipped run started from part 7's f16 copy and encoded with the f16 VAE).
 on_text_encoder 8 "$WORK/teacher7/model" 1500 2e-4 8 300 --ema 0.999
-TEACHER="$WORK/teacher8/model"
+
+# Whitened latents (weights/README.md: the VAE put green and purple 0.93 apart where other pairs
+# are 3-5 apart, so those shapes drowned in the noise first): the decoder-tuned VAE whitened with
+# a ridge of 0.01, and part 8's U-Net rewired to it as the next part's start. (The shipped run
+# whitened the f16 copies in weights/ of vae4 and part 8.)
+WHITE="$WORK/whiten"
+if [ ! -f "$WHITE/teacher/model_index.json" ]; then
+    $LCM whiten --vae "$WORK/vae4/vae" --data "$WORK/data/shapes" "$EMOJI" "$EMOJI" --samples 2048 \
+        --ridge 0.01 --output "$WHITE/vae" --unet "$WORK/teacher8/model/unet" --unet-output "$WHITE/unet"
+    rm -rf "$WHITE/teacher" && cp -r "$WORK/teacher8/model" "$WHITE/teacher"
+    rm -rf "$WHITE/teacher/unet" "$WHITE/teacher/vae"
+    cp -r "$WHITE/unet" "$WHITE/teacher/unet" && cp -r "$WHITE/vae" "$WHITE/teacher/vae"
+fi
+VAE="$WHITE/vae"
+# Part 10: 2000 steps on the whitened latents (posterior samples), lr 3e-4 falling from step 500.
+on_text_encoder 10 "$WHITE/teacher" 2000 3e-4 11 500 --ema 0.999
+# Part 11: on the posterior's means (samples filled the weakest directions with the posterior's
+# own noise, drawn as coloured blotches): a 4000-step schedule at lr 2e-4 falling from step 2000,
+# stopped at step 500 for the session's time.
+on_text_encoder 11 "$WORK/teacher10/model" 4000 2e-4 12 2000 --ema 0.999 --posterior-mean --stop-at 500
+TEACHER="$WORK/teacher11/model"
 
 # Stage 3: the LCM, distilled with the pseudo-Huber loss on the first 8000 shapes and the emoji twice.
 if [ ! -f "$WORK/lcm/model_index.json" ]; then
     # shellcheck disable=SC2046
     $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
         --output "$WORK/lcm" --max-steps 1500 --batch-size 16 --lr 2e-4 --warmup-steps 100 --decay-from 400 \
-        --w-embed-dim 64 --w-min 2 --w-max 8 --loss huber --save-every 250 --sample-every 500 \
+        --w-embed-dim 64 --w-min 2 --w-max 8 --loss huber --posterior-mean --save-every 250 --sample-every 500 \
         --seed 0 $(resume_flag "$WORK/lcm")
 fi
 
-# Ship: f16 copies in the layout of weights/: the pipelines share one VAE (the decoder-tuned one)
-# and the LCM reads its teacher's text encoder and tokenizer through links.
+# Ship: f16 copies in the layout of weights/: the pipelines share one VAE (the decoder-tuned one,
+# whitened) and the LCM reads its teacher's text encoder and tokenizer through links.
 SHIP="$WORK/ship"
 rm -rf "$SHIP" && mkdir -p "$SHIP"
-$LCM convert --input "$WORK/vae4/vae" --output "$SHIP/tiny-vae" --dtype f16
+$LCM convert --input "$WHITE/vae" --output "$SHIP/tiny-vae" --dtype f16
 $LCM convert --input "$TEACHER" --output "$SHIP/tiny-teacher" --dtype f16
 rm -rf "$SHIP/tiny-teacher/vae" && ln -s ../tiny-vae "$SHIP/tiny-teacher/vae"
 $LCM convert --input "$WORK/lcm" --output "$SHIP/tiny" --dtype f16
