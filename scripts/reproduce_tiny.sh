@@ -174,7 +174,7 @@ VAE="$WHITE/vae"
 on_text_encoder 10 "$WHITE/teacher" 2000 3e-4 11 500 --ema 0.999
 # Part 11: on the posterior's means (samples filled the weakest directions with the posterior's
 # own noise, drawn as coloured blotches): a 4000-step schedule at lr 2e-4 falling from step 2000,
-# stopped at step 500 for the session's time.
+# stopped at step 500 to distil from it within the session.
 on_text_encoder 11 "$WORK/teacher10/model" 4000 2e-4 12 2000 --ema 0.999 --posterior-mean --stop-at 500
 TEACHER="$WORK/teacher11/model"
 
