@@ -138,15 +138,7 @@ fn folded_log_variance_is_exact_for_equal_variances() {
     let s = 0.35;
     let folded = lcm::whiten::fold_into_vae(&weights, &w, &w_inv, s, 0.0).unwrap();
     let bias = folded["quant_conv.bias"].to_vec1::<f32>().unwrap();
-    let lv_w = folded["quant_conv.weight"]
-        .narrow(0, l, l)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let lv_w = max_abs(&folded["quant_conv.weight"].narrow(0, l, l).unwrap());
     assert_eq!(lv_w, 0.0, "the log-variance rows read no features");
     for (i, row) in w.iter().enumerate() {
         let exact = c as f64 + row.iter().map(|m| (s * m).powi(2)).sum::<f64>().ln();
@@ -158,26 +150,9 @@ fn folded_log_variance_is_exact_for_equal_variances() {
     }
 }
 
+/// A VAE folder in f32 on the CPU (the library's loader for frozen VAEs, 32² images).
 fn load_vae(dir: &std::path::Path) -> lcm::vae::AutoencoderKL {
-    let cfg = lcm::config::VaeConfig::load(&dir.join("config.json")).unwrap();
-    let vb = lcm::pipeline::load_weights(
-        &lcm::source::weight_file(dir).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    lcm::vae::AutoencoderKL::new(&cfg, vb).unwrap()
-}
-
-fn load_unet(dir: &std::path::Path) -> lcm::unet::UNet2DConditionModel {
-    let cfg = lcm::config::UNetConfig::load(&dir.join("config.json")).unwrap();
-    let vb = lcm::pipeline::load_weights(
-        &lcm::source::weight_file(dir).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    lcm::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
+    lcm::pretrain::frozen_vae(dir, 32, &Device::Cpu).unwrap().0
 }
 
 /// z' = W·z over channels.

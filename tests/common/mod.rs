@@ -84,9 +84,13 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
 
 /// A fixture U-Net (`tiny-lcm` or `tiny-sd`) with frozen f32 weights.
 pub fn fixture_unet(model: &str) -> lcm::unet::UNet2DConditionModel {
-    let dir = fixtures().join(model).join("unet");
+    load_unet(&fixtures().join(model).join("unet"))
+}
+
+/// A U-Net folder (config.json + weights) in f32 on the CPU.
+pub fn load_unet(dir: &std::path::Path) -> lcm::unet::UNet2DConditionModel {
     let cfg = lcm::config::UNetConfig::load(&dir.join("config.json")).unwrap();
-    let files = lcm::source::weight_file(&dir).unwrap();
+    let files = lcm::source::weight_file(dir).unwrap();
     let vb = lcm::pipeline::load_weights(&files, DType::F32, &Device::Cpu).unwrap();
     lcm::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
 }
