@@ -78,7 +78,7 @@ if [ ! -f "$WORK/evaluator/evaluator/config.json" ]; then
 fi
 
 # Stage 2: the teacher (U-Net + text encoder) on the VAE's latents, in the parts that were run:
-# 1000 steps on plain noise, then from that export with offset noise 0.2 (weights/README.md says
+# 1000 steps on plain noise, then from that export with offset noise 0.2 (docs/training-log.md says
 # why), then a third part with min-SNR weighting; each part starts from the previous one's export
 # (--init, fresh optimizer), which is how the stage spanned sessions.
 # (A "done" marker, not the export: samples every 500 steps export model/ before the part ends.)
@@ -97,7 +97,7 @@ if [ ! -f "$WORK/teacher2/done" ]; then
         --sample-every 500 --seed 1 $(resume_flag "$WORK/teacher2") && touch "$WORK/teacher2/done"
 fi
 # Part 3: from part 2's export with min-SNR-5 weighting, constant lr to 2000, then falling linearly
-# to a tenth at 4000 (weights/README.md: it learned shapes faster than the unweighted continuation).
+# to a tenth at 4000 (docs/training-log.md: it learned shapes faster than the unweighted continuation).
 if [ ! -f "$WORK/teacher3/done" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain unet --config configs/tiny --vae "$VAE" --init "$WORK/teacher2/model" --noise-offset 0.2 \
@@ -106,7 +106,7 @@ if [ ! -f "$WORK/teacher3/done" ]; then
         --sample-every 500 --seed 2 $(resume_flag "$WORK/teacher3") && touch "$WORK/teacher3/done"
 fi
 # Part 4: from part 3's export, the same weighting, lr 5e-4 falling linearly to a tenth over 4000
-# steps (weights/README.md: chosen over the same run at lr 1e-3). The shipped run started from the
+# steps (docs/training-log.md: chosen over the same run at lr 1e-3). The shipped run started from the
 # f16 copy of part 3 in weights/ and encoded with the f16 VAE; this uses the f32 exports.
 if [ ! -f "$WORK/teacher4/done" ]; then
     # shellcheck disable=SC2046
@@ -127,7 +127,7 @@ if [ ! -f "$WORK/teacher5/done" ]; then
         --save-every 250 --sample-every 500 --seed 5 $(resume_flag "$WORK/teacher5") && touch "$WORK/teacher5/done"
 fi
 # The text encoder retrained as CLIP's text tower: contrastively against a small image tower over
-# the VAE's latents (weights/README.md: a twin with --hard-negatives 0.5 made a worse teacher).
+# the VAE's latents (docs/training-log.md: a twin with --hard-negatives 0.5 made a worse teacher).
 if [ ! -f "$WORK/text/done" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain text --config configs/tiny-xattn --vae "$VAE" \
@@ -157,7 +157,7 @@ on_text_encoder 7 "$WORK/teacher6/model" 4000 3e-4 7 500
 # from step 300 (the shipped run started from part 7's f16 copy and encoded with the f16 VAE).
 on_text_encoder 8 "$WORK/teacher7/model" 1500 2e-4 8 300 --ema 0.999
 
-# Whitened latents (weights/README.md: the VAE put green and purple 0.93 apart where other pairs
+# Whitened latents (docs/training-log.md: the VAE put green and purple 0.93 apart where other pairs
 # are 3-5 apart, so those shapes drowned in the noise first): the decoder-tuned VAE whitened with
 # a ridge of 0.01, and part 8's U-Net rewired to it as the next part's start. (The shipped run
 # whitened the f16 copies in weights/ of vae4 and part 8.)
