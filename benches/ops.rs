@@ -28,21 +28,21 @@ fn main() -> candle_core::Result<()> {
     let w3 = Tensor::randn(0f32, 0.02, (320, 320, 3, 3), &dev)?;
     let w1 = Tensor::randn(0f32, 0.02, (320, 320, 1, 1), &dev)?;
     time("conv3x3 320->320 @64x64", || x.conv2d(&w3, 1, 1, 1, 1));
-    time("conv3x3 shifted-gemm (lcm::conv)", || {
-        lcm::conv::conv2d_stride1(&x, &w3, 1)
+    time("conv3x3 shifted-gemm (lcm::kernels::conv)", || {
+        lcm::kernels::conv::conv2d_stride1(&x, &w3, 1)
     });
-    let wk = lcm::conv::WinogradKernel::new(&w3)?;
-    time("conv3x3 winograd (lcm::conv)", || {
-        lcm::conv::conv3x3_winograd(&x, &wk, 1)
+    let wk = lcm::kernels::conv::WinogradKernel::new(&w3)?;
+    time("conv3x3 winograd (lcm::kernels::conv)", || {
+        lcm::kernels::conv::conv3x3_winograd(&x, &wk, 1)
     });
     let xv = Tensor::randn(0f32, 1.0, (1, 128, 512, 512), &dev)?;
     let wv = Tensor::randn(0f32, 0.02, (128, 128, 3, 3), &dev)?;
     time("conv3x3 128->128 @512x512 shifted-gemm", || {
-        lcm::conv::conv2d_stride1(&xv, &wv, 1)
+        lcm::kernels::conv::conv2d_stride1(&xv, &wv, 1)
     });
-    let wvk = lcm::conv::WinogradKernel::new(&wv)?;
+    let wvk = lcm::kernels::conv::WinogradKernel::new(&wv)?;
     time("conv3x3 128->128 @512x512 winograd", || {
-        lcm::conv::conv3x3_winograd(&xv, &wvk, 1)
+        lcm::kernels::conv::conv3x3_winograd(&xv, &wvk, 1)
     });
     time("conv1x1 320->320 @64x64", || x.conv2d(&w1, 0, 1, 1, 1));
     let gn = candle_nn::GroupNorm::new(
@@ -76,8 +76,8 @@ fn main() -> candle_core::Result<()> {
     });
     time("scale scores", || s.affine(0.15, 0.0));
     time("probs@v", || s.matmul(&q));
-    time("fused attention (lcm::attention)", || {
-        lcm::attention::fused_attention(&q, &q, &q, 0.158)
+    time("fused attention (lcm::kernels::attention)", || {
+        lcm::kernels::attention::fused_attention(&q, &q, &q, 0.158)
     });
     time("permute+contiguous 64x64x320", || {
         x.permute((0, 2, 3, 1))?.contiguous()

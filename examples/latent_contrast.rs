@@ -1,5 +1,5 @@
 //! How far apart a VAE puts the shapes data's colours in the U-Net's latent space: the figures
-//! behind weights/README.md's "latent geometry" (why green-on-purple shapes drown in noise first).
+//! behind docs/training-log.md's "latent geometry" (why green-on-purple shapes drown in noise first).
 //!
 //!   cargo run --release --example latent_contrast -- VAE_DIR [IMAGES]
 //!
@@ -8,8 +8,8 @@
 //! (the per-pixel channel means, after `scaling_factor`), closest first, beside the RGB distance.
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use lcm::toydata::COLORS;
-use lcm::whiten::{channel_covariance, encode_scaled, symmetric_eigen};
+use lcm::data::toy::COLORS;
+use lcm::tools::whiten::{channel_covariance, encode_scaled, symmetric_eigen};
 use rand::SeedableRng;
 
 fn main() -> Result<()> {
@@ -23,13 +23,13 @@ fn main() -> Result<()> {
         .get(1)
         .map_or(Ok(1024), |s| s.parse().context("IMAGES"))?;
     let dev = Device::Cpu;
-    let (vae, _) = lcm::pretrain::frozen_vae(&dir, 64, &dev)?;
+    let (vae, _) = lcm::train::start::frozen_vae(&dir, 64, &dev)?;
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let shapes = (0..n)
         .map(|_| {
-            let a = lcm::toydata::random_attrs(&mut rng);
-            lcm::data::image_tensor(lcm::toydata::render(&a, 64, &mut rng), "shape", 64, &dev)
+            let a = lcm::data::toy::random_attrs(&mut rng);
+            lcm::data::image_tensor(lcm::data::toy::render(&a, 64, &mut rng), "shape", 64, &dev)
         })
         .collect::<Result<Vec<_>>>()?;
     let cov = channel_covariance(&encode_scaled(&vae, &Tensor::stack(&shapes, 0)?)?)?;

@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
             .map(|s| s.parse().with_context(|| format!("{what} {s:?}")))
             .transpose()
     };
-    let src = lcm::source::resolve(model)?;
+    let src = lcm::pipeline::source::resolve(model)?;
     let pipe = Pipeline::load(&src.dir, &Device::Cpu, DType::F32)?;
     let mut req = GenerateRequest {
         steps: arg(1, "STEPS")?.map(|s| s as usize),

@@ -4,7 +4,8 @@
 //! - `sd15-lora [RES]`: one LCM-LoRA step (rank 64) at SD1.5 size with random weights, batch 1,
 //!   RES² images (default 256, i.e. 32×32 latents), f32.
 use candle_core::{DType, Device};
-use lcm::distill::{DistillConfig, TrainData, Trainer};
+use lcm::distill::student::UNetStudent;
+use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -18,15 +19,16 @@ fn main() -> anyhow::Result<()> {
     }
     let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = fx.join("tiny-sd/unet");
-    let cfg = lcm::config::UNetConfig::load(&dir.join("config.json"))?;
-    let files = lcm::source::weight_file(&dir)?;
-    let teacher = lcm::unet::UNet2DConditionModel::new(
+    let cfg = lcm::model::config::UNetConfig::load(&dir.join("config.json"))?;
+    let files = lcm::pipeline::source::weight_file(&dir)?;
+    let teacher = lcm::model::unet::UNet2DConditionModel::new(
         &cfg,
-        lcm::pipeline::load_weights(&files, DType::F32, &Device::Cpu)?,
+        lcm::model::weights::load_weights(&files, DType::F32, &Device::Cpu)?,
     )?;
     let weights = candle_core::safetensors::load(&files[0], &Device::Cpu)?;
-    let sched =
-        lcm::config::SchedulerConfig::load(&fx.join("tiny-sd/scheduler/scheduler_config.json"))?;
+    let sched = lcm::model::config::SchedulerConfig::load(
+        &fx.join("tiny-sd/scheduler/scheduler_config.json"),
+    )?;
     let g = candle_core::safetensors::load(fx.join("golden.safetensors"), &Device::Cpu)?;
     let data = TrainData {
         latents: g["lcd_z0"].clone(),
@@ -40,16 +42,17 @@ fn main() -> anyhow::Result<()> {
         huber_c: Some(0.001),
         ..Default::default()
     };
-    let mut t = Trainer::new(
+    let student = UNetStudent::new(&teacher.config, c.student_w_embed());
+    let mut t = distillation(
         &teacher,
-        &teacher.config,
+        Box::new(student),
         &weights,
-        lcm::schedule::NoiseSchedule::from_config(&sched)?,
+        lcm::sample::schedule::NoiseSchedule::from_config(&sched)?,
         c,
+        data,
         &Device::Cpu,
     )?;
-    // One warm-up step, then five timed (as scripts/bench_lcd_step_torch.py does).
-    let mut times = timed_steps(&mut t, &data, 5)?;
+    let mut times = timed_steps(&mut t, 5)?;
     times.sort_by(f64::total_cmp);
     println!(
         "median {:.3} s per step (batch 8), peak RSS {:.0} MB",
@@ -62,14 +65,14 @@ fn main() -> anyhow::Result<()> {
 /// One warm-up and two timed LCM-LoRA steps at SD1.5 size (random weights: timing only).
 fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let mut cfg: lcm::config::UNetConfig =
+    let mut cfg: lcm::model::config::UNetConfig =
         serde_json::from_str(include_str!("../benches/sd15/unet.json"))?;
     cfg.time_cond_proj_dim = None; // the teacher: plain SD1.5
     let t0 = std::time::Instant::now();
-    let weights = lcm::init::init_weights(0, &dev, |vb| {
-        lcm::unet::UNet2DConditionModel::new(&cfg, vb).map_err(candle_core::Error::wrap)
+    let weights = lcm::nn::init::init_weights(0, &dev, |vb| {
+        lcm::model::unet::UNet2DConditionModel::new(&cfg, vb).map_err(candle_core::Error::wrap)
     })?;
-    let teacher = lcm::unet::UNet2DConditionModel::new(
+    let teacher = lcm::model::unet::UNet2DConditionModel::new(
         &cfg,
         candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev),
     )?;
@@ -81,7 +84,7 @@ fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
         uncond_embeds: candle_core::Tensor::randn(0f32, 1.0, (1, 77, 768), &dev)?,
     };
     // SD1.5's schedule (the defaults: 1000 steps, scaled-linear 0.00085 → 0.012).
-    let sched: lcm::config::SchedulerConfig = serde_json::from_str("{}")?;
+    let sched: lcm::model::config::SchedulerConfig = serde_json::from_str("{}")?;
     let c = DistillConfig {
         batch_size: 1,
         warmup_steps: 0,
@@ -89,15 +92,17 @@ fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
         lora_rank: Some(64),
         ..Default::default()
     };
-    let mut t = Trainer::new(
+    let student = UNetStudent::new(&cfg, c.student_w_embed());
+    let mut t = distillation(
         &teacher,
-        &cfg,
+        Box::new(student),
         &weights,
-        lcm::schedule::NoiseSchedule::from_config(&sched)?,
+        lcm::sample::schedule::NoiseSchedule::from_config(&sched)?,
         c,
+        data,
         &dev,
     )?;
-    let times = timed_steps(&mut t, &data, 2)?;
+    let times = timed_steps(&mut t, 2)?;
     println!(
         "SD1.5 LCM-LoRA r64 at {resolution}²: mean {:.2} s per step (batch 1), peak RSS {:.0} MB",
         times.iter().sum::<f64>() / times.len() as f64,
@@ -107,11 +112,11 @@ fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
 }
 
 /// One warm-up step, then `n` timed ones; their durations in seconds.
-fn timed_steps(t: &mut Trainer, data: &TrainData, n: usize) -> anyhow::Result<Vec<f64>> {
+fn timed_steps(t: &mut Distillation, n: usize) -> anyhow::Result<Vec<f64>> {
     let mut times = vec![];
     for i in 0..=n {
         let s = std::time::Instant::now();
-        let m = t.train_step(data)?;
+        let m = t.step()?;
         let dt = s.elapsed().as_secs_f64();
         eprintln!("step {} loss {:.5} {dt:.2}s", m.step, m.loss);
         if i > 0 {

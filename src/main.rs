@@ -9,9 +9,9 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use lcm::pipeline::source;
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sampler::{SamplerKind, SeededNoise};
-use lcm::source;
+use lcm::sample::sampler::{SamplerKind, SeededNoise};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +29,9 @@ enum Command {
     /// Generate images from a text prompt.
     Generate(GenerateArgs),
     /// Time the pipeline's components (text encoder, U-Net step, VAE decode, full run) and peak memory.
-    Bench(lcm::bench::BenchArgs),
+    Bench(lcm::tools::bench::BenchArgs),
     /// Distil a many-step teacher into a few-step LCM student (latent consistency distillation).
-    Distill(lcm::distill::DistillArgs),
+    Distill(lcm::distill::cli::DistillArgs),
     /// List the named pipelines (`--model NAME`).
     Models,
     /// Serve generation over HTTP (OpenAI images API, AUTOMATIC1111 txt2img, a browser page).
@@ -50,10 +50,10 @@ enum Command {
         dtype: String,
     },
     /// Generate images for the evaluation prompts and score them (FID, prompt accuracy, agreement).
-    Eval(lcm::eval::EvalArgs),
+    Eval(lcm::eval::run::EvalArgs),
     /// Whiten a VAE's latents (identity channel covariance, folded into its weights) and rewire a
     /// U-Net trained on the old latents as a starting point for fine-tuning.
-    Whiten(lcm::whiten::WhitenArgs),
+    Whiten(lcm::tools::whiten::WhitenArgs),
     /// Write the project's own training data in the imagefolder layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -62,14 +62,14 @@ enum Command {
 #[derive(Subcommand)]
 enum PretrainCommand {
     /// An AutoencoderKL (L1 reconstruction + KL) on the images alone.
-    Vae(lcm::pretrain::VaeArgs),
+    Vae(lcm::train::vae::VaeArgs),
     /// A CLIP-architecture text encoder, contrastively against an image tower over VAE latents.
-    Text(lcm::contrastive::TextArgs),
+    Text(lcm::train::text_encoder::TextArgs),
     /// A text-to-image teacher: ε-prediction U-Net + CLIP-architecture text encoder (trained
     /// jointly, or a frozen one from `pretrain text`).
-    Unet(lcm::pretrain::UnetArgs),
+    Unet(lcm::train::teacher::TeacherArgs),
     /// The evaluator behind `lcm eval`: a small classifier on real images only.
-    Evaluator(lcm::eval::EvaluatorArgs),
+    Evaluator(lcm::eval::train::EvaluatorArgs),
 }
 
 #[derive(Subcommand)]
@@ -108,7 +108,7 @@ struct GenerateArgs {
     /// A pipeline name (see `lcm models`), a diffusers-layout folder or a hub id (org/name).
     #[arg(long)]
     model: Option<String>,
-    #[arg(long, value_parser = lcm::sampler::parse_flag)]
+    #[arg(long, value_parser = lcm::sample::sampler::parse_flag)]
     sampler: Option<SamplerKind>,
     #[arg(long)]
     steps: Option<usize>,
@@ -176,8 +176,8 @@ fn main() -> ExitCode {
     ));
     let result = match cli.command {
         Command::Generate(args) => generate(args),
-        Command::Bench(args) => lcm::bench::run(&args),
-        Command::Distill(args) => lcm::distill::run(&args),
+        Command::Bench(args) => lcm::tools::bench::run(&args),
+        Command::Distill(args) => lcm::distill::cli::run(&args),
         Command::Models => models(),
         Command::Serve(args) => lcm::serve::run_cli(&args),
         Command::Convert {
@@ -186,24 +186,24 @@ fn main() -> ExitCode {
             dtype,
         } => lcm::runtime::parse_dtype(&dtype)
             .and_then(|dt| source::convert_folder(&input, &output, dt)),
-        Command::Pretrain(PretrainCommand::Vae(args)) => lcm::pretrain::run_vae(&args),
-        Command::Pretrain(PretrainCommand::Text(args)) => lcm::contrastive::run_text(&args),
-        Command::Pretrain(PretrainCommand::Unet(args)) => lcm::pretrain::run_unet(&args),
-        Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::run_pretrain(&args),
-        Command::Eval(args) => lcm::eval::run(&args),
-        Command::Whiten(args) => lcm::whiten::run(&args),
+        Command::Pretrain(PretrainCommand::Vae(args)) => lcm::train::vae::run(&args),
+        Command::Pretrain(PretrainCommand::Text(args)) => lcm::train::text_encoder::run(&args),
+        Command::Pretrain(PretrainCommand::Unet(args)) => lcm::train::teacher::run(&args),
+        Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::train::run(&args),
+        Command::Eval(args) => lcm::eval::run::run(&args),
+        Command::Whiten(args) => lcm::tools::whiten::run(&args),
         Command::Data(DataCommand::Shapes {
             out,
             count,
             size,
             seed,
-        }) => lcm::toydata::write_shapes(&out, count, size, seed),
+        }) => lcm::data::toy::write_shapes(&out, count, size, seed),
         Command::Data(DataCommand::Emoji {
             package,
             out,
             size,
             heldout_every,
-        }) => lcm::toydata::write_emoji(&package, &out, size, heldout_every),
+        }) => lcm::data::toy::write_emoji(&package, &out, size, heldout_every),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,26 +237,14 @@ fn models() -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let model_name = args
-        .model
-        .clone()
-        .unwrap_or_else(|| source::DEFAULT_MODEL.to_string());
     let (device, dtype) = args.runtime.resolve()?;
-    let resolved = source::resolve(&model_name)?;
-
     let t_load = Instant::now();
-    let mut pipe = Pipeline::load(&resolved.dir, &device, dtype)
-        .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+    let (resolved, mut pipe) = Pipeline::open(args.model.as_deref(), &device, dtype)?;
     let mut defaults = resolved.defaults.clone();
     if let Some(file) = &args.lora {
-        pipe.apply_lora(&resolved.dir, file, args.lora_scale)?;
-        defaults = lcm::source::Defaults {
-            sampler: Some(SamplerKind::Lcm),
-            steps: Some(4),
-            guidance: Some(1.0),
-            ..Default::default()
-        }
-        .or(&defaults);
+        defaults = pipe
+            .apply_lora(&resolved.dir, file, args.lora_scale)?
+            .or(&defaults);
     }
     let load_time = t_load.elapsed();
 
@@ -279,27 +267,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         latents,
     };
     let settings = pipe.resolve(&req, &defaults)?;
-    if let (Some(l), Some(p)) = (&req.latents, &args.latents) {
-        let f = pipe.vae_scale_factor();
-        let want = [
-            args.n,
-            pipe.unet.config.in_channels,
-            settings.height / f,
-            settings.width / f,
-        ];
-        if l.dims() != want {
-            bail!(
-                "--latents: `latents` in {} has shape {:?}, expected {:?} for --n {} at {}x{}",
-                p.display(),
-                l.dims(),
-                want,
-                args.n,
-                settings.width,
-                settings.height
-            )
-        }
-    }
-    let paths = lcm::image_io::numbered_paths(&args.output, args.n);
+    let paths = lcm::pipeline::image_io::numbered_paths(&args.output, args.n);
 
     let bar = ProgressBar::new(settings.steps as u64);
     bar.set_style(
@@ -316,7 +284,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     bar.finish_and_clear();
 
     for (img, path) in gen.images.iter().zip(&paths) {
-        lcm::image_io::save_png(img, path)?;
+        lcm::pipeline::image_io::save_png(img, path)?;
     }
     let s = &gen.settings;
     let t = &gen.timings;

@@ -6,12 +6,14 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use image::GenericImageView;
-use lcm::config::{SchedulerConfig, UNetConfig};
-use lcm::distill::{DistillConfig, TrainData, Trainer};
-use lcm::pipeline::load_weights;
-use lcm::schedule::NoiseSchedule;
-use lcm::source::weight_file;
-use lcm::unet::UNet2DConditionModel;
+use lcm::distill::student::UNetStudent;
+use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
+use lcm::model::config::{SchedulerConfig, UNetConfig};
+use lcm::model::unet::UNet2DConditionModel;
+use lcm::model::weights::load_weights;
+use lcm::pipeline::source::weight_file;
+use lcm::sample::schedule::NoiseSchedule;
+use lcm::train::run::Task;
 
 fn setup_teacher() -> (
     UNet2DConditionModel,
@@ -44,6 +46,25 @@ fn data() -> TrainData {
     }
 }
 
+/// A distillation of the fixture teacher into a U-Net student with `config`, on the golden data.
+fn trainer<'t>(
+    teacher: &'t UNet2DConditionModel,
+    weights: &std::collections::HashMap<String, Tensor>,
+    schedule: NoiseSchedule,
+    config: DistillConfig,
+) -> Result<Distillation<'t>, anyhow::Error> {
+    let student = UNetStudent::new(&teacher.config, config.student_w_embed());
+    distillation(
+        teacher,
+        Box::new(student),
+        weights,
+        schedule,
+        config,
+        data(),
+        &Device::Cpu,
+    )
+}
+
 fn config() -> DistillConfig {
     DistillConfig {
         w_embed_dim: 32,
@@ -60,24 +81,15 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     setup();
     let (teacher, weights, schedule) = setup_teacher();
     let run = std::env::temp_dir().join(format!("lcm-distill-{}", std::process::id()));
-    let data = data();
 
-    let mut a = Trainer::new(
-        &teacher,
-        &teacher.config,
-        &weights,
-        schedule.clone(),
-        config(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut a = trainer(&teacher, &weights, schedule.clone(), config()).unwrap();
     let mut losses = vec![];
     for _ in 0..4 {
-        let m = a.train_step(&data).unwrap();
+        let m = a.step().unwrap();
         assert!(m.loss.is_finite() && m.grad_norm.is_finite(), "{m:?}");
         losses.push(m.loss);
         if m.step == 2 {
-            a.save_checkpoint(&run).unwrap();
+            a.save(&run).unwrap();
         }
     }
     assert!(
@@ -85,21 +97,13 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         "losses never changed: {losses:?}"
     );
 
-    let mut b = Trainer::new(
-        &teacher,
-        &teacher.config,
-        &weights,
-        schedule.clone(),
-        config(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let latest = lcm::checkpoint::latest(&run)
+    let mut b = trainer(&teacher, &weights, schedule.clone(), config()).unwrap();
+    let latest = lcm::train::checkpoint::latest(&run.join("checkpoints"))
         .unwrap()
         .expect("checkpoint written");
-    b.resume(&latest).unwrap();
-    assert_eq!(b.step, 2);
-    let resumed: Vec<f64> = (0..2).map(|_| b.train_step(&data).unwrap().loss).collect();
+    b.resume(&latest, &Device::Cpu).unwrap();
+    assert_eq!(b.state.step, 2);
+    let resumed: Vec<f64> = (0..2).map(|_| b.step().unwrap().loss).collect();
     assert_eq!(
         resumed,
         losses[2..],
@@ -111,16 +115,8 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         ema: 0.5,
         ..config()
     };
-    let mut c = Trainer::new(
-        &teacher,
-        &teacher.config,
-        &weights,
-        schedule.clone(),
-        other,
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert!(c.resume(&latest).is_err());
+    let mut c = trainer(&teacher, &weights, schedule.clone(), other).unwrap();
+    assert!(c.resume(&latest, &Device::Cpu).is_err());
 
     // Offset noise changes what the first step sees (same seed, same rows, solver indices and
     // w), and still trains.
@@ -128,16 +124,8 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         noise_offset: 0.2,
         ..config()
     };
-    let mut d = Trainer::new(
-        &teacher,
-        &teacher.config,
-        &weights,
-        schedule.clone(),
-        offset,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let m = d.train_step(&data).unwrap();
+    let mut d = trainer(&teacher, &weights, schedule.clone(), offset).unwrap();
+    let m = d.step().unwrap();
     assert!(
         m.loss.is_finite() && m.loss != losses[0],
         "{m:?} vs {losses:?}"
@@ -149,17 +137,9 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         decay: Some((2, 4)),
         ..config()
     };
-    let mut e = Trainer::new(
-        &teacher,
-        &teacher.config,
-        &weights,
-        schedule,
-        decayed.clone(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert!(e.resume(&latest).is_err());
-    let lrs: Vec<f64> = (0..4).map(|_| e.train_step(&data).unwrap().lr).collect();
+    let mut e = trainer(&teacher, &weights, schedule, decayed.clone()).unwrap();
+    assert!(e.resume(&latest, &Device::Cpu).is_err());
+    let lrs: Vec<f64> = (0..4).map(|_| e.step().unwrap().lr).collect();
     let lr = decayed.adamw.lr;
     let want = [lr * 0.5, lr, lr * 0.55, lr * 0.1];
     for (got, want) in lrs.iter().zip(want) {
@@ -251,7 +231,7 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     let l = losses(&full.join("metrics.jsonl"));
     assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(l.iter().all(|x| x.1.is_finite()));
-    assert!(lcm::checkpoint::latest(&full.join("checkpoints"))
+    assert!(lcm::train::checkpoint::latest(&full.join("checkpoints"))
         .unwrap()
         .is_some());
 
@@ -338,45 +318,37 @@ fn lora_mode_trains_only_adapters_and_resumes_exactly() {
     setup();
     let (teacher, weights, schedule) = setup_teacher();
     let run = std::env::temp_dir().join(format!("lcm-distill-lora-{}", std::process::id()));
-    let data = data();
     let cfg = || DistillConfig {
         lora_rank: Some(4),
-        adamw: lcm::optim::AdamWConfig {
+        adamw: lcm::train::optim::AdamWConfig {
             lr: 1e-3,
             ..Default::default()
         },
         ..config()
     };
-    let new = || {
-        Trainer::new(
-            &teacher,
-            &teacher.config,
-            &weights,
-            schedule.clone(),
-            cfg(),
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
+    let new = || trainer(&teacher, &weights, schedule.clone(), cfg()).unwrap();
     let mut a = new();
     // No guidance embedding: the student has the teacher's own architecture.
-    assert_eq!(a.student_cfg.time_cond_proj_dim, None);
-    let modules = lcm::lora::target_modules(&weights);
-    let adapters = a.adapter_weights();
+    assert_eq!(
+        a.task.settings()["student"]["time_cond_proj_dim"],
+        serde_json::Value::Null
+    );
+    let modules = lcm::nn::lora::target_modules(&weights);
+    let adapters = a.state.weights();
     assert_eq!(adapters.len(), 2 * modules.len());
     assert!(modules.iter().any(|m| m.ends_with("attn1.to_q")));
     assert!(modules.iter().any(|m| m.ends_with("resnets.0.conv1")));
     let mut losses = vec![];
     for _ in 0..4 {
-        let m = a.train_step(&data).unwrap();
+        let m = a.step().unwrap();
         assert!(m.loss.is_finite(), "{m:?}");
         losses.push(m.loss);
         if m.step == 2 {
-            a.save_checkpoint(&run).unwrap();
+            a.save(&run).unwrap();
         }
     }
     // Only adapted weights moved; everything else is the teacher's, bit for bit.
-    let student = a.student_weights().unwrap();
+    let student = a.task.student_weights(&a.state).unwrap();
     let mut moved = 0;
     for (k, w) in &weights {
         let same = max_abs_diff(&student[k], w) == 0.0;
@@ -387,9 +359,11 @@ fn lora_mode_trains_only_adapters_and_resumes_exactly() {
     assert_eq!(moved, modules.len(), "every adapted weight should move");
 
     let mut b = new();
-    b.resume(&lcm::checkpoint::latest(&run).unwrap().unwrap())
+    let latest = lcm::train::checkpoint::latest(&run.join("checkpoints"))
+        .unwrap()
         .unwrap();
-    let resumed: Vec<f64> = (0..2).map(|_| b.train_step(&data).unwrap().loss).collect();
+    b.resume(&latest, &Device::Cpu).unwrap();
+    let resumed: Vec<f64> = (0..2).map(|_| b.step().unwrap().loss).collect();
     assert_eq!(resumed, losses[2..]);
     std::fs::remove_dir_all(run).ok();
 }

@@ -7,8 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use lcm::data::toy;
 use lcm::eval::Evaluator;
-use lcm::toydata;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -129,8 +129,8 @@ fn pretrain_evaluator_exports_a_folder_that_eval_loads() -> Result<()> {
     common::setup();
     let dir = tmp("train");
     let s = |p: PathBuf| p.to_string_lossy().into_owned();
-    toydata::write_shapes(&dir.join("train"), 48, 32, 3)?;
-    toydata::write_shapes(&dir.join("heldout"), 12, 32, 4)?;
+    toy::write_shapes(&dir.join("train"), 48, 32, 3)?;
+    toy::write_shapes(&dir.join("heldout"), 12, 32, 4)?;
     std::fs::write(
         dir.join("config.json"),
         r#"{"resolution": 32, "channels": [4, 8], "feature_dim": 8}"#,
@@ -165,7 +165,7 @@ fn pretrain_evaluator_exports_a_folder_that_eval_loads() -> Result<()> {
     assert!(dir.join("run/checkpoints/checkpoint-00000002").is_dir());
     let ev = Evaluator::load(&dir.join("run/evaluator"))?;
     assert_eq!(ev.prompts.len(), 12);
-    assert_eq!(ev.config.classes["shape"].len(), toydata::SHAPES.len());
+    assert_eq!(ev.config.classes["shape"].len(), toy::SHAPES.len());
     assert!(ev.config.heldout_accuracy.contains_key("color"));
     assert!(ev.config.real_fid.unwrap().is_finite());
     // A missing held-out folder is named.

@@ -6,11 +6,13 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lcm::config::{SchedulerConfig, UNetConfig};
-use lcm::lcd::{boundary_tensors, lcd_step, DdimSolver, LcdBatch, LcdConfig, LcdOutputs, Loss};
-use lcm::schedule::NoiseSchedule;
-use lcm::source::weight_file;
-use lcm::unet::UNet2DConditionModel;
+use lcm::distill::lcd::{
+    boundary_tensors, lcd_step, DdimSolver, LcdBatch, LcdConfig, LcdOutputs, Loss,
+};
+use lcm::model::config::{SchedulerConfig, UNetConfig};
+use lcm::model::unet::UNet2DConditionModel;
+use lcm::pipeline::source::weight_file;
+use lcm::sample::schedule::NoiseSchedule;
 
 fn usizes(name: &str) -> Vec<usize> {
     g(name)
@@ -257,7 +259,7 @@ fn teacher_as_target(student: &UNet2DConditionModel) -> Detached<'_> {
 
 struct Detached<'a>(&'a UNet2DConditionModel);
 
-impl lcm::lcd::Denoiser for Detached<'_> {
+impl lcm::sample::denoiser::Denoiser for Detached<'_> {
     fn predict_eps(
         &self,
         x: &Tensor,

@@ -2,7 +2,7 @@
 //! ε-prediction a perfectly trained diffusion model would make is known in closed form (a point
 //! mass for each prompt; the posterior mean over all points for the empty prompt). Its guided
 //! many-step DDIM samples are therefore known targets, reachable by a small student U-Net trained
-//! from scratch with the real trainer (`Trainer`, `lcd_step`, AdamW, EMA target).
+//! from scratch with the real trainer (`distillation`: `lcd_step`, AdamW, EMA target).
 //!
 //! Measures (printed with `--nocapture`, recorded in docs/distillation.md):
 //! - the LCD loss: mean of the last 20 steps ≤ mean of the first 20 / 10;
@@ -22,13 +22,14 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::*;
-use lcm::config::{SchedulerConfig, UNetConfig};
-use lcm::distill::{DistillConfig, TrainData, Trainer};
-use lcm::lcd::Denoiser;
-use lcm::optim::AdamWConfig;
-use lcm::sampler::{NoiseSource, Sampler, SamplerKind, SeededNoise};
-use lcm::schedule::NoiseSchedule;
-use lcm::unet::UNet2DConditionModel;
+use lcm::distill::student::UNetStudent;
+use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
+use lcm::model::config::{SchedulerConfig, UNetConfig};
+use lcm::model::unet::UNet2DConditionModel;
+use lcm::sample::denoiser::Denoiser;
+use lcm::sample::sampler::{NoiseSource, Sampler, SamplerKind, SeededNoise};
+use lcm::sample::schedule::NoiseSchedule;
+use lcm::train::optim::AdamWConfig;
 
 const K: usize = 4; // prompts, one latent each
 const TOKENS: usize = 4;
@@ -203,7 +204,7 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
     };
 
     let base = student_config();
-    let init = lcm::init::init_weights(3, &dev, |vb| UNet2DConditionModel::new(&base, vb))?;
+    let init = lcm::nn::init::init_weights(3, &dev, |vb| UNet2DConditionModel::new(&base, vb))?;
     let config = DistillConfig {
         w_embed_dim: 16,
         w_min: 1.0,
@@ -220,7 +221,17 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
         ddim_steps: 10,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(&teacher, &base, &init, schedule, config, &dev)?;
+    let student = UNetStudent::new(&base, config.student_w_embed());
+    let student_cfg = student.config.clone();
+    let mut trainer = distillation(
+        &teacher,
+        Box::new(student),
+        &init,
+        schedule,
+        config,
+        data,
+        &dev,
+    )?;
 
     // Evaluation set: every prompt × 2 seeds at w = 2.
     let w_eval = 2.0;
@@ -247,10 +258,10 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
     )?;
     println!("teacher 1-step RMSE {teacher1:.4}, 4-step {teacher4:.4}");
     // RMSE to the teacher's samples, and how many samples lie nearest their own prompt's point.
-    let eval = |t: &Trainer| -> Result<(f64, usize)> {
+    let eval = |t: &Distillation| -> Result<(f64, usize)> {
         let s = student_sample(
-            t.student_weights()?,
-            &t.student_cfg,
+            t.task.student_weights(&t.state)?,
+            &student_cfg,
             &sched_cfg,
             &noise,
             &cond,
@@ -278,7 +289,7 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
     let start = std::time::Instant::now();
     let mut losses = vec![];
     for i in 0..steps {
-        losses.push(trainer.train_step(&data)?.loss);
+        losses.push(trainer.step()?.loss);
         if (i + 1) % 100 == 0 {
             println!(
                 "step {} loss {:.5} 1-step RMSE {:.4}",

@@ -7,14 +7,15 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lcm::clip::ClipTextModel;
-use lcm::config::{ClipTextConfig, SchedulerConfig, VaeConfig};
-use lcm::pipeline::{load_weights, GenerateRequest, Pipeline};
-use lcm::sampler::{self, RecordedNoise, SamplerKind};
-use lcm::schedule::{boundary_scalings, NoiseSchedule};
-use lcm::source::{weight_file, Defaults};
-use lcm::tokenizer::ClipTokenizer;
-use lcm::vae::AutoencoderKL;
+use lcm::model::clip::ClipTextModel;
+use lcm::model::config::{ClipTextConfig, SchedulerConfig, VaeConfig};
+use lcm::model::tokenizer::ClipTokenizer;
+use lcm::model::vae::AutoencoderKL;
+use lcm::model::weights::load_weights;
+use lcm::pipeline::source::{weight_file, Defaults};
+use lcm::pipeline::{GenerateRequest, Pipeline};
+use lcm::sample::sampler::{self, RecordedNoise, SamplerKind};
+use lcm::sample::schedule::{boundary_scalings, NoiseSchedule};
 
 const DEV: Device = Device::Cpu;
 
@@ -43,7 +44,7 @@ fn tokenizer_ids_match_from_json_and_from_vocab_merges() {
     setup();
     let prompts = golden_json()["tokenizer"]["prompts"].as_array().unwrap();
     let from_json = ClipTokenizer::from_dir(&fixtures().join("tiny-lcm/tokenizer"), 77).unwrap();
-    // Same folder without tokenizer.json, as runwayml's SD1.5 ships it.
+    // Same folder without tokenizer.json, as the SD1.5 hub folder ships it.
     let tmp = std::env::temp_dir().join(format!("lcm-tok-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     for f in [

@@ -93,13 +93,16 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
         assert!(a.join(p).exists(), "missing {p}");
     }
     // The exported VAE loads, with a scaling factor measured from the data.
-    let vae_cfg = lcm::config::VaeConfig::load(&a.join("vae/config.json")).unwrap();
+    let vae_cfg = lcm::model::config::VaeConfig::load(&a.join("vae/config.json")).unwrap();
     assert!(vae_cfg.scaling_factor.is_finite() && vae_cfg.scaling_factor > 0.0);
-    let files = lcm::source::weight_file(&a.join("vae")).unwrap();
-    let vb =
-        lcm::pipeline::load_weights(&files, candle_core::DType::F32, &candle_core::Device::Cpu)
-            .unwrap();
-    lcm::vae::AutoencoderKL::new(&vae_cfg, vb).unwrap();
+    let files = lcm::pipeline::source::weight_file(&a.join("vae")).unwrap();
+    let vb = lcm::model::weights::load_weights(
+        &files,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    lcm::model::vae::AutoencoderKL::new(&vae_cfg, vb).unwrap();
 
     // Resuming from step 2 reproduces steps 3 and 4 exactly.
     let b = root.join("b");
@@ -157,7 +160,7 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
         }
     }
     assert!(moved > 0, "--decoder-only trained nothing");
-    let kept = lcm::config::VaeConfig::load(&g.join("vae/config.json")).unwrap();
+    let kept = lcm::model::config::VaeConfig::load(&g.join("vae/config.json")).unwrap();
     assert_eq!(kept.scaling_factor, vae_cfg.scaling_factor);
     // It needs the trained encoder it keeps: one line that names the missing flag.
     let e = run(&root.join("h"), &["--decoder-only"]);
@@ -455,7 +458,7 @@ fn pretrain_text_learns_and_the_teacher_keeps_it_frozen() {
         );
     }
     // An encoder of other sizes is refused, naming the flag.
-    let other = lcm::source::repo_root().join("weights/tiny/text_encoder");
+    let other = lcm::pipeline::source::repo_root().join("weights/tiny/text_encoder");
     let e = unet(&root.join("u"), &other);
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(
@@ -489,11 +492,11 @@ fn teacher_loss_gradients_through_the_text_path_match_finite_differences() -> an
         let t = m.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone()));
         candle_nn::VarBuilder::from_tensors(t.collect(), DType::F64, &dev)
     };
-    let ucfg = lcm::config::UNetConfig::load(&dir.join("unet/config.json"))?;
-    let tcfg = lcm::config::ClipTextConfig::load(&dir.join("text_encoder/config.json"))?;
-    let unet = lcm::unet::UNet2DConditionModel::new(&ucfg, vb(&uv))?;
-    let text = lcm::clip::ClipTextModel::new(&tcfg, vb(&tv))?;
-    let tok = lcm::tokenizer::ClipTokenizer::from_dir(
+    let ucfg = lcm::model::config::UNetConfig::load(&dir.join("unet/config.json"))?;
+    let tcfg = lcm::model::config::ClipTextConfig::load(&dir.join("text_encoder/config.json"))?;
+    let unet = lcm::model::unet::UNet2DConditionModel::new(&ucfg, vb(&uv))?;
+    let text = lcm::model::clip::ClipTextModel::new(&tcfg, vb(&tv))?;
+    let tok = lcm::model::tokenizer::ClipTokenizer::from_dir(
         &dir.join("tokenizer"),
         tcfg.max_position_embeddings,
     )?;

@@ -4,10 +4,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lcm::config::SchedulerConfig;
+use lcm::model::config::SchedulerConfig;
+use lcm::pipeline::source::Defaults;
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sampler::{RecordedNoise, Sampler, SamplerKind, SamplerOptions};
-use lcm::source::Defaults;
+use lcm::sample::sampler::{RecordedNoise, Sampler, SamplerKind, SamplerOptions};
 
 fn lcm_sched() -> SchedulerConfig {
     SchedulerConfig::load(&fixtures().join("tiny-lcm/scheduler/scheduler_config.json")).unwrap()

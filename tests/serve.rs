@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use common::fixtures;
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sampler::{NoiseSource, SeededNoise};
+use lcm::sample::sampler::{NoiseSource, SeededNoise};
 use lcm::serve::{ServeConfig, ServerHandle};
 use serve_common::*;
 
@@ -660,7 +660,7 @@ fn generate_batch_equals_each_request_alone() {
             n: *n,
             seed: *seed,
             // TCD re-noises between steps: the per-request noise split is exercised.
-            sampler: Some(lcm::sampler::SamplerKind::Tcd),
+            sampler: Some(lcm::sample::sampler::SamplerKind::Tcd),
             ..Default::default()
         })
         .collect();

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lcm::whiten::{channel_covariance, symmetric_eigen, zca, Mat};
+use lcm::tools::whiten::{channel_covariance, symmetric_eigen, zca, Mat};
 
 fn matmul(a: &Mat, b: &Mat) -> Mat {
     let n = a.len();
@@ -136,7 +136,7 @@ fn folded_log_variance_is_exact_for_equal_variances() {
     ]);
     let (w, w_inv) = zca(&covariance(), 0.0).unwrap();
     let s = 0.35;
-    let folded = lcm::whiten::fold_into_vae(&weights, &w, &w_inv, s, 0.0).unwrap();
+    let folded = lcm::tools::whiten::fold_into_vae(&weights, &w, &w_inv, s, 0.0).unwrap();
     let bias = folded["quant_conv.bias"].to_vec1::<f32>().unwrap();
     let lv_w = max_abs(&folded["quant_conv.weight"].narrow(0, l, l).unwrap());
     assert_eq!(lv_w, 0.0, "the log-variance rows read no features");
@@ -151,8 +151,10 @@ fn folded_log_variance_is_exact_for_equal_variances() {
 }
 
 /// A VAE folder in f32 on the CPU (the library's loader for frozen VAEs, 32² images).
-fn load_vae(dir: &std::path::Path) -> lcm::vae::AutoencoderKL {
-    lcm::pretrain::frozen_vae(dir, 32, &Device::Cpu).unwrap().0
+fn load_vae(dir: &std::path::Path) -> lcm::model::vae::AutoencoderKL {
+    lcm::train::start::frozen_vae(dir, 32, &Device::Cpu)
+        .unwrap()
+        .0
 }
 
 /// z' = W·z over channels.
@@ -227,8 +229,8 @@ fn whiten_cli_folds_into_the_vae_and_rewires_the_unet() {
     let (old, new) = (load_vae(&vae_dir), load_vae(&new_vae));
     assert_eq!(new.config.scaling_factor, 1.0);
     assert_eq!(new.config.shift_factor, None);
-    let z_old = lcm::whiten::encode_scaled(&old, &images).unwrap();
-    let z_new = lcm::whiten::encode_scaled(&new, &images).unwrap();
+    let z_old = lcm::tools::whiten::encode_scaled(&old, &images).unwrap();
+    let z_new = lcm::tools::whiten::encode_scaled(&new, &images).unwrap();
     let (w, w_inv) = zca(&channel_covariance(&z_old).unwrap(), 0.0).unwrap();
 
     // The encoder's mean comes out as W·(scaled old mean); its covariance is the identity.
@@ -271,7 +273,7 @@ fn whiten_cli_folds_into_the_vae_and_rewires_the_unet() {
             .unwrap();
     cfg["use_quant_conv"] = false.into();
     std::fs::write(no_quant.join("config.json"), cfg.to_string()).unwrap();
-    for f in lcm::source::weight_file(&vae_dir).unwrap() {
+    for f in lcm::pipeline::source::weight_file(&vae_dir).unwrap() {
         std::fs::copy(&f, no_quant.join(f.file_name().unwrap())).unwrap();
     }
     let out = lcm_bin(&[

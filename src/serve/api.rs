@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::images::{ImageItem, ImageJob, ImageShape};
 use crate::pipeline::{GenerateRequest, Pipeline};
-use crate::sampler::SamplerKind;
+use crate::sample::sampler::SamplerKind;
 
 /// Most images one request may ask for (OpenAI's limit for n).
 pub const MAX_IMAGES: usize = 10;

@@ -5,9 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::pipeline::source::Defaults;
 use crate::pipeline::{GenerateRequest, Pipeline};
-use crate::sampler::{NoiseSource, SamplerKind, SeededNoise};
-use crate::source::Defaults;
+use crate::sample::sampler::{NoiseSource, SamplerKind, SeededNoise};
 
 use super::batcher::BatchModel;
 
@@ -87,7 +87,7 @@ impl ImageModel {
             for (g, it) in gens.iter().zip(chunk) {
                 for img in &g.images {
                     out.push(GeneratedImage {
-                        png: crate::image_io::encode_png(img)?,
+                        png: crate::pipeline::image_io::encode_png(img)?,
                         seed: it.seed,
                     });
                 }

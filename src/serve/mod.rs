@@ -3,8 +3,9 @@
 //!
 //! Requests are validated on the async runtime, then queued as jobs to a [`batcher::Batcher`]
 //! whose single worker runs compatible jobs together as one U-Net batch on a blocking thread. A
-//! second kind of model (e.g. text-to-motion) plugs in as another [`batcher::BatchModel`] with its
-//! own batcher and routes.
+//! second kind of model (e.g. text-to-motion) plugs in as another [`batcher::BatchModel`]: its
+//! own batcher in [`AppState`] and routes whose handlers validate, then call the generic
+//! `run_job` (queue, deadline, error mapping are written once).
 
 pub mod api;
 pub mod batcher;
@@ -31,8 +32,8 @@ use serde_json::json;
 
 use crate::pipeline::Pipeline;
 use api::{ApiError, OpenAiImage, OpenAiRequest, OpenAiResponse, ResponseFormat, Txt2ImgRequest};
-use batcher::{BatchConfig, Batcher, JobError, SubmitError};
-use images::{GeneratedImage, ImageJob, ImageModel, UrlStore};
+use batcher::{BatchConfig, BatchModel, Batcher, JobError, SubmitError};
+use images::{ImageModel, UrlStore};
 use metrics::Metrics;
 
 /// Largest request body accepted (413 above).
@@ -115,11 +116,9 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
     let model_name = args
         .model
         .clone()
-        .unwrap_or_else(|| crate::source::DEFAULT_MODEL.to_string());
+        .unwrap_or_else(|| crate::pipeline::source::DEFAULT_MODEL.to_string());
     let (device, dtype) = args.runtime.resolve()?;
-    let resolved = crate::source::resolve(&model_name)?;
-    let pipe = Pipeline::load(&resolved.dir, &device, dtype)
-        .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+    let (resolved, pipe) = Pipeline::open(Some(&model_name), &device, dtype)?;
     // A local folder is known by its name, not its path (which would leak into /v1/models).
     let model_id = match resolved.dir.file_name() {
         Some(name) if Path::new(&model_name).is_dir() => name.to_string_lossy().into_owned(),
@@ -457,10 +456,16 @@ fn body_error(e: BytesRejection) -> ApiError {
     }
 }
 
-/// Queue a validated job and wait for its images, within the request's deadline.
-async fn run_job(st: &AppState, job: ImageJob) -> Result<Vec<GeneratedImage>, ApiError> {
+/// Queue a validated job on any model's batcher and wait for its output within the request's
+/// deadline, mapping every way it can fail to the API's error shape: a second kind of model
+/// (e.g. motion) serves through this same function.
+async fn run_job<M: BatchModel>(
+    st: &AppState,
+    batcher: &Batcher<M>,
+    job: M::Job,
+) -> Result<M::Output, ApiError> {
     let deadline = Instant::now() + st.cfg.timeout;
-    let rx = st.images.submit(job, deadline).map_err(|e| match e {
+    let rx = batcher.submit(job, deadline).map_err(|e| match e {
         SubmitError::QueueFull { retry_after_s } => ApiError {
             retry_after_s: Some(retry_after_s),
             ..ApiError::new(
@@ -484,7 +489,7 @@ async fn run_job(st: &AppState, job: ImageJob) -> Result<Vec<GeneratedImage>, Ap
     match tokio::time::timeout_at(deadline.into(), rx).await {
         Err(_) => Err(timeout()),
         Ok(Err(_)) => Err(shutting_down()),
-        Ok(Ok(Ok(images))) => Ok(images),
+        Ok(Ok(Ok(output))) => Ok(output),
         Ok(Ok(Err(JobError::Expired))) => Err(timeout()),
         Ok(Ok(Err(JobError::ShuttingDown))) => Err(shutting_down()),
         Ok(Ok(Err(JobError::Failed(msg)))) => {
@@ -527,7 +532,7 @@ async fn openai_generations(
     let format = req.response_format()?;
     let model = st.images.model();
     let job = req.to_job(&model.pipe, &model.id)?;
-    let images = run_job(&st, job).await?;
+    let images = run_job(&st, &st.images, job).await?;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -592,7 +597,7 @@ async fn txt2img(
     let shape = job.shape;
     let guidance = job.items[0].guidance;
     let seeds: Vec<u64> = job.items.iter().map(|i| i.seed).collect();
-    let images = run_job(&st, job).await?;
+    let images = run_job(&st, &st.images, job).await?;
     let send = req
         .ignored
         .get("send_images")

@@ -83,16 +83,16 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
 }
 
 /// A fixture U-Net (`tiny-lcm` or `tiny-sd`) with frozen f32 weights.
-pub fn fixture_unet(model: &str) -> lcm::unet::UNet2DConditionModel {
+pub fn fixture_unet(model: &str) -> lcm::model::unet::UNet2DConditionModel {
     load_unet(&fixtures().join(model).join("unet"))
 }
 
 /// A U-Net folder (config.json + weights) in f32 on the CPU.
-pub fn load_unet(dir: &std::path::Path) -> lcm::unet::UNet2DConditionModel {
-    let cfg = lcm::config::UNetConfig::load(&dir.join("config.json")).unwrap();
-    let files = lcm::source::weight_file(dir).unwrap();
-    let vb = lcm::pipeline::load_weights(&files, DType::F32, &Device::Cpu).unwrap();
-    lcm::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
+pub fn load_unet(dir: &std::path::Path) -> lcm::model::unet::UNet2DConditionModel {
+    let cfg = lcm::model::config::UNetConfig::load(&dir.join("config.json")).unwrap();
+    let files = lcm::pipeline::source::weight_file(dir).unwrap();
+    let vb = lcm::model::weights::load_weights(&files, DType::F32, &Device::Cpu).unwrap();
+    lcm::model::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
 }
 
 /// Run the `lcm` binary (one candle element-wise thread, as in the other tests).
@@ -153,10 +153,10 @@ pub fn rendered(n: usize, seed: u64) -> (Vec<lcm::eval::EvalPrompt>, Vec<image::
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
-            let a = lcm::toydata::random_attrs(&mut rng);
-            let img = lcm::toydata::render(&a, 64, &mut rng);
+            let a = lcm::data::toy::random_attrs(&mut rng);
+            let img = lcm::data::toy::render(&a, 64, &mut rng);
             let p = lcm::eval::EvalPrompt {
-                text: lcm::toydata::caption(&a, 0),
+                text: lcm::data::toy::caption(&a, 0),
                 category: Some("shape".into()),
             };
             (p, img)

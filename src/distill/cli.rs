@@ -1,0 +1,324 @@
+//! `lcm distill`: a text-to-image teacher folder in, an LCM (or LCM-LoRA adapter) folder out. The
+//! image-specific parts of a distillation live here — the teacher pipeline, the encoded data, the
+//! U-Net student, sample grids and the diffusers export; the training itself is the shared
+//! [`super::task::LcdTask`] on the shared loop.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::student::UNetStudent;
+use super::task::{distillation, DistillConfig, TrainData};
+use crate::data::encode::{EncodeSpec, TextEncoderRef};
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::weights::load_component;
+use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::sample::noise::SeededNoise;
+use crate::sample::schedule::NoiseSchedule;
+use crate::train::args::{TrainArgs, DISTILL};
+use crate::train::start::check_resolution;
+
+/// `lcm distill`: flags as in the reference script (defaults equal to it unless noted).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DistillArgs {
+    /// Teacher: a diffusers-layout folder, a pipeline name or a hub id.
+    #[arg(long)]
+    pub teacher: String,
+    #[arg(long, default_value_t = 5.0)]
+    pub w_min: f64,
+    #[arg(long, default_value_t = 15.0)]
+    pub w_max: f64,
+    #[arg(long, default_value_t = 256)]
+    pub w_embed_dim: usize,
+    /// LCM-LoRA: train rank-R adapters (α = R) on the teacher's attention, projection, conv and
+    /// time-embedding weights instead of the whole U-Net; no w-embedding; the target is the student
+    /// without gradients. Writes `pytorch_lora_weights.safetensors` for `lcm generate --lora`.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// Offset noise when noising the data (as `lcm pretrain unet --noise-offset`): a student of a
+    /// teacher trained with it should see the same, or it learns to take the image's overall
+    /// colour from the initial noise. 0 = the reference script's plain ε.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_offset: f64,
+    /// Apply the teacher's guidance only where the solver starts at timestep ≥ T (a guidance
+    /// interval): below it the teacher's conditional prediction alone, which keeps the fine shape
+    /// that strong guidance erodes late in sampling. The student is still conditioned on w.
+    /// 0 = guidance at every timestep, as the reference script.
+    #[arg(long, default_value_t = 0)]
+    pub guidance_from: usize,
+    /// Encode the data as the VAE posterior's means rather than samples: for a teacher trained
+    /// with `lcm pretrain unet --posterior-mean` (whitened latents).
+    #[arg(long)]
+    pub posterior_mean: bool,
+    #[arg(long, default_value_t = 0.95)]
+    pub ema: f64,
+    /// l2 or huber.
+    #[arg(long, default_value = "l2")]
+    pub loss: String,
+    #[arg(long, default_value_t = 0.001)]
+    pub huber_c: f64,
+    #[arg(long, default_value_t = 50)]
+    pub ddim_steps: usize,
+    /// Start the student (and its EMA target) from an LCM distilled from this teacher (a
+    /// diffusers-layout folder or pipeline name) instead of from the teacher's own weights, with a
+    /// fresh optimizer and schedule: a distillation continued past its planned steps. Its U-Net
+    /// must be the teacher's layout plus a guidance embedding of --w-embed-dim.
+    #[arg(long, conflicts_with = "lora_rank")]
+    pub init: Option<String>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// The U-Net weights of a previously distilled LCM (`--init`), checked against the teacher's: every
+/// teacher tensor with its shape, plus the guidance embedding (`time_embedding.cond_proj`) taking
+/// `w_embed_dim` inputs, and nothing else.
+fn student_start(
+    spec: &str,
+    teacher: &HashMap<String, Tensor>,
+    w_embed_dim: usize,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let dir = crate::pipeline::source::resolve(spec)?.dir.join("unet");
+    let weights = crate::model::weights::load_component(&dir, device)?;
+    for (name, t) in teacher {
+        match weights.get(name) {
+            None => bail!("{} has no tensor {name}", dir.display()),
+            Some(w) if w.dims() != t.dims() => bail!(
+                "{}: {name} has shape {:?}, the teacher's is {:?}",
+                dir.display(),
+                w.dims(),
+                t.dims()
+            ),
+            Some(_) => {}
+        }
+    }
+    for (name, w) in weights.iter().filter(|(k, _)| !teacher.contains_key(*k)) {
+        if !name.contains("cond_proj") {
+            bail!("{}: {name} is not in the teacher's U-Net", dir.display())
+        }
+        if name.ends_with("weight") && w.dims().last() != Some(&w_embed_dim) {
+            bail!(
+                "{}: {name} takes a {}-dim guidance embedding, --w-embed-dim is {w_embed_dim}",
+                dir.display(),
+                w.dims().last().copied().unwrap_or(0)
+            )
+        }
+    }
+    if !weights.keys().any(|k| k.contains("cond_proj")) {
+        bail!("{} has no guidance embedding: not an LCM", dir.display())
+    }
+    Ok(weights)
+}
+
+/// The whole `lcm distill` run.
+pub fn run(args: &DistillArgs) -> Result<()> {
+    let c = &args.train;
+    // --dtype sets the frozen teacher's precision (U-Net and text encoder; the VAE stays f32), as
+    // the reference script's weight_dtype; the student and its EMA target keep f32 weights.
+    let (device, teacher_dtype) = c.runtime.resolve()?;
+    let teacher_src = crate::pipeline::source::resolve(&args.teacher).context("--teacher")?;
+    let teacher_dir = teacher_src.dir.as_path();
+    let pipe = Pipeline::load(teacher_dir, &device, teacher_dtype)
+        .with_context(|| format!("--teacher {}", teacher_dir.display()))?;
+    let f = pipe.vae_scale_factor();
+    let resolution = c
+        .resolution
+        .unwrap_or(pipe.unet.config.sample_size.unwrap_or(64) * f);
+    check_resolution(resolution, f)?;
+    let loss = match args.loss.as_str() {
+        "l2" => None,
+        "huber" => Some(args.huber_c),
+        other => bail!("--loss {other:?}: expected l2 or huber"),
+    };
+    let options = c.options(&DISTILL)?;
+    let plan = c.plan(&DISTILL)?;
+    let config = DistillConfig {
+        ddim_steps: args.ddim_steps,
+        w_min: args.w_min,
+        w_max: args.w_max,
+        w_embed_dim: args.w_embed_dim,
+        ema: args.ema,
+        huber_c: loss,
+        adamw: options.adamw,
+        warmup_steps: options.warmup_steps,
+        max_grad_norm: options.max_grad_norm,
+        grad_accum: options.grad_accum,
+        batch_size: c.batch_size(&DISTILL)?,
+        seed: c.seed,
+        timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
+        lora_rank: args.lora_rank,
+        noise_offset: args.noise_offset,
+        decay: options.decay,
+        guidance_from: args.guidance_from,
+        posterior_mean: args.posterior_mean,
+    };
+    config.check()?;
+    if pipe.unet.config.time_cond_proj_dim.is_some() {
+        bail!(
+            "--teacher {}: its U-Net already has a guidance embedding (an LCM); distil from a many-step teacher",
+            args.teacher
+        )
+    }
+    std::fs::create_dir_all(&c.output)
+        .with_context(|| format!("cannot create {}", c.output.display()))?;
+    let encoded = crate::data::encode::encode(
+        &EncodeSpec {
+            data: &c.data,
+            resolution,
+            vae_dir: &teacher_dir.join("vae"),
+            vae: &pipe.vae,
+            tokenizer_dir: &teacher_dir.join("tokenizer"),
+            tokenizer: &pipe.tokenizer,
+            text_encoder: Some(TextEncoderRef {
+                dir: &teacher_dir.join("text_encoder"),
+                model: &pipe.text_encoder,
+                dtype: pipe.dtype,
+            }),
+            cache_dir: &c.output.join("cache"),
+        },
+        &device,
+    )?;
+    // The latents: posterior means, or one sample each from a stream of their own.
+    let mut noise = SeededNoise::new(c.seed ^ 0x0076_6165);
+    let latents = encoded.latents(&pipe.vae, args.posterior_mean, &mut noise)?;
+    let (prompt_embeds, uncond_embeds) = encoded
+        .prompt_embeds
+        .clone()
+        .context("the encoded dataset has no prompt embeddings")?;
+    let data = TrainData {
+        latents,
+        prompt_embeds,
+        uncond_embeds,
+    };
+    let teacher_weights = load_component(&teacher_dir.join("unet"), &device)?;
+    let student_init = match &args.init {
+        Some(spec) => Cow::Owned(
+            student_start(spec, &teacher_weights, args.w_embed_dim, &device)
+                .with_context(|| format!("--init {spec}"))?,
+        ),
+        None => Cow::Borrowed(&teacher_weights),
+    };
+    let student = UNetStudent::new(&pipe.unet.config, config.student_w_embed());
+    let student_cfg = student.config.clone();
+    let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
+    let lora = config.lora_rank.is_some();
+    let export_config = config.clone();
+    let mut run = distillation(
+        &pipe.unet,
+        Box::new(student),
+        &student_init,
+        schedule,
+        config,
+        data,
+        &device,
+    )?;
+    if let Some(r) = &c.resume {
+        run.resume(r, &device)?;
+    }
+    if c.sample_every > 0 {
+        // A second copy of the teacher pipeline whose U-Net is swapped for the student.
+        let mut sampler = Pipeline::load(teacher_dir, &device, DType::F32)?;
+        let prompts: Vec<String> = encoded.captions.iter().take(4).cloned().collect();
+        run.task.preview = Some(Box::new(move |weights, path| {
+            sampler.unet = UNet2DConditionModel::new(
+                &student_cfg,
+                VarBuilder::from_tensors(weights.clone(), DType::F32, &sampler.device),
+            )?;
+            write_sample_grid(&sampler, lora, &prompts, resolution, path)
+        }));
+    }
+    run.task.exporter = Some(Box::new(move |weights, out| {
+        export(weights, &export_config, teacher_dir, out)
+    }));
+    run.train(&plan)?;
+    println!(
+        "distilled {} steps; wrote {}",
+        run.state.step,
+        c.output.display()
+    );
+    Ok(())
+}
+
+/// Write the student as a diffusers LatentConsistencyModelPipeline folder beside the teacher's
+/// VAE, text encoder and tokenizer.
+fn export(
+    weights: &HashMap<String, Tensor>,
+    config: &DistillConfig,
+    teacher_dir: &Path,
+    out: &Path,
+) -> Result<()> {
+    for c in ["vae", "text_encoder", "tokenizer"] {
+        crate::files::copy_files(&teacher_dir.join(c), &out.join(c))?;
+    }
+    let mut unet_cfg: serde_json::Value =
+        crate::model::config::read_json(&teacher_dir.join("unet/config.json"))?;
+    unet_cfg["time_cond_proj_dim"] = config.w_embed_dim.into();
+    crate::files::write_atomic(
+        &out.join("unet/config.json"),
+        &serde_json::to_vec_pretty(&unet_cfg)?,
+    )?;
+    crate::files::save_safetensors(
+        weights,
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
+    let t: serde_json::Value =
+        crate::model::config::read_json(&teacher_dir.join("scheduler/scheduler_config.json"))?;
+    let sched = serde_json::json!({
+        "_class_name": "LCMScheduler",
+        "num_train_timesteps": t.get("num_train_timesteps").cloned().unwrap_or(1000.into()),
+        "beta_start": t.get("beta_start").cloned().unwrap_or(0.00085.into()),
+        "beta_end": t.get("beta_end").cloned().unwrap_or(0.012.into()),
+        "beta_schedule": t.get("beta_schedule").cloned().unwrap_or("scaled_linear".into()),
+        "original_inference_steps": config.ddim_steps,
+        "timestep_scaling": config.timestep_scaling,
+        "set_alpha_to_one": true, "steps_offset": 1, "prediction_type": "epsilon",
+        "timestep_spacing": "leading", "clip_sample": false, "thresholding": false,
+        "rescale_betas_zero_snr": false,
+    });
+    crate::files::write_atomic(
+        &out.join("scheduler/scheduler_config.json"),
+        &serde_json::to_vec_pretty(&sched)?,
+    )?;
+    crate::pipeline::source::write_model_index(
+        out,
+        "LatentConsistencyModelPipeline",
+        "LCMScheduler",
+    )
+}
+
+/// A grid of the student's 1/2/4-step samples: one row per prompt, one column per step count.
+fn write_sample_grid(
+    sampler: &Pipeline,
+    lora: bool,
+    prompts: &[String],
+    resolution: usize,
+    path: &Path,
+) -> Result<()> {
+    // LCM-LoRA students have no guidance embedding and sample without CFG.
+    let guidance = if lora { 1.0 } else { 8.5 };
+    let steps = [1usize, 2, 4];
+    let mut tiles = Vec::new();
+    for (row, prompt) in prompts.iter().enumerate() {
+        for &n in &steps {
+            let req = GenerateRequest {
+                prompt: prompt.clone(),
+                sampler: Some(crate::sample::sampler::SamplerKind::Lcm),
+                steps: Some(n),
+                guidance: Some(guidance),
+                width: Some(resolution),
+                height: Some(resolution),
+                n: 1,
+                ..Default::default()
+            };
+            let mut noise = SeededNoise::new(row as u64);
+            let generated = sampler.generate(&req, &Default::default(), &mut noise, &mut |_| {})?;
+            tiles.push(generated.images[0].clone());
+        }
+    }
+    let grid = crate::pipeline::image_io::grid(&tiles, steps.len())?;
+    crate::pipeline::image_io::save_png(&grid, path)
+}

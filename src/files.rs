@@ -1,0 +1,70 @@
+//! Files written so that a crash never leaves a half-written one: every writer goes through a
+//! temporary file in the same folder and a rename.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+
+/// Write bytes to `path` through a temp file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot move output into place at {}", path.display())
+    })
+}
+
+/// safetensors written to a temporary name and renamed into place.
+pub fn save_safetensors(weights: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(weights, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Copy a folder's files (not subfolders) into `dst`, each written atomically.
+pub fn copy_files(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let p = e?.path();
+        if p.is_file() {
+            let bytes = std::fs::read(&p)?;
+            write_atomic(&dst.join(p.file_name().context("file name")?), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_leaves_no_temp_file() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lcm-io-{}", std::process::id()));
+        let p = dir.join("x.bin");
+        write_atomic(&p, b"abc")?;
+        assert_eq!(std::fs::read(&p)?, b"abc");
+        let leftovers = std::fs::read_dir(&dir)?.count();
+        assert_eq!(leftovers, 1);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,413 @@
+//! Layer building blocks shared by the text encoder, the VAE and the U-Net.
+//!
+//! Every layer is built from a `VarBuilder`, so the same code loads frozen weights (mmapped
+//! safetensors, plain tensors) and trainable ones (a `VarMap`). candle 0.11's fused softmax and
+//! layer-norm kernels have no backward pass and cut the autograd graph without an error, so the
+//! helpers here take the fused kernel only when no gradient can flow through the inputs.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// A low-rank adapter found beside a layer's weight (`<layer>.lora.down.weight`,
+/// `<layer>.lora.up.weight`, optional `<layer>.alpha`): the layer adds scale·(α/r)·up(down(x)).
+/// Used while training LCM-LoRA, where the adapters are variables and the base weights frozen;
+/// inference merges adapters into the weights instead ([`crate::nn::lora::merge`]).
+fn lora_pair(vb: &VarBuilder) -> Result<Option<(Tensor, Tensor, f64)>> {
+    let l = vb.pp("lora");
+    if !l.contains_tensor("down.weight") {
+        return Ok(None);
+    }
+    let down = l.get_unchecked("down.weight")?;
+    let up = l.get_unchecked("up.weight")?;
+    let r = down.dim(0)? as f64;
+    let alpha = if vb.contains_tensor("alpha") {
+        vb.get_unchecked("alpha")?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?[0]
+    } else {
+        r
+    };
+    Ok(Some((down, up, alpha / r)))
+}
+
+/// A linear layer, optionally with a LoRA branch beside it.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    lora: Option<(candle_nn::Linear, candle_nn::Linear, f64)>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = self.inner.forward(xs)?;
+        match &self.lora {
+            None => Ok(out),
+            Some((down, up, scale)) => out + (up.forward(&down.forward(xs)?)? * *scale)?,
+        }
+    }
+}
+
+/// From this many pixels up, 3×3 convolutions use Winograd F(2×2, 3×3) (measured: 1.35× faster
+/// at 64×64×320; below ≈ 32×32 the kernel transform no longer pays for itself).
+const WINOGRAD_MIN_PIXELS: usize = 1024;
+
+/// 2-D convolution (square kernel, symmetric padding). Stride-1 f32 inference on the CPU takes the
+/// im2col-free fast path in [`crate::kernels::conv`]; everything else (training, stride 2, other devices
+/// and dtypes) goes through candle's differentiable conv2d.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+    /// LoRA branch: down (same kernel, stride, padding as the layer), up (1×1), scale.
+    lora: Option<Box<(Conv2d, Conv2d, f64)>>,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let tracked = xs.track_op() || self.weight.track_op();
+        let k = self.weight.dim(3)?;
+        let cpu_f32 = xs.device().is_cpu() && xs.dtype() == DType::F32;
+        let fast = !tracked && self.stride == 1 && k > 1 && cpu_f32;
+        // Training: our conv's backward, for stride 1 (candle's for the stride-2 downsamplers).
+        let fast_bwd = tracked && self.stride == 1 && cpu_f32 && self.padding < k;
+        let (_, _, h, w) = xs.dims4()?;
+        let out = if fast_bwd {
+            crate::kernels::conv::conv2d_stride1(xs, &self.weight, self.padding)?
+        } else if fast && k == 3 && h * w >= WINOGRAD_MIN_PIXELS {
+            // The kernel transform is recomputed per call (a few ms at these sizes) rather than
+            // cached: caching would add 16/9 of the weights' memory.
+            let kernel = crate::kernels::conv::WinogradKernel::new(&self.weight)?;
+            crate::kernels::conv::conv3x3_winograd(xs, &kernel, self.padding)?
+        } else if fast {
+            crate::kernels::conv::conv2d_stride1(xs, &self.weight, self.padding)?
+        } else {
+            xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        let out = match &self.bias {
+            Some(b) if cpu_f32 && b.dtype() == DType::F32 => {
+                crate::kernels::conv::add_channel_bias(&out, b)?
+            }
+            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => out,
+        };
+        match &self.lora {
+            None => Ok(out),
+            Some(l) => {
+                let (down, up, scale) = l.as_ref();
+                out + (up.forward(&down.forward(xs)?)? * *scale)?
+            }
+        }
+    }
+}
+
+/// Softmax over the last dimension: fused kernel for inference, differentiable ops for training.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}
+
+/// LayerNorm over the last dimension with an affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let tracked = xs.track_op() || self.weight.track_op() || self.bias.track_op();
+        if !tracked && xs.is_contiguous() {
+            return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
+        }
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let lora = lora_pair(&vb)?.map(|(down, up, scale)| {
+        (
+            candle_nn::Linear::new(down, None),
+            candle_nn::Linear::new(up, None),
+            scale,
+        )
+    });
+    let inner = if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    };
+    Ok(Linear { inner, lora })
+}
+
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let bound = 1.0 / ((in_c * kernel * kernel) as f64).sqrt();
+    let weight = vb.get_with_hints(
+        (out_c, in_c, kernel, kernel),
+        "weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let bias = vb.get_with_hints(
+        out_c,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let lora = lora_pair(&vb)?.map(|(down, up, scale)| {
+        let plain = |weight: Tensor, padding: usize, stride: usize| Conv2d {
+            weight,
+            bias: None,
+            padding,
+            stride,
+            lora: None,
+        };
+        Box::new((plain(down, padding, stride), plain(up, 0, 1), scale))
+    });
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
+        padding,
+        stride,
+        lora,
+    })
+}
+
+/// GroupNorm with an affine weight and bias: the fused op in [`crate::kernels::norm`] for f32 on the CPU
+/// (training included), candle-nn's composite elsewhere.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            crate::kernels::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps)
+        } else {
+            self.inner.forward(xs)
+        }
+    }
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!(
+            "{}: {channels} channels cannot be split into {groups} norm groups",
+            vb.prefix()
+        )
+    }
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        inner,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+/// Nearest-neighbour ×2 upsampling by broadcast + reshape: identical output to
+/// `upsample_nearest2d`, much faster on CPU and differentiable.
+pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    xs.unsqueeze(3)?
+        .unsqueeze(5)?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, h * 2, w * 2))
+}
+
+/// Scaled dot-product attention over `[batch·heads, tokens, head_dim]` tensors, with an optional
+/// additive mask broadcastable to `[batch·heads, q_tokens, k_tokens]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    if mask.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        return crate::kernels::attention::fused_attention(q, k, v, scale as f32);
+    }
+    // Scaling q (n·d values) is cheaper than scaling the n² scores.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// Split `[b, n, heads·d]` into `[b·heads, n, d]`.
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = xs.dims3()?;
+    xs.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .reshape((b * heads, n, c / heads))?
+        .contiguous()
+}
+
+/// Inverse of [`split_heads`].
+pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (bh, n, d) = xs.dims3()?;
+    xs.reshape((bh / heads, heads, n, d))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, n, heads * d))
+}
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `get_timestep_embedding`:
+/// frequencies `exp(-ln(max_period)·k/(half − shift))`, output `[sin | cos]`, or `[cos | sin]` when
+/// `flip_sin_to_cos`. `timesteps` is `[b]`; the result is `[b, dim]` in f32.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (-(10000f64.ln()) * k as f64 / (half as f64 - freq_shift)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)?
+    } else {
+        Tensor::cat(&[sin, cos], 1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// The LCM guidance-scale embedding (`get_guidance_scale_embedding` in diffusers): `w' = 1000·w`,
+/// frequencies `exp(−k·ln(10000)/(half − 1))`, output `[sin | cos]`. `w` is `[b]`; returns `[b, dim]`.
+pub fn guidance_embedding(w: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (-(10000f64.ln()) * k as f64 / (half as f64 - 1.0)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), w.device())?;
+    let args = (w.to_dtype(DType::F32)? * 1000.0)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let emb = Tensor::cat(&[args.sin()?, args.cos()?], 1)?;
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn layer_norm_is_differentiable_and_matches_fused_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 8, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, 8, &dev)?)?;
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-5,
+        };
+        let slow = ln.forward(&x)?;
+        let fused =
+            candle_nn::ops::layer_norm(&x, &w.as_tensor().detach(), &b.as_tensor().detach(), 1e-5)?;
+        let diff = (slow.clone() - fused)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "slow and fused layer norm differ by {diff}");
+        let grads = slow.sqr()?.sum_all()?.backward()?;
+        assert!(
+            grads.get(w.as_tensor()).is_some(),
+            "no gradient for the weight"
+        );
+        assert!(
+            grads.get(b.as_tensor()).is_some(),
+            "no gradient for the bias"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_keeps_the_graph_when_tracking() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5), &Device::Cpu)?)?;
+        let y = softmax_last_dim(x.as_tensor())?;
+        let target = Tensor::new(
+            &[[1f32, 0., 0., 0., 0.], [0., 1., 0., 0., 0.]],
+            &Device::Cpu,
+        )?;
+        let grads = (y * target)?.sum_all()?.backward()?;
+        let g = grads
+            .get(x.as_tensor())
+            .expect("softmax dropped the gradient");
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn upsample_matches_candle() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &Device::Cpu)?;
+        let a = upsample_nearest_2x(&x)?;
+        let b = x.upsample_nearest2d(8, 10)?;
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,430 @@
+//! Where a model's files come from: a local diffusers-layout folder, a Hugging Face hub id
+//! (through hf-hub: the local cache first, then a download), or a short name defined in
+//! `pipelines/*.toml` (compiled into the binary) that names one of those plus its defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+use crate::sample::sampler::SamplerKind;
+
+/// A named pipeline definition (`pipelines/<name>.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineDef {
+    pub name: String,
+    pub description: String,
+    /// A hub repository id, e.g. `SimianLuo/LCM_Dreamshaper_v7`.
+    #[serde(default)]
+    pub repo: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// A folder relative to the repository root (for models shipped in `weights/`).
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub defaults: Defaults,
+}
+
+/// Generation defaults a pipeline definition (or a folder's model_index.json) suggests.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    pub sampler: Option<SamplerKind>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub tcd_gamma: Option<f64>,
+}
+
+impl Defaults {
+    /// `self`, with gaps filled from `other`.
+    pub fn or(&self, other: &Defaults) -> Defaults {
+        Defaults {
+            sampler: self.sampler.or(other.sampler),
+            steps: self.steps.or(other.steps),
+            guidance: self.guidance.or(other.guidance),
+            width: self.width.or(other.width),
+            height: self.height.or(other.height),
+            tcd_gamma: self.tcd_gamma.or(other.tcd_gamma),
+        }
+    }
+}
+
+const BUILTIN: &[(&str, &str)] = &[
+    ("sd15", include_str!("../../pipelines/sd15.toml")),
+    ("lcm-sd15", include_str!("../../pipelines/lcm-sd15.toml")),
+    (
+        "tiny-teacher",
+        include_str!("../../pipelines/tiny-teacher.toml"),
+    ),
+    ("tiny", include_str!("../../pipelines/tiny.toml")),
+];
+
+/// Every pipeline definition compiled into the binary.
+pub fn builtin_pipelines() -> Result<Vec<PipelineDef>> {
+    BUILTIN
+        .iter()
+        .map(|(file, text)| {
+            toml::from_str::<PipelineDef>(text)
+                .with_context(|| format!("invalid pipeline definition pipelines/{file}.toml"))
+        })
+        .collect()
+}
+
+/// The model used when no `--model` is given (generate, eval, serve): the shipped LCM.
+pub const DEFAULT_MODEL: &str = "tiny";
+
+pub fn find_pipeline(name: &str) -> Result<Option<PipelineDef>> {
+    Ok(builtin_pipelines()?.into_iter().find(|p| p.name == name))
+}
+
+/// A model resolved to a folder on disk.
+#[derive(Debug, Clone)]
+pub struct ResolvedModel {
+    /// What the user asked for (name, folder or hub id), for messages.
+    pub label: String,
+    pub dir: PathBuf,
+    pub defaults: Defaults,
+}
+
+/// The files a diffusers text-to-image folder needs, relative to its root. The weight files are
+/// listed by preference; the first one present is used.
+pub const CONFIG_FILES: &[&str] = &[
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+];
+pub const WEIGHT_FILES: &[(&str, &[&str])] = &[
+    (
+        "unet",
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ],
+    ),
+    (
+        "vae",
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ],
+    ),
+    (
+        "text_encoder",
+        &["model.safetensors", "model.fp16.safetensors"],
+    ),
+];
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer/tokenizer.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+];
+
+/// Resolve `--model`: an existing folder, a built-in pipeline name, or a hub id (`org/name`).
+pub fn resolve(model: &str) -> Result<ResolvedModel> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(ResolvedModel {
+            label: model.to_string(),
+            dir: path.to_path_buf(),
+            defaults: Defaults::default(),
+        });
+    }
+    if let Some(def) = find_pipeline(model)? {
+        return resolve_def(&def);
+    }
+    if looks_like_hub_id(model) {
+        return Ok(ResolvedModel {
+            label: model.to_string(),
+            dir: hub_snapshot(model, None)?,
+            defaults: Defaults::default(),
+        });
+    }
+    let names: Vec<String> = builtin_pipelines()?.into_iter().map(|p| p.name).collect();
+    bail!(
+        "--model {model:?} is neither a folder, a pipeline name ({}) nor a hub id (org/name)",
+        names.join(", ")
+    )
+}
+
+fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
+    let dir = match (&def.repo, &def.path) {
+        (Some(repo), None) => hub_snapshot(repo, def.revision.as_deref())
+            .with_context(|| format!("pipeline {:?}", def.name))?,
+        (None, Some(p)) => {
+            let dir = repo_root().join(p);
+            if !dir.is_dir() {
+                bail!(
+                    "pipeline {:?}: folder {} does not exist",
+                    def.name,
+                    dir.display()
+                )
+            }
+            dir
+        }
+        _ => bail!(
+            "pipeline {:?} must set exactly one of repo or path",
+            def.name
+        ),
+    };
+    Ok(ResolvedModel {
+        label: def.name.clone(),
+        dir,
+        defaults: def.defaults.clone(),
+    })
+}
+
+/// The source tree's root (where `weights/` lives), taken at build time.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// The cache folder hf-hub uses (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`).
+pub fn hub_cache_dir() -> PathBuf {
+    hf_hub::Cache::from_env().path().clone()
+}
+
+/// Every file of a text-to-image model in the hub repo `id`, from the local hf-hub cache if all are
+/// there, else downloaded (unless `HF_HUB_OFFLINE` is set). Returns the snapshot folder.
+pub fn hub_snapshot(id: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let revision = revision.unwrap_or("main").to_string();
+    let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision);
+    if let Some(dir) = snapshot_from_cache(&cache.repo(repo.clone())) {
+        return Ok(dir);
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
+    let how = format!(
+        "download it where there is network (`huggingface-cli download {id}`) and copy it into {}, \
+         or pass --model DIR with a diffusers-layout folder",
+        cache.path().display()
+    );
+    if offline {
+        bail!("{id} is not in the hub cache and HF_HUB_OFFLINE is set: {how}")
+    }
+    download(&cache, repo)
+        .map_err(|e| anyhow!("cannot fetch {id} from the Hugging Face hub ({e}): {how}"))
+}
+
+fn snapshot_from_cache(cache: &hf_hub::CacheRepo) -> Option<PathBuf> {
+    let index = cache.get("model_index.json")?;
+    let dir = index.parent()?.to_path_buf();
+    complete_folder(&dir).ok()?;
+    Some(dir)
+}
+
+fn download(cache: &hf_hub::Cache, repo: hf_hub::Repo) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(true)
+        .build()?;
+    let api = api.repo(repo);
+    let index = api.get("model_index.json")?;
+    for f in CONFIG_FILES.iter().skip(1) {
+        api.get(f)?;
+    }
+    for (component, names) in WEIGHT_FILES {
+        let ok = names
+            .iter()
+            .any(|n| api.get(&format!("{component}/{n}")).is_ok());
+        if !ok {
+            bail!("no safetensors weights for {component}")
+        }
+    }
+    // Repos ship either tokenizer.json or vocab.json + merges.txt: take what exists and let
+    // complete_folder say what is missing.
+    for f in TOKENIZER_FILES {
+        let _ = api.get(f);
+    }
+    let dir = index.parent().context("snapshot folder")?.to_path_buf();
+    complete_folder(&dir)?;
+    Ok(dir)
+}
+
+/// Check that a folder has every file a text-to-image pipeline needs; name the first missing one.
+pub fn complete_folder(dir: &Path) -> Result<()> {
+    for f in CONFIG_FILES {
+        let p = dir.join(f);
+        if !p.is_file() {
+            bail!("{} is missing", p.display())
+        }
+    }
+    for (component, _) in WEIGHT_FILES {
+        weight_file(&dir.join(component))?;
+    }
+    let tok = dir.join("tokenizer");
+    let has_json = tok.join("tokenizer.json").is_file();
+    let has_bpe = tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file();
+    if !has_json && !has_bpe {
+        bail!(
+            "{} has neither tokenizer.json nor vocab.json + merges.txt",
+            tok.display()
+        )
+    }
+    Ok(())
+}
+
+/// The safetensors file(s) of one component folder: single file (f32/f16 names) or a sharded set
+/// listed in `*.safetensors.index.json`.
+pub fn weight_file(component_dir: &Path) -> Result<Vec<PathBuf>> {
+    let component = component_dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let names = WEIGHT_FILES
+        .iter()
+        .find(|(c, _)| *c == component)
+        .map(|(_, n)| *n)
+        .unwrap_or(&["diffusion_pytorch_model.safetensors", "model.safetensors"]);
+    for n in names {
+        let p = component_dir.join(n);
+        if p.is_file() {
+            return Ok(vec![p]);
+        }
+        let index = component_dir.join(format!("{n}.index.json"));
+        if index.is_file() {
+            return sharded(&index);
+        }
+    }
+    bail!(
+        "no weights in {} (looked for {})",
+        component_dir.display(),
+        names.join(", ")
+    )
+}
+
+fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
+    let v: serde_json::Value = crate::model::config::read_json(index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| index.with_file_name(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            bail!("{} lists {} which is missing", index.display(), f.display())
+        }
+    }
+    Ok(files)
+}
+
+/// Copy a diffusers-layout folder, converting every floating-point tensor of its `.safetensors`
+/// files to `dtype` (other files are copied as they are). Writes are atomic per file. A pipeline
+/// folder (with model_index.json) contributes only that file and the components it names, so a
+/// training run's checkpoints, cache and samples beside them stay behind.
+pub fn convert_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> Result<()> {
+    if !src.is_dir() {
+        bail!("--input {} is not a folder", src.display())
+    }
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    let index = src.join("model_index.json");
+    let keep: Option<Vec<String>> = if index.is_file() {
+        let v: serde_json::Value = crate::model::config::read_json(&index)?;
+        let mut names: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().filter(|k| !k.starts_with('_')).cloned().collect())
+            .unwrap_or_default();
+        names.push("model_index.json".into());
+        Some(names)
+    } else {
+        None
+    };
+    for entry in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().context("file name")?.to_string_lossy();
+        if keep.as_ref().is_some_and(|k| !k.iter().any(|n| *n == name)) {
+            continue;
+        }
+        let target = dst.join(path.file_name().context("file name")?);
+        if path.is_dir() {
+            convert_folder(&path, &target, dtype)?;
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let converted = tensors
+                .into_iter()
+                .map(|(k, t)| {
+                    let t = if t.dtype().is_float() {
+                        t.to_dtype(dtype)?
+                    } else {
+                        t
+                    };
+                    Ok((k, t))
+                })
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            let tmp = target.with_extension("tmp");
+            candle_core::safetensors::save(&converted, &tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &target)?;
+        } else {
+            let bytes = std::fs::read(&path)?;
+            crate::files::write_atomic(&target, &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Write a diffusers `model_index.json` for a text-to-image pipeline of the usual five components.
+pub fn write_model_index(out: &Path, pipeline_class: &str, scheduler_class: &str) -> Result<()> {
+    let index = serde_json::json!({
+        "_class_name": pipeline_class,
+        "feature_extractor": [null, null], "image_encoder": [null, null], "safety_checker": [null, null],
+        "requires_safety_checker": false,
+        "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    crate::files::write_atomic(
+        &out.join("model_index.json"),
+        &serde_json::to_vec_pretty(&index)?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_definitions_parse_and_name_a_source() {
+        let defs = builtin_pipelines().unwrap();
+        assert!(defs.len() >= 2);
+        for d in defs {
+            assert!(d.repo.is_some() ^ d.path.is_some(), "{}", d.name);
+            // A shipped model's folder is in the repository, complete.
+            if let Some(p) = &d.path {
+                let dir = repo_root().join(p);
+                complete_folder(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", d.name));
+                assert_eq!(resolve(&d.name).unwrap().dir, dir);
+            }
+        }
+    }
+
+    #[test]
+    fn hub_ids_are_recognised() {
+        assert!(looks_like_hub_id("SimianLuo/LCM_Dreamshaper_v7"));
+        assert!(!looks_like_hub_id("just-a-name"));
+        assert!(!looks_like_hub_id("a/b/c"));
+    }
+}

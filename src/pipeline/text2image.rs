@@ -1,0 +1,451 @@
+//! The text-to-image pipeline, top to bottom: check the request → tokenize and encode the prompt →
+//! prepare the initial latents → loop over the sampler's timesteps (U-Net, then sampler step) →
+//! decode with the VAE → 8-bit images.
+//!
+//! Guidance follows diffusers: a U-Net with a guidance embedding (LCM, `time_cond_proj_dim`) gets
+//! w = guidance − 1 through the embedding and runs once per step; any other U-Net runs
+//! classifier-free guidance (batch [negative, positive], ε = ε_u + g·(ε_c − ε_u)) when guidance > 1.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+use crate::model::clip::ClipTextModel;
+use crate::model::config::{ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
+use crate::model::weights::load_weights;
+use crate::pipeline::image_io;
+use crate::pipeline::source::{self, Defaults};
+pub use crate::sample::denoiser::StepEvent;
+use crate::sample::denoiser::{denoise, Conditioning};
+use crate::sample::noise::NoiseSource;
+use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
+
+pub struct Pipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    /// Defaults from the folder's own pipeline class (LCM: lcm/4 steps/8.5; SD: ddim/50/7.5).
+    pub defaults: Defaults,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One generation request. `None`s take the pipeline's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub sampler: Option<SamplerKind>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub n: usize,
+    pub seed: u64,
+    pub tcd_gamma: Option<f64>,
+    /// Initial latents `[n, c, h/f, w/f]` (e.g. from `--latents`); drawn from `seed` when absent.
+    pub latents: Option<Tensor>,
+}
+
+/// The settings a request resolved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub tcd_gamma: f64,
+    pub timesteps: Vec<usize>,
+    pub cfg: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub decode: Duration,
+    pub total: Duration,
+}
+
+pub struct Generation {
+    pub images: Vec<RgbImage>,
+    /// `[n, H, W, 3]` f32 in [0, 1] (diffusers' `output_type="np"`).
+    pub images_unit: Tensor,
+    /// The latents that were decoded (U-Net space).
+    pub latents: Tensor,
+    pub settings: Resolved,
+    pub timings: Timings,
+}
+
+impl Pipeline {
+    /// Load a diffusers-layout folder. Weights are converted to `dtype` (the VAE always runs in
+    /// f32, as diffusers' `force_upcast` does for SD VAEs).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        source::complete_folder(dir)?;
+        let index: ModelIndex = crate::model::config::read_json(&dir.join("model_index.json"))?;
+        let scheduler_config = SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json"))?;
+        let te_cfg = ClipTextConfig::load(&dir.join("text_encoder/config.json"))?;
+        let unet_cfg = UNetConfig::load(&dir.join("unet/config.json"))?;
+        let vae_cfg = VaeConfig::load(&dir.join("vae/config.json"))?;
+
+        let tokenizer =
+            ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
+        let component = |name: &str, dt: DType| -> Result<VarBuilder<'static>> {
+            load_weights(&source::weight_file(&dir.join(name))?, dt, device)
+        };
+        let text_encoder = ClipTextModel::new(&te_cfg, component("text_encoder", dtype)?)
+            .with_context(|| format!("text encoder in {}", dir.join("text_encoder").display()))?;
+        let unet = UNet2DConditionModel::new(&unet_cfg, component("unet", dtype)?)
+            .with_context(|| format!("U-Net in {}", dir.join("unet").display()))?;
+        let vae = AutoencoderKL::new(&vae_cfg, component("vae", DType::F32)?)
+            .with_context(|| format!("VAE in {}", dir.join("vae").display()))?;
+
+        let defaults = class_defaults(&index, &scheduler_config, &unet, &vae_cfg);
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            defaults,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// `--model` (a pipeline name, folder or hub id; `None`: the shipped default) resolved and
+    /// loaded: what generate, eval and serve start from.
+    pub fn open(
+        model: Option<&str>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(source::ResolvedModel, Self)> {
+        let resolved = source::resolve(model.unwrap_or(source::DEFAULT_MODEL))?;
+        let pipe = Self::load(&resolved.dir, device, dtype)
+            .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+        Ok((resolved, pipe))
+    }
+
+    /// Merge a LoRA adapter file (e.g. an LCM-LoRA) into the U-Net loaded from `dir`, at
+    /// `scale`; the U-Net is rebuilt from the merged weights. Returns the defaults an LCM-LoRA
+    /// samples with (LCM, 4 steps, guidance 1: no CFG), for the caller's flags to override.
+    pub fn apply_lora(&mut self, dir: &Path, file: &Path, scale: f64) -> Result<Defaults> {
+        let mut base = std::collections::HashMap::new();
+        for f in source::weight_file(&dir.join("unet"))? {
+            base.extend(
+                candle_core::safetensors::load(&f, &self.device)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+            );
+        }
+        let pairs = crate::nn::lora::load(file, &base, &self.device)?;
+        let merged =
+            crate::nn::lora::merge(&base, &pairs, scale, &format!("--lora {}", file.display()))?;
+        self.unet = UNet2DConditionModel::new(
+            &self.unet.config,
+            VarBuilder::from_tensors(merged, self.dtype, &self.device),
+        )?;
+        Ok(Defaults {
+            sampler: Some(SamplerKind::Lcm),
+            steps: Some(4),
+            guidance: Some(1.0),
+            ..Default::default()
+        })
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config.scale_factor()
+    }
+
+    /// Fill a request's gaps from `extra` (e.g. a pipeline definition), then the model's own
+    /// defaults, and check every value.
+    pub fn resolve(&self, req: &GenerateRequest, extra: &Defaults) -> Result<Resolved> {
+        let d = extra.or(&self.defaults);
+        let sampler = req.sampler.or(d.sampler).unwrap_or(SamplerKind::Lcm);
+        let steps = req.steps.or(d.steps).unwrap_or(4);
+        let guidance = req.guidance.or(d.guidance).unwrap_or(1.0);
+        let f = self.vae_scale_factor();
+        let native = self.unet.config.sample_size.unwrap_or(64) * f;
+        let width = req.width.or(d.width).unwrap_or(native);
+        let height = req.height.or(d.height).unwrap_or(native);
+        let tcd_gamma = req.tcd_gamma.or(d.tcd_gamma).unwrap_or(0.3);
+        if steps == 0 {
+            bail!("--steps must be at least 1")
+        }
+        if !guidance.is_finite() || guidance < 0.0 {
+            bail!("--guidance must be a finite number ≥ 0, got {guidance}")
+        }
+        for (flag, v) in [("--width", width), ("--height", height)] {
+            if v == 0 || v % f != 0 {
+                bail!(
+                    "{flag} {v} must be a positive multiple of {f} (the VAE's downscaling factor)"
+                )
+            }
+        }
+        if req.n == 0 {
+            bail!("--n must be at least 1")
+        }
+        let opts = SamplerOptions {
+            tcd_gamma,
+            ..Default::default()
+        };
+        let plan = Sampler::new(sampler, &self.scheduler_config, steps, opts)
+            .with_context(|| format!("--steps {steps} with --sampler {sampler}"))?;
+        let cfg = !self.unet.has_guidance_embedding() && guidance > 1.0;
+        Ok(Resolved {
+            sampler,
+            steps,
+            guidance,
+            width,
+            height,
+            tcd_gamma,
+            timesteps: plan.timesteps,
+            cfg,
+        })
+    }
+
+    /// `[1, tokens, hidden]` embedding of one prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_warn(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Generate images; `noise` supplies the initial latents (unless given) and any re-noising.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        extra: &Defaults,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(StepEvent),
+    ) -> Result<Generation> {
+        let s = self.resolve(req, extra)?;
+        if !s.cfg
+            && req
+                .negative_prompt
+                .as_deref()
+                .is_some_and(|p| !p.is_empty())
+        {
+            eprintln!("warning: the negative prompt is ignored without classifier-free guidance (guidance ≤ 1 or an LCM U-Net)");
+        }
+        let mut gens =
+            self.generate_batch(std::slice::from_ref(req), extra, &mut [noise], on_step)?;
+        Ok(gens.remove(0))
+    }
+
+    /// Run several requests as one U-Net batch. They must agree on size, steps, sampler (and
+    /// TCD gamma) and on whether CFG runs; prompts, negative prompts, n, guidance and noise are
+    /// per request. Each request draws its noise from its own source, so its images equal those of
+    /// the same request run alone (up to float reassociation inside batched kernels).
+    pub fn generate_batch(
+        &self,
+        reqs: &[GenerateRequest],
+        extra: &Defaults,
+        noises: &mut [&mut dyn NoiseSource],
+        on_step: &mut dyn FnMut(StepEvent),
+    ) -> Result<Vec<Generation>> {
+        let start = Instant::now();
+        if reqs.is_empty() || reqs.len() != noises.len() {
+            bail!(
+                "generate_batch: {} requests with {} noise sources",
+                reqs.len(),
+                noises.len()
+            )
+        }
+        let settings = reqs
+            .iter()
+            .map(|r| self.resolve(r, extra))
+            .collect::<Result<Vec<_>>>()?;
+        let s = settings[0].clone();
+        for o in &settings[1..] {
+            let same = (o.width, o.height, o.steps, o.sampler, o.cfg, &o.timesteps)
+                == (s.width, s.height, s.steps, s.sampler, s.cfg, &s.timesteps)
+                && o.tcd_gamma == s.tcd_gamma;
+            if !same {
+                bail!("generate_batch: requests differ in size, steps, sampler or CFG")
+            }
+        }
+        let counts: Vec<usize> = reqs.iter().map(|r| r.n).collect();
+        let n: usize = counts.iter().sum();
+        let f = self.vae_scale_factor();
+        let latent_shape = (n, self.unet.config.in_channels, s.height / f, s.width / f);
+
+        let t0 = Instant::now();
+        let mut conds = Vec::with_capacity(reqs.len());
+        let mut unconds = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            conds.push(self.encode_prompt(&r.prompt)?.repeat((r.n, 1, 1))?);
+            if s.cfg {
+                let neg = r.negative_prompt.as_deref().unwrap_or("");
+                unconds.push(self.encode_prompt(neg)?.repeat((r.n, 1, 1))?);
+            }
+        }
+        let cond = Tensor::cat(&conds, 0)?;
+        let context = if s.cfg {
+            Tensor::cat(&[Tensor::cat(&unconds, 0)?, cond], 0)?
+        } else {
+            cond
+        };
+        let text_encode = t0.elapsed();
+
+        let mut initial = Vec::with_capacity(reqs.len());
+        for (r, noise) in reqs.iter().zip(noises.iter_mut()) {
+            let shape = (r.n, latent_shape.1, latent_shape.2, latent_shape.3);
+            initial.push(match &r.latents {
+                Some(l) => {
+                    if l.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                        bail!(
+                            "--latents: the initial latents have shape {:?}, expected {:?} for n={} at {}x{}",
+                            l.dims(),
+                            shape,
+                            r.n,
+                            s.width,
+                            s.height
+                        )
+                    }
+                    l.to_device(&self.device)?.to_dtype(DType::F32)?
+                }
+                None => noise.sample(&shape.into(), &self.device)?,
+            });
+        }
+        let latents = Tensor::cat(&initial, 0)?;
+        let mut noise = SplitNoise {
+            counts: &counts,
+            sources: noises,
+        };
+
+        let t1 = Instant::now();
+        let sampler = Sampler::new(
+            s.sampler,
+            &self.scheduler_config,
+            s.steps,
+            SamplerOptions {
+                tcd_gamma: s.tcd_gamma,
+                ..Default::default()
+            },
+        )?;
+        // Per-sample guidance, one value per image.
+        let per_image: Vec<f64> = settings
+            .iter()
+            .zip(&counts)
+            .flat_map(|(o, &k)| std::iter::repeat_n(o.guidance, k))
+            .collect();
+        let uniform = per_image.iter().all(|&g| g == s.guidance);
+        let w_embedding = match self.unet.config.time_cond_proj_dim {
+            Some(dim) => {
+                let w: Vec<f32> = per_image.iter().map(|g| (g - 1.0) as f32).collect();
+                let w = Tensor::from_vec(w, n, &self.device)?;
+                Some(crate::nn::guidance_embedding(&w, dim)?.to_dtype(self.dtype)?)
+            }
+            None => None,
+        };
+        let cfg = if s.cfg {
+            let per_sample = if uniform {
+                None
+            } else {
+                let g: Vec<f32> = per_image.iter().map(|&g| g as f32).collect();
+                Some(Tensor::from_vec(g, (n, 1, 1, 1), &self.device)?)
+            };
+            Some((s.guidance, per_sample))
+        } else {
+            None
+        };
+        let cond = Conditioning {
+            context,
+            cfg,
+            w_embedding,
+        };
+        let latents = denoise(&self.unet, &sampler, latents, &cond, &mut noise, on_step)?;
+        let denoise_time = t1.elapsed();
+
+        let t2 = Instant::now();
+        let decoded = self.vae.decode(&self.vae.unscale(&latents)?)?;
+        let images_unit = image_io::to_unit_nhwc(&decoded)?;
+        let mut images = image_io::to_rgb8(&images_unit)?;
+        let decode = t2.elapsed();
+        let timings = Timings {
+            text_encode,
+            denoise: denoise_time,
+            decode,
+            total: start.elapsed(),
+        };
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut offset = 0;
+        for (k, settings) in counts.iter().zip(settings) {
+            out.push(Generation {
+                images: images.drain(..*k).collect(),
+                images_unit: images_unit.narrow(0, offset, *k)?,
+                latents: latents.narrow(0, offset, *k)?,
+                settings,
+                timings: timings.clone(),
+            });
+            offset += k;
+        }
+        Ok(out)
+    }
+}
+
+/// A batch's noise: each request's rows come from that request's own source, so a request draws
+/// the same numbers batched or alone. One source gets the whole shape, unchanged.
+struct SplitNoise<'a, 'b> {
+    counts: &'a [usize],
+    sources: &'a mut [&'b mut dyn NoiseSource],
+}
+
+impl NoiseSource for SplitNoise<'_, '_> {
+    fn sample(&mut self, shape: &candle_core::Shape, device: &Device) -> Result<Tensor> {
+        if self.sources.len() == 1 {
+            return self.sources[0].sample(shape, device);
+        }
+        let dims = shape.dims();
+        if dims.first() != Some(&self.counts.iter().sum()) {
+            bail!("batched noise of shape {dims:?} does not match the batch")
+        }
+        let mut parts = Vec::with_capacity(self.counts.len());
+        for (k, src) in self.counts.iter().zip(self.sources.iter_mut()) {
+            let mut d = dims.to_vec();
+            d[0] = *k;
+            parts.push(src.sample(&d.into(), device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Defaults implied by the folder itself, as the matching diffusers pipeline class would use.
+fn class_defaults(
+    index: &ModelIndex,
+    sched: &SchedulerConfig,
+    unet: &UNet2DConditionModel,
+    vae: &VaeConfig,
+) -> Defaults {
+    let scheduler_class = sched.class_name.as_deref().unwrap_or("");
+    let lcm_like = index.class_name == "LatentConsistencyModelPipeline"
+        || scheduler_class == "LCMScheduler"
+        || unet.has_guidance_embedding();
+    let size = unet.config.sample_size.map(|s| s * vae.scale_factor());
+    let (sampler, steps, guidance) = if scheduler_class == "TCDScheduler" {
+        (SamplerKind::Tcd, 4, 1.0)
+    } else if lcm_like {
+        (SamplerKind::Lcm, 4, 8.5)
+    } else {
+        (SamplerKind::Ddim, 50, 7.5)
+    };
+    Defaults {
+        sampler: Some(sampler),
+        steps: Some(steps),
+        guidance: Some(guidance),
+        width: size,
+        height: size,
+        tcd_gamma: None,
+    }
+}

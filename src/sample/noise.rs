@@ -1,0 +1,53 @@
+//! Sources of the Gaussian noise sampling and training draw: seeded (ChaCha8, reproducible within
+//! `lcm`) or recorded (replaying another run's draws, e.g. diffusers').
+
+use std::collections::VecDeque;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Shape, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// Source of the Gaussian noise a sampler draws (initial latents, LCM/TCD re-noising).
+pub trait NoiseSource {
+    fn sample(&mut self, shape: &Shape, device: &Device) -> Result<Tensor>;
+}
+
+/// Deterministic N(0, 1) noise from a seed (ChaCha8). Not torch's generator: use recorded latents
+/// to reproduce a diffusers run exactly.
+pub struct SeededNoise(ChaCha8Rng);
+
+impl SeededNoise {
+    pub fn new(seed: u64) -> Self {
+        Self(ChaCha8Rng::seed_from_u64(seed))
+    }
+}
+
+impl NoiseSource for SeededNoise {
+    fn sample(&mut self, shape: &Shape, device: &Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| StandardNormal.sample(&mut self.0))
+            .collect();
+        Ok(Tensor::from_vec(v, shape.clone(), device)?)
+    }
+}
+
+/// Replays given tensors in order (e.g. the noise diffusers drew), failing when they run out.
+pub struct RecordedNoise(pub VecDeque<Tensor>);
+
+impl NoiseSource for RecordedNoise {
+    fn sample(&mut self, shape: &Shape, device: &Device) -> Result<Tensor> {
+        let Some(t) = self.0.pop_front() else {
+            bail!("recorded noise exhausted")
+        };
+        if t.shape() != shape {
+            bail!(
+                "recorded noise has shape {:?}, sampler needs {:?}",
+                t.shape(),
+                shape
+            )
+        }
+        Ok(t.to_device(device)?)
+    }
+}

@@ -1,0 +1,263 @@
+//! Samplers as diffusers defines them, reduced to bookkeeping over tensors: a timestep grid and a
+//! `step` that maps (model output, x_t) to x_{prev}. No model inside, so every formula is tested
+//! against diffusers' numbers on its own.
+//!
+//! * LCM multistep (Luo et al. 2023, `LCMScheduler`): consistency function with boundary scalings
+//!   c_skip/c_out, re-noised to the next timestep between steps, not after the last.
+//! * TCD (Zheng et al. 2024, `TCDScheduler`): strategic stochastic sampling with gamma (diffusers'
+//!   `eta`); gamma = 0 is deterministic, gamma = 1 re-noises fully like LCM.
+//! * DDIM (Song et al. 2020, `DDIMScheduler`, eta 0): the teacher's sampler.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+use crate::model::config::SchedulerConfig;
+pub use crate::sample::noise::{NoiseSource, RecordedNoise, SeededNoise};
+use crate::sample::schedule::{boundary_scalings, ddim_combine, x0_from_eps, NoiseSchedule};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    Lcm,
+    Tcd,
+    Ddim,
+}
+
+/// `--sampler` for clap (its parsers want a displayable error).
+pub fn parse_flag(s: &str) -> std::result::Result<SamplerKind, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+impl FromStr for SamplerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lcm" => Ok(Self::Lcm),
+            "tcd" => Ok(Self::Tcd),
+            "ddim" => Ok(Self::Ddim),
+            _ => bail!("unknown sampler {s:?} (expected lcm, tcd or ddim)"),
+        }
+    }
+}
+
+impl fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Lcm => "lcm",
+            Self::Tcd => "tcd",
+            Self::Ddim => "ddim",
+        })
+    }
+}
+
+/// LCM/TCD inference grid: the distillation grid [k−1, 2k−1, …, T−1] with k = T / original_steps,
+/// reversed and sampled at floor(linspace(0, original_steps, n, endpoint=False)).
+pub fn lcm_timesteps(num_train: usize, original_steps: usize, n: usize) -> Result<Vec<usize>> {
+    if n == 0 {
+        bail!("steps must be at least 1")
+    }
+    if original_steps == 0 || original_steps > num_train {
+        bail!("original_inference_steps {original_steps} must be in 1..={num_train}")
+    }
+    if n > original_steps {
+        bail!("steps {n} exceed original_inference_steps {original_steps}")
+    }
+    let k = num_train / original_steps;
+    let origin: Vec<usize> = (1..=original_steps).rev().map(|i| i * k - 1).collect();
+    Ok((0..n)
+        .map(|i| origin[(i as f64 * original_steps as f64 / n as f64).floor() as usize])
+        .collect())
+}
+
+/// DDIM grid for diffusers' `timestep_spacing` (leading / trailing / linspace) and `steps_offset`.
+pub fn ddim_timesteps(cfg: &SchedulerConfig, n: usize) -> Result<Vec<usize>> {
+    let t = cfg.num_train_timesteps;
+    if n == 0 || n > t {
+        bail!("steps must be in 1..={t}, got {n}")
+    }
+    let steps: Vec<usize> = match cfg.timestep_spacing.as_str() {
+        "leading" => {
+            let r = t / n;
+            (0..n).rev().map(|i| i * r + cfg.steps_offset).collect()
+        }
+        "trailing" => {
+            let r = t as f64 / n as f64;
+            (0..n)
+                .map(|i| (t as f64 - i as f64 * r).round() as usize - 1)
+                .collect()
+        }
+        "linspace" => (0..n)
+            .rev()
+            .map(|i| {
+                let v = if n == 1 {
+                    0.0
+                } else {
+                    i as f64 * (t - 1) as f64 / (n - 1) as f64
+                };
+                v.round_ties_even() as usize
+            })
+            .collect(),
+        other => bail!("timestep_spacing {other:?} is not supported"),
+    };
+    Ok(steps.into_iter().map(|s| s.min(t - 1)).collect())
+}
+
+/// What one step produced.
+pub struct StepOutput {
+    /// x at the next timestep (after the last step: the final latents to decode).
+    pub prev_sample: Tensor,
+    /// The step's clean-latent estimate (LCM `denoised`, TCD `pred_noised_sample`, DDIM x0).
+    pub denoised: Tensor,
+}
+
+/// A sampler configured for one run: its kind, schedule and timestep grid.
+pub struct Sampler {
+    pub kind: SamplerKind,
+    pub schedule: NoiseSchedule,
+    pub timesteps: Vec<usize>,
+    num_train: usize,
+    timestep_scaling: f64,
+    /// TCD gamma (diffusers `eta`).
+    gamma: f64,
+}
+
+/// Knobs of a sampler beyond its kind and step count.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerOptions {
+    pub original_inference_steps: usize,
+    pub tcd_gamma: f64,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            original_inference_steps: 50,
+            tcd_gamma: 0.3,
+        }
+    }
+}
+
+impl Sampler {
+    pub fn new(
+        kind: SamplerKind,
+        cfg: &SchedulerConfig,
+        steps: usize,
+        opts: SamplerOptions,
+    ) -> Result<Self> {
+        let schedule = NoiseSchedule::from_config(cfg)?;
+        let original = cfg
+            .original_inference_steps
+            .unwrap_or(opts.original_inference_steps);
+        let timesteps = match kind {
+            SamplerKind::Lcm | SamplerKind::Tcd => {
+                lcm_timesteps(cfg.num_train_timesteps, original, steps)?
+            }
+            SamplerKind::Ddim => ddim_timesteps(cfg, steps)?,
+        };
+        if !(0.0..=1.0).contains(&opts.tcd_gamma) {
+            bail!("TCD gamma must be in [0, 1], got {}", opts.tcd_gamma)
+        }
+        Ok(Self {
+            kind,
+            schedule,
+            timesteps,
+            num_train: cfg.num_train_timesteps,
+            timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
+            gamma: opts.tcd_gamma,
+        })
+    }
+
+    fn scalar(&self, v: f64, like: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::new(v as f32, like.device())?.to_dtype(like.dtype())?)
+    }
+
+    /// Advance from step `i` (at `self.timesteps[i]`), given the model's ε prediction.
+    pub fn step(
+        &self,
+        i: usize,
+        eps: &Tensor,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<StepOutput> {
+        let t = self.timesteps[i];
+        let last = i + 1 == self.timesteps.len();
+        let a_t = self.scalar(self.schedule.alpha_bar(t as i64), sample)?;
+        match self.kind {
+            SamplerKind::Lcm => {
+                let prev_t = if last { t } else { self.timesteps[i + 1] };
+                let (c_skip, c_out) = boundary_scalings(t as f64, self.timestep_scaling);
+                let x0 = x0_from_eps(sample, eps, &a_t)?;
+                let denoised = ((x0 * c_out)? + (sample * c_skip)?)?;
+                let prev_sample = if last {
+                    denoised.clone()
+                } else {
+                    let z = noise
+                        .sample(sample.shape(), sample.device())?
+                        .to_dtype(sample.dtype())?;
+                    let a_prev = self.scalar(self.schedule.alpha_bar(prev_t as i64), sample)?;
+                    ddim_combine(&denoised, &z, &a_prev)?
+                };
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised,
+                })
+            }
+            SamplerKind::Tcd => {
+                let prev_t = if last { 0 } else { self.timesteps[i + 1] };
+                let s = ((1.0 - self.gamma) * prev_t as f64).floor() as i64;
+                let a_s = self.schedule.alpha_bar(s);
+                let x0 = x0_from_eps(sample, eps, &a_t)?;
+                let denoised = ddim_combine(&x0, eps, &self.scalar(a_s, sample)?)?;
+                let prev_sample = if self.gamma > 0.0 && !last {
+                    let z = noise
+                        .sample(sample.shape(), sample.device())?
+                        .to_dtype(sample.dtype())?;
+                    let ratio = self.schedule.alpha_bar(prev_t as i64) / a_s;
+                    ((&denoised * ratio.sqrt())? + (z * (1.0 - ratio).sqrt())?)?
+                } else {
+                    denoised.clone()
+                };
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised,
+                })
+            }
+            SamplerKind::Ddim => {
+                let prev_t = t as i64 - (self.num_train / self.timesteps.len()) as i64;
+                let a_prev = self.scalar(self.schedule.alpha_bar(prev_t), sample)?;
+                let x0 = x0_from_eps(sample, eps, &a_t)?;
+                let prev_sample = ddim_combine(&x0, eps, &a_prev)?;
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised: x0,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lcm_grid_matches_diffusers_examples() {
+        assert_eq!(lcm_timesteps(1000, 50, 1).unwrap(), vec![999]);
+        assert_eq!(
+            lcm_timesteps(1000, 50, 4).unwrap(),
+            vec![999, 759, 499, 259]
+        );
+        assert!(lcm_timesteps(1000, 50, 0).is_err());
+        assert!(lcm_timesteps(1000, 50, 51).is_err());
+    }
+
+    #[test]
+    fn sampler_names_parse() {
+        assert_eq!("LCM".parse::<SamplerKind>().unwrap(), SamplerKind::Lcm);
+        let err = "euler".parse::<SamplerKind>().unwrap_err().to_string();
+        assert!(err.contains("euler"));
+    }
+}
