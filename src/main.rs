@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use lcm::pipeline::source;
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sample::sampler::{SamplerKind, SeededNoise};
+use lcm::sample::noise::SeededNoise;
+use lcm::sample::sampler::SamplerKind;
 
 #[derive(Parser)]
 #[command(

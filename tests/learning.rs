@@ -27,7 +27,8 @@ use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
 use lcm::model::config::{SchedulerConfig, UNetConfig};
 use lcm::model::unet::UNet2DConditionModel;
 use lcm::sample::denoiser::Denoiser;
-use lcm::sample::sampler::{NoiseSource, Sampler, SamplerKind, SeededNoise};
+use lcm::sample::noise::{NoiseSource, SeededNoise};
+use lcm::sample::sampler::{Sampler, SamplerKind};
 use lcm::sample::schedule::NoiseSchedule;
 use lcm::train::optim::AdamWConfig;
 

@@ -14,7 +14,8 @@ use lcm::model::vae::AutoencoderKL;
 use lcm::model::weights::load_weights;
 use lcm::pipeline::source::{weight_file, Defaults};
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sample::sampler::{self, RecordedNoise, SamplerKind};
+use lcm::sample::noise::RecordedNoise;
+use lcm::sample::sampler::{self, SamplerKind};
 use lcm::sample::schedule::{boundary_scalings, NoiseSchedule};
 
 const DEV: Device = Device::Cpu;

@@ -7,7 +7,8 @@ use common::*;
 use lcm::model::config::SchedulerConfig;
 use lcm::pipeline::source::Defaults;
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sample::sampler::{RecordedNoise, Sampler, SamplerKind, SamplerOptions};
+use lcm::sample::noise::RecordedNoise;
+use lcm::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
 
 fn lcm_sched() -> SchedulerConfig {
     SchedulerConfig::load(&fixtures().join("tiny-lcm/scheduler/scheduler_config.json")).unwrap()

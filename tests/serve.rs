@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use common::fixtures;
 use lcm::pipeline::{GenerateRequest, Pipeline};
-use lcm::sample::sampler::{NoiseSource, SeededNoise};
+use lcm::sample::noise::{NoiseSource, SeededNoise};
 use lcm::serve::{ServeConfig, ServerHandle};
 use serve_common::*;
 

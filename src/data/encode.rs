@@ -224,6 +224,13 @@ impl EncodedDataset {
         Ok(self.mean.dim(0)?)
     }
 
+    /// The shape of `b` rows' latents.
+    pub fn batch_shape(&self, b: usize) -> candle_core::Shape {
+        let mut dims = self.mean.dims().to_vec();
+        dims[0] = b;
+        dims.into()
+    }
+
     /// VAE-space latents of the rows `rows`: the posterior means, or one sample each with the
     /// given standard-normal draw `eps` (of the rows' shape).
     pub fn posterior(&self, rows: &Tensor, eps: Option<&Tensor>) -> Result<Tensor> {

@@ -68,8 +68,8 @@ fn is_zero(x: &usize) -> bool {
 impl DistillConfig {
     /// The settings' own bounds, named by their flags (checked before any data is encoded).
     pub fn check(&self) -> Result<()> {
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("--batch-size and --grad-accum must be at least 1")
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1")
         }
         if self.w_min > self.w_max {
             bail!("--w-min {} exceeds --w-max {}", self.w_min, self.w_max)
@@ -77,12 +77,7 @@ impl DistillConfig {
         if !(0.0..=1.0).contains(&self.noise_offset) {
             bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
         }
-        if let Some((from, to)) = self.decay {
-            if from >= to {
-                bail!("--decay-from {from} must be below --max-steps {to}")
-            }
-        }
-        Ok(())
+        self.train_options().check()
     }
 }
 
@@ -308,14 +303,13 @@ impl Task for LcdTask<'_> {
         let cfg = &self.config;
         let device = self.data.latents.device();
         let b = cfg.batch_size;
-        let rows: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
+        let rows_t = crate::data::random_rows(rng, n, b, device)?;
         let index: Vec<usize> = (0..b)
             .map(|_| rng.random_range(0..cfg.ddim_steps))
             .collect();
         let w: Vec<f64> = (0..b)
             .map(|_| rng.random_range(cfg.w_min..=cfg.w_max))
             .collect();
-        let rows_t = Tensor::new(rows.as_slice(), device)?;
         let z0 = self.data.latents.index_select(&rows_t, 0)?;
         let prompt = self.data.prompt_embeds.index_select(&rows_t, 0)?;
         let uncond = self.data.uncond_embeds.repeat((b, 1, 1))?;
@@ -346,14 +340,13 @@ impl Task for LcdTask<'_> {
     }
 
     fn sample(&mut self, state: &TrainState, path: &Path) -> Result<()> {
-        if self.preview.is_none() {
-            return Ok(());
+        if self.preview.is_some() {
+            let weights = self.student_weights(state)?;
+            if let Some(preview) = self.preview.as_mut() {
+                preview(&weights, path)?;
+            }
         }
-        let weights = self.student_weights(state)?;
-        match self.preview.as_mut() {
-            Some(preview) => preview(&weights, path),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     fn export(&mut self, state: &TrainState, run_dir: &Path) -> Result<()> {

@@ -264,7 +264,7 @@ pub fn prompt_following(
                 n: 1,
                 ..req.clone()
             };
-            let mut noise = crate::sample::sampler::SeededNoise::new(seed);
+            let mut noise = crate::sample::noise::SeededNoise::new(seed);
             images.extend(pipe.generate(&r, defaults, &mut noise, &mut |_| {})?.images);
         }
         let p = EvalPrompt {

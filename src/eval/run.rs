@@ -46,7 +46,7 @@ pub struct EvalArgs {
 /// `lcm eval`: generate `--samples` images for the evaluation prompts and score them.
 pub fn run(args: &EvalArgs) -> Result<()> {
     use crate::pipeline::{GenerateRequest, Pipeline};
-    use crate::sample::sampler::{NoiseSource, SeededNoise};
+    use crate::sample::noise::{NoiseSource, SeededNoise};
 
     if args.samples < 2 {
         bail!("--samples must be at least 2 (FID needs a covariance)")

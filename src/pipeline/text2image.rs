@@ -22,7 +22,7 @@ use crate::model::vae::AutoencoderKL;
 use crate::model::weights::load_weights;
 use crate::pipeline::image_io;
 use crate::pipeline::source::{self, Defaults};
-pub use crate::sample::denoiser::StepEvent;
+use crate::sample::denoiser::StepEvent;
 use crate::sample::denoiser::{denoise, Conditioning};
 use crate::sample::noise::NoiseSource;
 use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};

@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 use crate::model::config::SchedulerConfig;
-pub use crate::sample::noise::{NoiseSource, RecordedNoise, SeededNoise};
+use crate::sample::noise::NoiseSource;
 use crate::sample::schedule::{boundary_scalings, ddim_combine, x0_from_eps, NoiseSchedule};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -159,7 +159,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let noise = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &dev).unwrap();
         let delta = Tensor::new(&[[1f32, -2.0, 0.5], [0.0, 3.0, -1.0]], &dev).unwrap();
-        let mut src = crate::sample::sampler::RecordedNoise(
+        let mut src = crate::sample::noise::RecordedNoise(
             [delta.reshape((2, 3, 1, 1)).unwrap()].into_iter().collect(),
         );
         let out = offset_noise(&noise, 0.1, &mut src).unwrap();

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::pipeline::source::Defaults;
 use crate::pipeline::{GenerateRequest, Pipeline};
-use crate::sample::sampler::{NoiseSource, SamplerKind, SeededNoise};
+use crate::sample::noise::{NoiseSource, SeededNoise};
+use crate::sample::sampler::SamplerKind;
 
 use super::batcher::BatchModel;
 

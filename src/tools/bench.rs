@@ -19,7 +19,8 @@ use crate::model::vae::AutoencoderKL;
 use crate::pipeline::source::Defaults;
 use crate::pipeline::{GenerateRequest, Pipeline};
 use crate::runtime::{peak_rss_bytes, RuntimeArgs};
-use crate::sample::sampler::{SamplerKind, SeededNoise};
+use crate::sample::noise::SeededNoise;
+use crate::sample::sampler::SamplerKind;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {

@@ -123,16 +123,8 @@ impl TrainArgs {
 
     /// The optimisation settings these flags give.
     pub fn options(&self, d: &StageDefaults) -> Result<TrainOptions> {
-        if self.grad_accum == 0 {
-            bail!("--grad-accum must be at least 1")
-        }
         let max = self.max_steps(d);
-        if let Some(from) = self.decay_from {
-            if from >= max {
-                bail!("--decay-from {from} must be below --max-steps {max}")
-            }
-        }
-        Ok(TrainOptions {
+        let options = TrainOptions {
             adamw: AdamWConfig {
                 lr: self.lr.unwrap_or(d.lr),
                 weight_decay: self.weight_decay,
@@ -143,7 +135,9 @@ impl TrainArgs {
             max_grad_norm: self.max_grad_norm,
             grad_accum: self.grad_accum,
             seed: self.seed,
-        })
+        };
+        options.check()?;
+        Ok(options)
     }
 
     /// The stage settings these flags give at `resolution`.

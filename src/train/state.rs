@@ -102,9 +102,7 @@ impl TrainState {
         options: TrainOptions,
         trainable: impl Fn(&str) -> bool,
     ) -> Result<Self> {
-        if options.grad_accum == 0 {
-            bail!("--grad-accum must be at least 1")
-        }
+        options.check()?;
         let mut vars = HashMap::new();
         let mut frozen = HashMap::new();
         for (k, t) in weights {
@@ -342,6 +340,21 @@ fn add_metrics(acc: &mut Metrics, m: Metrics, n: usize) {
                 acc.insert(k, v);
             }
         }
+    }
+}
+
+impl TrainOptions {
+    /// The settings' own bounds, named by their flags.
+    pub fn check(&self) -> Result<()> {
+        if self.grad_accum == 0 {
+            bail!("--grad-accum must be at least 1")
+        }
+        if let Some((from, to)) = self.decay {
+            if from >= to {
+                bail!("--decay-from {from} must be below --max-steps {to}")
+            }
+        }
+        Ok(())
     }
 }
 

@@ -140,7 +140,7 @@ impl Task for TeacherTask<'_> {
         let b = s.stage.batch_size;
         let device = self.data.mean.device();
         let rows_t = random_rows(rng, self.data.rows()?, b, device)?;
-        let shape = self.data.mean.index_select(&rows_t, 0)?.shape().clone();
+        let shape = self.data.batch_shape(b);
         // Drawn either way, so that both choices see the same data order and noise.
         let eps_vae = SeededNoise::new(rng.random()).sample(&shape, device)?;
         let z = self

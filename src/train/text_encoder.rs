@@ -269,8 +269,7 @@ impl Task for TextTask<'_> {
         } else {
             random_rows(rng, self.data.rows()?, b, device)?
         };
-        let mean = self.data.mean.index_select(&rows_t, 0)?;
-        let eps = SeededNoise::new(rng.random()).sample(mean.shape(), device)?;
+        let eps = SeededNoise::new(rng.random()).sample(&self.data.batch_shape(b), device)?;
         let z = self.vae.scale(&self.data.posterior(&rows_t, Some(&eps))?)?;
         let ids = self.data.ids.index_select(&rows_t, 0)?;
         let pooled = pooled_positions(&ids, self.eos)?;
