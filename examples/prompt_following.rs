@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
             .transpose()
     };
     let src = lcm::pipeline::source::resolve(model)?;
-    let pipe = Pipeline::load(&src.dir, &Device::Cpu, DType::F32)?;
+    let pipe = Pipeline::new(&src.folder, &Device::Cpu, DType::F32)?;
     let mut req = GenerateRequest {
         steps: arg(1, "STEPS")?.map(|s| s as usize),
         guidance: arg(3, "GUIDANCE")?,

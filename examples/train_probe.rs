@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = fx.join("tiny-sd/unet");
     let cfg = lcm::model::config::UNetConfig::load(&dir.join("config.json"))?;
-    let files = lcm::pipeline::source::weight_file(&dir)?;
+    let files = lcm::model::folder::weight_files(&dir)?;
     let teacher = lcm::model::unet::UNet2DConditionModel::new(
         &cfg,
         lcm::model::weights::load_weights(&files, DType::F32, &Device::Cpu)?,
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     let c = DistillConfig {
         w_embed_dim: 32,
         batch_size: 8,
-        warmup_steps: 0,
+        options: Default::default(),
         huber_c: Some(0.001),
         ..Default::default()
     };
@@ -87,7 +87,7 @@ fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
     let sched: lcm::model::config::SchedulerConfig = serde_json::from_str("{}")?;
     let c = DistillConfig {
         batch_size: 1,
-        warmup_steps: 0,
+        options: Default::default(),
         huber_c: Some(0.001),
         lora_rank: Some(64),
         ..Default::default()

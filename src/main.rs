@@ -4,15 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use lcm::pipeline::args::{ModelArgs, SamplingArgs};
 use lcm::pipeline::source;
-use lcm::pipeline::{GenerateRequest, Pipeline};
+use lcm::pipeline::GenerateRequest;
 use lcm::sample::noise::SeededNoise;
-use lcm::sample::sampler::SamplerKind;
 
 #[derive(Parser)]
 #[command(
@@ -106,19 +105,10 @@ struct GenerateArgs {
     prompt: String,
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// A pipeline name (see `lcm models`), a diffusers-layout folder or a hub id (org/name).
-    #[arg(long)]
-    model: Option<String>,
-    #[arg(long, value_parser = lcm::sample::sampler::parse_flag)]
-    sampler: Option<SamplerKind>,
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Guidance scale (LCM: fed as w = guidance − 1 to the guidance embedding; otherwise CFG).
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// TCD's gamma (stochasticity), 0..1.
-    #[arg(long)]
-    tcd_gamma: Option<f64>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Random seed; a random one is drawn (and printed) when absent.
     #[arg(long)]
     seed: Option<u64>,
@@ -134,12 +124,6 @@ struct GenerateArgs {
     latents: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
-    /// A LoRA adapter file (e.g. from `lcm distill --lora-rank`) merged into the U-Net at load
-    /// time. Without --sampler/--steps/--guidance it samples as LCM-LoRA: lcm, 4 steps, guidance 1.
-    #[arg(long)]
-    lora: Option<PathBuf>,
-    #[arg(long, default_value_t = 1.0)]
-    lora_scale: f64,
     #[command(flatten)]
     runtime: lcm::runtime::RuntimeArgs,
 }
@@ -240,34 +224,23 @@ fn models() -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let (device, dtype) = args.runtime.resolve()?;
     let t_load = Instant::now();
-    let (resolved, mut pipe) = Pipeline::open(args.model.as_deref(), &device, dtype)?;
-    let mut defaults = resolved.defaults.clone();
-    if let Some(file) = &args.lora {
-        defaults = pipe
-            .apply_lora(&resolved.dir, file, args.lora_scale)?
-            .or(&defaults);
-    }
+    let (resolved, pipe) = args.model.open(&device, dtype)?;
+    let defaults = &resolved.defaults;
     let load_time = t_load.elapsed();
-
     let latents = match &args.latents {
-        Some(p) => Some(read_latents(p, &device)?),
+        Some(p) => Some(lcm::pipeline::read_latents(p, &device)?),
         None => None,
     };
     let seed = args.seed.unwrap_or_else(rand::random);
     let req = GenerateRequest {
-        prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        sampler: args.sampler,
-        steps: args.steps,
-        guidance: args.guidance,
         width: args.width,
         height: args.height,
         n: args.n,
-        seed,
-        tcd_gamma: args.tcd_gamma,
         latents,
+        ..args.sampling.request(&args.prompt, seed)
     };
-    let settings = pipe.resolve(&req, &defaults)?;
+    let settings = pipe.resolve(&req, defaults)?;
     let paths = lcm::pipeline::image_io::numbered_paths(&args.output, args.n);
 
     let bar = ProgressBar::new(settings.steps as u64);
@@ -278,7 +251,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         .expect("valid template"),
     );
     let mut noise = SeededNoise::new(seed);
-    let gen = pipe.generate(&req, &defaults, &mut noise, &mut |ev| {
+    let gen = pipe.generate(&req, defaults, &mut noise, &mut |ev| {
         bar.set_message(format!("t={}", ev.timestep));
         bar.inc(1);
     })?;
@@ -306,27 +279,4 @@ fn generate(args: GenerateArgs) -> Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
-}
-
-/// The `latents` tensor of a safetensors file, as f32.
-fn read_latents(path: &PathBuf, device: &Device) -> Result<candle_core::Tensor> {
-    if !path.is_file() {
-        bail!("--latents: {} does not exist", path.display())
-    }
-    let tensors = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("--latents: cannot read {} as safetensors", path.display()))?;
-    let t = tensors.get("latents").with_context(|| {
-        format!(
-            "--latents: {} has no tensor named `latents`",
-            path.display()
-        )
-    })?;
-    if t.rank() != 4 {
-        bail!(
-            "--latents: tensor `latents` in {} has shape {:?}, expected [n, c, h, w]",
-            path.display(),
-            t.dims()
-        )
-    }
-    Ok(t.to_dtype(DType::F32)?)
 }

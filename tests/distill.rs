@@ -9,11 +9,12 @@ use image::GenericImageView;
 use lcm::distill::student::UNetStudent;
 use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
 use lcm::model::config::{SchedulerConfig, UNetConfig};
+use lcm::model::folder::weight_files;
 use lcm::model::unet::UNet2DConditionModel;
 use lcm::model::weights::load_weights;
-use lcm::pipeline::source::weight_file;
 use lcm::sample::schedule::NoiseSchedule;
 use lcm::train::run::Task;
+use lcm::train::state::TrainOptions;
 
 fn setup_teacher() -> (
     UNet2DConditionModel,
@@ -22,7 +23,7 @@ fn setup_teacher() -> (
 ) {
     let dir = fixtures().join("tiny-sd/unet");
     let cfg = UNetConfig::load(&dir.join("config.json")).unwrap();
-    let files = weight_file(&dir).unwrap();
+    let files = weight_files(&dir).unwrap();
     let teacher = UNet2DConditionModel::new(
         &cfg,
         load_weights(&files, DType::F32, &Device::Cpu).unwrap(),
@@ -69,8 +70,11 @@ fn config() -> DistillConfig {
     DistillConfig {
         w_embed_dim: 32,
         batch_size: 2,
-        grad_accum: 2,
-        warmup_steps: 2,
+        options: TrainOptions {
+            grad_accum: 2,
+            warmup_steps: 2,
+            ..Default::default()
+        },
         huber_c: Some(0.001),
         ..Default::default()
     }
@@ -134,13 +138,16 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     // --decay-from: past the warm-up the rate falls linearly to a tenth at the last step, and a
     // checkpoint made without it is refused (the settings differ).
     let decayed = DistillConfig {
-        decay: Some((2, 4)),
+        options: TrainOptions {
+            decay: Some((2, 4)),
+            ..config().options
+        },
         ..config()
     };
     let mut e = trainer(&teacher, &weights, schedule, decayed.clone()).unwrap();
     assert!(e.resume(&latest, &Device::Cpu).is_err());
     let lrs: Vec<f64> = (0..4).map(|_| e.step().unwrap().lr).collect();
-    let lr = decayed.adamw.lr;
+    let lr = decayed.options.adamw.lr;
     let want = [lr * 0.5, lr, lr * 0.55, lr * 0.1];
     for (got, want) in lrs.iter().zip(want) {
         assert!(
@@ -149,7 +156,10 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         );
     }
     assert!(DistillConfig {
-        decay: Some((4, 4)),
+        options: TrainOptions {
+            decay: Some((4, 4)),
+            ..config().options
+        },
         ..config()
     }
     .check()
@@ -320,9 +330,12 @@ fn lora_mode_trains_only_adapters_and_resumes_exactly() {
     let run = std::env::temp_dir().join(format!("lcm-distill-lora-{}", std::process::id()));
     let cfg = || DistillConfig {
         lora_rank: Some(4),
-        adamw: lcm::train::optim::AdamWConfig {
-            lr: 1e-3,
-            ..Default::default()
+        options: TrainOptions {
+            adamw: lcm::train::optim::AdamWConfig {
+                lr: 1e-3,
+                ..Default::default()
+            },
+            ..config().options
         },
         ..config()
     };

@@ -10,8 +10,8 @@ use lcm::distill::lcd::{
     boundary_tensors, lcd_step, DdimSolver, LcdBatch, LcdConfig, LcdOutputs, Loss,
 };
 use lcm::model::config::{SchedulerConfig, UNetConfig};
+use lcm::model::folder::weight_files;
 use lcm::model::unet::UNet2DConditionModel;
-use lcm::pipeline::source::weight_file;
 use lcm::sample::schedule::NoiseSchedule;
 
 fn usizes(name: &str) -> Vec<usize> {
@@ -180,7 +180,7 @@ fn every_student_weight_receives_a_gradient_from_the_lcd_loss() {
     )
     .unwrap();
     let weights =
-        candle_core::safetensors::load(weight_file(&dir).unwrap()[0].clone(), &dev).unwrap();
+        candle_core::safetensors::load(weight_files(&dir).unwrap()[0].clone(), &dev).unwrap();
     let vars = varmap.data().lock().unwrap().clone();
     assert_eq!(
         vars.len(),

@@ -31,6 +31,7 @@ use lcm::sample::noise::{NoiseSource, SeededNoise};
 use lcm::sample::sampler::{Sampler, SamplerKind};
 use lcm::sample::schedule::NoiseSchedule;
 use lcm::train::optim::AdamWConfig;
+use lcm::train::state::TrainOptions;
 
 const K: usize = 4; // prompts, one latent each
 const TOKENS: usize = 4;
@@ -211,12 +212,14 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
         w_min: 1.0,
         w_max: 3.0,
         batch_size: 8,
-        warmup_steps: 0,
-        adamw: AdamWConfig {
-            lr: 2e-3,
+        options: TrainOptions {
+            adamw: AdamWConfig {
+                lr: 2e-3,
+                ..Default::default()
+            },
+            seed: 5,
             ..Default::default()
         },
-        seed: 5,
         // A 10-point solver grid (skip 100) instead of 50: fewer bootstrap hops from t = 0 to
         // t = 999, so the toy converges in CI time.
         ddim_steps: 10,

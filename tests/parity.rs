@@ -9,10 +9,11 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use lcm::model::clip::ClipTextModel;
 use lcm::model::config::{ClipTextConfig, SchedulerConfig, VaeConfig};
+use lcm::model::folder::weight_files;
 use lcm::model::tokenizer::ClipTokenizer;
 use lcm::model::vae::AutoencoderKL;
 use lcm::model::weights::load_weights;
-use lcm::pipeline::source::{weight_file, Defaults};
+use lcm::pipeline::source::Defaults;
 use lcm::pipeline::{GenerateRequest, Pipeline};
 use lcm::sample::noise::RecordedNoise;
 use lcm::sample::sampler::{self, SamplerKind};
@@ -25,7 +26,7 @@ fn vae() -> AutoencoderKL {
     let cfg = VaeConfig::load(&dir.join("config.json")).unwrap();
     AutoencoderKL::new(
         &cfg,
-        load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap(),
+        load_weights(&weight_files(&dir).unwrap(), DType::F32, &DEV).unwrap(),
     )
     .unwrap()
 }
@@ -91,7 +92,7 @@ fn text_encoder_matches_transformers() {
     let cfg = ClipTextConfig::load(&dir.join("config.json")).unwrap();
     let te = ClipTextModel::new(
         &cfg,
-        load_weights(&weight_file(&dir).unwrap(), DType::F32, &DEV).unwrap(),
+        load_weights(&weight_files(&dir).unwrap(), DType::F32, &DEV).unwrap(),
     )
     .unwrap();
     for i in 0..6 {

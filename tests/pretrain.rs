@@ -95,7 +95,7 @@ fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     // The exported VAE loads, with a scaling factor measured from the data.
     let vae_cfg = lcm::model::config::VaeConfig::load(&a.join("vae/config.json")).unwrap();
     assert!(vae_cfg.scaling_factor.is_finite() && vae_cfg.scaling_factor > 0.0);
-    let files = lcm::pipeline::source::weight_file(&a.join("vae")).unwrap();
+    let files = lcm::model::folder::weight_files(&a.join("vae")).unwrap();
     let vb = lcm::model::weights::load_weights(
         &files,
         candle_core::DType::F32,

@@ -119,7 +119,7 @@ const SEEDS: u64 = 24;
 fn assert_prompts_followed(name: &str, req: GenerateRequest, seeds: u64) -> Result<()> {
     common::setup();
     let src = lcm::pipeline::source::resolve(name)?;
-    let pipe = Pipeline::load(&src.dir, &Device::Cpu, DType::F32)?;
+    let pipe = Pipeline::new(&src.folder, &Device::Cpu, DType::F32)?;
     let ev = Evaluator::load(&lcm::eval::default_evaluator())?;
     let got = prompt_following(
         &pipe,
@@ -178,7 +178,7 @@ fn shipped_vae_reconstructions_keep_shape_colour_and_position() -> Result<()> {
     let dir = lcm::pipeline::source::repo_root().join("weights/tiny-vae");
     let cfg = lcm::model::config::VaeConfig::load(&dir.join("config.json"))?;
     let vb = lcm::model::weights::load_weights(
-        &lcm::pipeline::source::weight_file(&dir)?,
+        &lcm::model::folder::weight_files(&dir)?,
         DType::F32,
         &Device::Cpu,
     )?;
@@ -204,5 +204,22 @@ fn shipped_vae_reconstructions_keep_shape_colour_and_position() -> Result<()> {
     assert!(rec.attribute_accuracy["color"] >= 0.9, "{rec:?}");
     assert!(rec.prompt_accuracy.unwrap() >= 0.8, "{rec:?}");
     assert!(real.prompt_accuracy.unwrap() >= 0.95, "{real:?}");
+    Ok(())
+}
+
+/// Whoever samples from an opened pipeline — the server passes no defaults of its own — gets the
+/// pipeline definition's (`pipelines/tiny.toml`: guidance 7.5), not only the folder's class
+/// defaults (an LCM folder alone says 8.5); `--lora` defaults come first.
+#[test]
+fn an_opened_pipeline_samples_with_its_definitions_defaults() -> Result<()> {
+    let (resolved, pipe) = Pipeline::open(Some("tiny"), None, &Device::Cpu, DType::F32)?;
+    assert_eq!(resolved.defaults.guidance, Some(7.5));
+    let req = GenerateRequest {
+        prompt: "a red circle".into(),
+        n: 1,
+        ..Default::default()
+    };
+    let settings = pipe.resolve(&req, &Default::default())?;
+    assert_eq!((settings.guidance, settings.steps), (7.5, 4));
     Ok(())
 }

@@ -273,7 +273,7 @@ fn whiten_cli_folds_into_the_vae_and_rewires_the_unet() {
             .unwrap();
     cfg["use_quant_conv"] = false.into();
     std::fs::write(no_quant.join("config.json"), cfg.to_string()).unwrap();
-    for f in lcm::pipeline::source::weight_file(&vae_dir).unwrap() {
+    for f in lcm::model::folder::weight_files(&vae_dir).unwrap() {
         std::fs::copy(&f, no_quant.join(f.file_name().unwrap())).unwrap();
     }
     let out = lcm_bin(&[

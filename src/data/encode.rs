@@ -14,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::clip::ClipTextModel;
+use crate::model::config::{ClipTextConfig, VaeConfig};
+use crate::model::folder::{file_fingerprint, Component};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::vae::AutoencoderKL;
 use crate::sample::noise::NoiseSource;
@@ -35,7 +37,7 @@ pub struct EncodedDataset {
 /// A frozen text encoder whose prompt embeddings the dataset should carry.
 pub struct TextEncoderRef<'a> {
     /// Its folder (the weight files are part of the cache key).
-    pub dir: &'a Path,
+    pub component: &'a Component<ClipTextConfig>,
     pub model: &'a ClipTextModel,
     /// The precision it runs in (part of the key: the embeddings are stored in it).
     pub dtype: DType,
@@ -45,20 +47,13 @@ pub struct TextEncoderRef<'a> {
 pub struct EncodeSpec<'a> {
     pub data: &'a [PathBuf],
     pub resolution: usize,
-    pub vae_dir: &'a Path,
-    pub vae: &'a AutoencoderKL,
+    /// The VAE's folder (its weight files are part of the cache key) and the VAE.
+    pub vae: (&'a Component<VaeConfig>, &'a AutoencoderKL),
     pub tokenizer_dir: &'a Path,
     pub tokenizer: &'a ClipTokenizer,
     pub text_encoder: Option<TextEncoderRef<'a>>,
     /// Where cache files live (normally `RUN/cache`).
     pub cache_dir: &'a Path,
-}
-
-fn file_fingerprint(path: &Path) -> String {
-    match std::fs::metadata(path) {
-        Ok(m) => format!("{}:{}:{:?}", path.display(), m.len(), m.modified().ok()),
-        Err(_) => format!("{}:missing", path.display()),
-    }
 }
 
 fn folder_fingerprint(dir: &Path, h: &mut impl Hasher) -> Result<()> {
@@ -79,15 +74,11 @@ fn folder_fingerprint(dir: &Path, h: &mut impl Hasher) -> Result<()> {
 pub fn cache_key(spec: &EncodeSpec, examples: &[crate::data::Example]) -> Result<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     spec.resolution.hash(&mut h);
-    for f in crate::pipeline::source::weight_file(spec.vae_dir)? {
-        file_fingerprint(&f).hash(&mut h);
-    }
+    spec.vae.0.fingerprint(&mut h);
     folder_fingerprint(spec.tokenizer_dir, &mut h)?;
     if let Some(te) = &spec.text_encoder {
         format!("{:?}", te.dtype).hash(&mut h);
-        for f in crate::pipeline::source::weight_file(te.dir)? {
-            file_fingerprint(&f).hash(&mut h);
-        }
+        te.component.fingerprint(&mut h);
     }
     for ex in examples {
         ex.fingerprint().hash(&mut h);
@@ -134,6 +125,7 @@ pub fn encode(spec: &EncodeSpec, device: &Device) -> Result<EncodedDataset> {
         let imgs: Vec<Tensor> = chunk.iter().map(|(img, _)| img.clone()).collect();
         let post = spec
             .vae
+            .1
             .encode(&Tensor::stack(&imgs, 0)?.to_device(device)?)?;
         means.push(post.mean.contiguous()?);
         stds.push(post.logvar.affine(0.5, 0.0)?.exp()?.contiguous()?);
@@ -262,9 +254,8 @@ impl EncodedDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{ClipTextConfig, VaeConfig};
-    use crate::model::weights::load_weights;
-    use crate::pipeline::source::{repo_root, weight_file};
+    use crate::model::folder::ModelFolder;
+    use crate::pipeline::source::repo_root;
     use crate::sample::noise::SeededNoise;
 
     /// The cache is keyed by what made it — resolution, data, text encoder precision — and is
@@ -272,34 +263,25 @@ mod tests {
     /// seed does not silently reuse the first seed's latents) or are the posterior means.
     #[test]
     fn encodings_are_cached_by_their_inputs_and_latents_follow_the_seed() -> Result<()> {
-        let fx = repo_root().join("tests/fixtures/tiny-sd");
+        let fx = ModelFolder::open(&repo_root().join("tests/fixtures/tiny-sd"))?;
         let dev = Device::Cpu;
-        let vae_cfg = VaeConfig::load(&fx.join("vae/config.json"))?;
-        let vae = AutoencoderKL::new(
-            &vae_cfg,
-            load_weights(&weight_file(&fx.join("vae"))?, DType::F32, &dev)?,
-        )?;
-        let te_cfg = ClipTextConfig::load(&fx.join("text_encoder/config.json"))?;
-        let te = ClipTextModel::new(
-            &te_cfg,
-            load_weights(&weight_file(&fx.join("text_encoder"))?, DType::F32, &dev)?,
-        )?;
-        let tok = ClipTokenizer::from_dir(&fx.join("tokenizer"), te_cfg.max_position_embeddings)?;
+        let vae = AutoencoderKL::new(&fx.vae.config, fx.vae.var_builder(DType::F32, &dev)?)?;
+        let te_cfg = &fx.text_encoder.config;
+        let te = ClipTextModel::new(te_cfg, fx.text_encoder.var_builder(DType::F32, &dev)?)?;
+        let tok = ClipTokenizer::from_dir(&fx.tokenizer, te_cfg.max_position_embeddings)?;
         let root = std::env::temp_dir().join(format!("lcm-encode-{}", std::process::id()));
         let data = root.join("data");
         crate::data::toy::write_shapes(&data, 3, 32, 1)?;
         let dirs = vec![data.clone()];
-        let (vae_dir, tok_dir) = (fx.join("vae"), fx.join("tokenizer"));
-        let (te_dir, cache_dir) = (fx.join("text_encoder"), root.join("cache"));
+        let cache_dir = root.join("cache");
         let spec = |resolution: usize, dtype: Option<DType>| EncodeSpec {
             data: &dirs,
             resolution,
-            vae_dir: &vae_dir,
-            vae: &vae,
-            tokenizer_dir: &tok_dir,
+            vae: (&fx.vae, &vae),
+            tokenizer_dir: &fx.tokenizer,
             tokenizer: &tok,
             text_encoder: dtype.map(|dtype| TextEncoderRef {
-                dir: &te_dir,
+                component: &fx.text_encoder,
                 model: &te,
                 dtype,
             }),

@@ -14,8 +14,9 @@ use candle_nn::VarBuilder;
 use super::student::UNetStudent;
 use super::task::{distillation, DistillConfig, TrainData};
 use crate::data::encode::{EncodeSpec, TextEncoderRef};
+use crate::model::folder::ModelFolder;
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::weights::load_component;
+use crate::pipeline::source::resolve;
 use crate::pipeline::{GenerateRequest, Pipeline};
 use crate::sample::noise::SeededNoise;
 use crate::sample::schedule::NoiseSchedule;
@@ -82,8 +83,9 @@ fn student_start(
     w_embed_dim: usize,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let dir = crate::pipeline::source::resolve(spec)?.dir.join("unet");
-    let weights = crate::model::weights::load_component(&dir, device)?;
+    let unet = resolve(spec)?.folder.unet;
+    let dir = &unet.dir;
+    let weights = unet.tensors(device)?;
     for (name, t) in teacher {
         match weights.get(name) {
             None => bail!("{} has no tensor {name}", dir.display()),
@@ -120,10 +122,9 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     // --dtype sets the frozen teacher's precision (U-Net and text encoder; the VAE stays f32), as
     // the reference script's weight_dtype; the student and its EMA target keep f32 weights.
     let (device, teacher_dtype) = c.runtime.resolve()?;
-    let teacher_src = crate::pipeline::source::resolve(&args.teacher).context("--teacher")?;
-    let teacher_dir = teacher_src.dir.as_path();
-    let pipe = Pipeline::load(teacher_dir, &device, teacher_dtype)
-        .with_context(|| format!("--teacher {}", teacher_dir.display()))?;
+    let teacher = resolve(&args.teacher).context("--teacher")?.folder;
+    let pipe = Pipeline::new(&teacher, &device, teacher_dtype)
+        .with_context(|| format!("--teacher {}", teacher.root.display()))?;
     let f = pipe.vae_scale_factor();
     let resolution = c
         .resolution
@@ -134,7 +135,6 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         "huber" => Some(args.huber_c),
         other => bail!("--loss {other:?}: expected l2 or huber"),
     };
-    let options = c.options(&DISTILL)?;
     let plan = c.plan(&DISTILL)?;
     let config = DistillConfig {
         ddim_steps: args.ddim_steps,
@@ -143,16 +143,11 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         w_embed_dim: args.w_embed_dim,
         ema: args.ema,
         huber_c: loss,
-        adamw: options.adamw,
-        warmup_steps: options.warmup_steps,
-        max_grad_norm: options.max_grad_norm,
-        grad_accum: options.grad_accum,
+        options: c.options(&DISTILL)?,
         batch_size: c.batch_size(&DISTILL)?,
-        seed: c.seed,
         timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
         lora_rank: args.lora_rank,
         noise_offset: args.noise_offset,
-        decay: options.decay,
         guidance_from: args.guidance_from,
         posterior_mean: args.posterior_mean,
     };
@@ -169,12 +164,11 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         &EncodeSpec {
             data: &c.data,
             resolution,
-            vae_dir: &teacher_dir.join("vae"),
-            vae: &pipe.vae,
-            tokenizer_dir: &teacher_dir.join("tokenizer"),
+            vae: (&teacher.vae, &pipe.vae),
+            tokenizer_dir: &teacher.tokenizer,
             tokenizer: &pipe.tokenizer,
             text_encoder: Some(TextEncoderRef {
-                dir: &teacher_dir.join("text_encoder"),
+                component: &teacher.text_encoder,
                 model: &pipe.text_encoder,
                 dtype: pipe.dtype,
             }),
@@ -194,7 +188,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         prompt_embeds,
         uncond_embeds,
     };
-    let teacher_weights = load_component(&teacher_dir.join("unet"), &device)?;
+    let teacher_weights = teacher.unet.tensors(&device)?;
     let student_init = match &args.init {
         Some(spec) => Cow::Owned(
             student_start(spec, &teacher_weights, args.w_embed_dim, &device)
@@ -221,7 +215,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     }
     if c.sample_every > 0 {
         // A second copy of the teacher pipeline whose U-Net is swapped for the student.
-        let mut sampler = Pipeline::load(teacher_dir, &device, DType::F32)?;
+        let mut sampler = Pipeline::new(&teacher, &device, DType::F32)?;
         let prompts: Vec<String> = encoded.captions.iter().take(4).cloned().collect();
         run.task.preview = Some(Box::new(move |weights, path| {
             sampler.unet = UNet2DConditionModel::new(
@@ -232,7 +226,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         }));
     }
     run.task.exporter = Some(Box::new(move |weights, out| {
-        export(weights, &export_config, teacher_dir, out)
+        export(weights, &export_config, &teacher, out)
     }));
     run.train(&plan)?;
     println!(
@@ -248,14 +242,17 @@ pub fn run(args: &DistillArgs) -> Result<()> {
 fn export(
     weights: &HashMap<String, Tensor>,
     config: &DistillConfig,
-    teacher_dir: &Path,
+    teacher: &ModelFolder,
     out: &Path,
 ) -> Result<()> {
-    for c in ["vae", "text_encoder", "tokenizer"] {
-        crate::files::copy_files(&teacher_dir.join(c), &out.join(c))?;
+    for (dir, name) in [
+        (&teacher.vae.dir, "vae"),
+        (&teacher.text_encoder.dir, "text_encoder"),
+        (&teacher.tokenizer, "tokenizer"),
+    ] {
+        crate::files::copy_files(dir, &out.join(name))?;
     }
-    let mut unet_cfg: serde_json::Value =
-        crate::model::config::read_json(&teacher_dir.join("unet/config.json"))?;
+    let mut unet_cfg = teacher.unet.config_json.clone();
     unet_cfg["time_cond_proj_dim"] = config.w_embed_dim.into();
     crate::files::write_atomic(
         &out.join("unet/config.json"),
@@ -265,8 +262,7 @@ fn export(
         weights,
         &out.join("unet/diffusion_pytorch_model.safetensors"),
     )?;
-    let t: serde_json::Value =
-        crate::model::config::read_json(&teacher_dir.join("scheduler/scheduler_config.json"))?;
+    let t = &teacher.scheduler_json;
     let sched = serde_json::json!({
         "_class_name": "LCMScheduler",
         "num_train_timesteps": t.get("num_train_timesteps").cloned().unwrap_or(1000.into()),

@@ -20,7 +20,6 @@ use super::student::Student;
 use crate::sample::denoiser::Denoiser;
 use crate::sample::noise::{NoiseSource, SeededNoise};
 use crate::sample::schedule::NoiseSchedule;
-use crate::train::optim::AdamWConfig;
 use crate::train::run::{Run, Task};
 use crate::train::state::{EmaDecay, Metrics, TrainOptions, TrainState};
 
@@ -33,24 +32,17 @@ pub struct DistillConfig {
     pub w_embed_dim: usize,
     pub ema: f64,
     pub huber_c: Option<f64>,
-    pub adamw: AdamWConfig,
-    pub warmup_steps: u64,
-    pub max_grad_norm: f64,
-    pub grad_accum: usize,
+    /// The optimiser's settings (flattened: the checkpointed settings keep their shape).
+    #[serde(flatten)]
+    pub options: TrainOptions,
     pub batch_size: usize,
-    pub seed: u64,
     pub timestep_scaling: f64,
     /// LCM-LoRA: the adapter rank (α = rank); None distils the whole U-Net with a w-embedding.
-    #[serde(default)]
     pub lora_rank: Option<usize>,
     /// Offset noise on the forward noising (see [`crate::sample::schedule::offset_noise`]); use the
     /// teacher's own training value. 0 = the reference script's plain ε.
     #[serde(default)]
     pub noise_offset: f64,
-    /// Linear learning-rate decay (from step, to step) down to a tenth of the rate, as
-    /// `lcm pretrain --decay-from`; None keeps it constant after the warm-up, as the reference.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decay: Option<(u64, u64)>,
     /// The teacher's CFG only at solver start timesteps ≥ this (see [`LcdConfig::guidance_from`]);
     /// 0 = everywhere, as the reference.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -77,7 +69,7 @@ impl DistillConfig {
         if !(0.0..=1.0).contains(&self.noise_offset) {
             bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
         }
-        self.train_options().check()
+        self.options.check()
     }
 }
 
@@ -91,16 +83,14 @@ impl Default for DistillConfig {
             w_embed_dim: 256,
             ema: 0.95,
             huber_c: None,
-            adamw: AdamWConfig::default(),
-            warmup_steps: 500,
-            max_grad_norm: 1.0,
-            grad_accum: 1,
+            options: TrainOptions {
+                warmup_steps: 500,
+                ..Default::default()
+            },
             batch_size: 8,
-            seed: 0,
             timestep_scaling: 10.0,
             lora_rank: None,
             noise_offset: 0.0,
-            decay: None,
             guidance_from: 0,
             posterior_mean: false,
         }
@@ -117,18 +107,6 @@ pub struct TrainData {
 }
 
 impl DistillConfig {
-    /// The shared loop's optimisation settings.
-    pub fn train_options(&self) -> TrainOptions {
-        TrainOptions {
-            adamw: self.adamw,
-            warmup_steps: self.warmup_steps,
-            decay: self.decay,
-            max_grad_norm: self.max_grad_norm,
-            grad_accum: self.grad_accum,
-            seed: self.seed,
-        }
-    }
-
     /// The student's guidance-embedding width: none for LCM-LoRA students.
     pub fn student_w_embed(&self) -> Option<usize> {
         self.lora_rank.is_none().then_some(self.w_embed_dim)
@@ -223,13 +201,13 @@ pub fn distillation<'t>(
         loss: config.huber_c.map_or(Loss::L2, |c| Loss::Huber { c }),
         guidance_from: config.guidance_from,
     };
-    let options = config.train_options();
+    let options = config.options;
     let (state, student, target, lora_base) = if let Some(rank) = config.lora_rank {
         let base: HashMap<String, Tensor> = student_init
             .iter()
             .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?.to_device(device)?)))
             .collect::<Result<_>>()?;
-        let adapters = crate::nn::lora::init(&base, rank, config.seed, device)?;
+        let adapters = crate::nn::lora::init(&base, rank, config.options.seed, device)?;
         let state = TrainState::new(adapters, options)?.with_groups("student", "target");
         // The adapters sit beside the frozen base layers (computed on the activations, see
         // crate::nn::Linear): the student sees the adapter variables, the target the same
@@ -249,7 +227,7 @@ pub fn distillation<'t>(
         let (s, t) = (with_adapters(false)?, with_adapters(true)?);
         (state, s, t, Some(base))
     } else {
-        let init = student_weights_from(spec.as_ref(), student_init, config.seed, device)?;
+        let init = student_weights_from(spec.as_ref(), student_init, config.options.seed, device)?;
         let state = TrainState::new(init, options)?
             .with_ema(EmaDecay::Fixed(config.ema))?
             .with_groups("student", "target");

@@ -40,7 +40,6 @@ pub struct EvaluatorConfig {
     pub heldout_accuracy: BTreeMap<String, f64>,
     /// FID between the held-out features and the same number of training images' features: the
     /// floor a perfect generator would reach at that sample size.
-    #[serde(default)]
     pub real_fid: Option<f64>,
 }
 

@@ -42,7 +42,6 @@ pub struct EvalPrompt {
     pub text: String,
     /// The image category the prompt came from ("shape" for the shapes set, whose attributes are
     /// read from the text; an emoji category otherwise).
-    #[serde(default)]
     pub category: Option<String>,
 }
 

@@ -39,20 +39,9 @@ pub fn parse_prompt(prompt: &str) -> PromptAttrs {
         }
     }
     let has = |w: &str| words.contains(&w);
-    let vert = if has("top") {
-        Some("top")
-    } else if has("bottom") {
-        Some("bottom")
-    } else {
-        None
-    };
-    let horiz = if has("left") {
-        Some("left")
-    } else if has("right") {
-        Some("right")
-    } else {
-        None
-    };
+    // The first of two opposite words the prompt has.
+    let either = |a: &'static str, b: &'static str| [a, b].into_iter().find(|w| has(w));
+    let (vert, horiz) = (either("top", "bottom"), either("left", "right"));
     out.position = match (vert, horiz) {
         (Some(v), Some(h)) => Some(format!("{v} {h}")),
         (Some(v), None) => Some(v.to_string()),

@@ -11,17 +11,10 @@ use super::evaluator::{default_evaluator, Evaluator};
 /// `lcm eval`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// A pipeline name, folder or hub id (default: the shipped model).
-    #[arg(long)]
-    pub model: Option<String>,
-    #[arg(long, value_parser = crate::sample::sampler::parse_flag)]
-    pub sampler: Option<crate::sample::sampler::SamplerKind>,
-    #[arg(long)]
-    pub steps: Option<usize>,
-    #[arg(long)]
-    pub guidance: Option<f64>,
-    #[arg(long)]
-    pub tcd_gamma: Option<f64>,
+    #[command(flatten)]
+    pub model: crate::pipeline::args::ModelArgs,
+    #[command(flatten)]
+    pub sampling: crate::pipeline::args::SamplingArgs,
     /// Number of images: the first K evaluation prompts, one seed each (seed + i).
     #[arg(long, default_value_t = 200)]
     pub samples: usize,
@@ -45,7 +38,7 @@ pub struct EvalArgs {
 
 /// `lcm eval`: generate `--samples` images for the evaluation prompts and score them.
 pub fn run(args: &EvalArgs) -> Result<()> {
-    use crate::pipeline::{GenerateRequest, Pipeline};
+    use crate::pipeline::GenerateRequest;
     use crate::sample::noise::{NoiseSource, SeededNoise};
 
     if args.samples < 2 {
@@ -64,21 +57,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         )
     }
     let (device, dtype) = args.runtime.resolve()?;
-    let (resolved, pipe) = Pipeline::open(args.model.as_deref(), &device, dtype)?;
+    let (resolved, pipe) = args.model.open(&device, dtype)?;
     let prompts = &evaluator.prompts[..args.samples];
     let reqs: Vec<GenerateRequest> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| GenerateRequest {
-            prompt: p.text.clone(),
-            sampler: args.sampler,
-            steps: args.steps,
-            guidance: args.guidance,
-            tcd_gamma: args.tcd_gamma,
-            n: 1,
-            seed: args.seed + i as u64,
-            ..Default::default()
-        })
+        .map(|(i, p)| args.sampling.request(&p.text, args.seed + i as u64))
         .collect();
     let settings = pipe.resolve(&reqs[0], &resolved.defaults)?;
     let bar = indicatif::ProgressBar::new(reqs.len() as u64);

@@ -9,7 +9,9 @@
 //! composite path's n² score, exp, sum and probability tensors (≈ 800 MB for the tiny test U-Net
 //! at batch 8, most of its graph).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
+
+use super::{apply, matmul, Grads, Input, Kernel};
 use rayon::prelude::*;
 
 /// Query rows per work item: 32 rows × 4096 keys × 4 B = 512 KB of scores, about one L2.
@@ -22,49 +24,26 @@ struct FusedAttention {
 /// `softmax(q·kᵀ·scale)·v` for contiguous f32 CPU tensors `[bh, nq, d]`, `[bh, nk, d]`, `[bh, nk, dv]`.
 /// Differentiable when any input is tracked.
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    if q.track_op() || k.track_op() || v.track_op() {
-        q.apply_op3(&k, &v, FusedAttention { scale })
-    } else {
-        q.apply_op3_no_bwd(&k, &v, &FusedAttention { scale })
-    }
+    apply(FusedAttention { scale }, &[q, k, v])
 }
 
-impl CustomOp3 for FusedAttention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
+impl Kernel for FusedAttention {
+    const NAME: &'static str = "fused-attention";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (bh, nq, d) = l1.shape().dims3()?;
-        let (bh_k, nk, d_k) = l2.shape().dims3()?;
-        let (bh_v, nk_v, dv) = l3.shape().dims3()?;
+    fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
+        let [q, k, v] = super::arity(Self::NAME, inputs)?;
+        let (bh, nq, d) = q.shape.dims3()?;
+        let (bh_k, nk, d_k) = k.shape.dims3()?;
+        let (bh_v, nk_v, dv) = v.shape.dims3()?;
         if bh != bh_k || bh != bh_v || d != d_k || nk != nk_v {
             candle_core::bail!(
                 "fused attention: q {:?}, k {:?}, v {:?} do not fit",
-                l1.shape(),
-                l2.shape(),
-                l3.shape()
+                q.shape,
+                k.shape,
+                v.shape
             )
         }
-        fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-            match s {
-                CpuStorage::F32(v) => match l.contiguous_offsets() {
-                    Some((a, b)) => Ok(&v[a..b]),
-                    None => candle_core::bail!("fused attention needs contiguous inputs"),
-                },
-                _ => candle_core::bail!("fused attention supports f32 only"),
-            }
-        }
-        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (q, k, v) = (q.data, k.data, v.data);
         let mut out = vec![0f32; bh * nq * dv];
         let scale = self.scale;
         out.par_chunks_mut(nq * dv)
@@ -82,17 +61,11 @@ impl CustomOp3 for FusedAttention {
                         attend_block(q_b, k_h, v_h, out_b, rows, nk, d, dv, scale);
                     });
             });
-        Ok((CpuStorage::F32(out), Shape::from((bh, nq, dv))))
+        Ok((out, Shape::from((bh, nq, dv))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _out: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, i: &[&Tensor], _out: &Tensor, grad_out: &Tensor) -> Grads {
+        let [q, k, v] = super::arity(Self::NAME, i)?;
         let (bh, nq, d) = q.dims3()?;
         let (_, nk, dv) = v.dims3()?;
         let flat = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
@@ -120,11 +93,11 @@ impl CustomOp3 for FusedAttention {
                 heads.run(dq_h, dk_h, dv_h);
             });
         let dev = q.device();
-        Ok((
+        Ok(vec![
             Some(Tensor::from_vec(dq, (bh, nq, d), dev)?),
             Some(Tensor::from_vec(dk, (bh, nk, d), dev)?),
             Some(Tensor::from_vec(dvs, (bh, nk, dv), dev)?),
-        ))
+        ])
     }
 }
 
@@ -154,10 +127,8 @@ impl HeadGrads<'_> {
             let g_b = &self.g[start * dvd..(start + rows) * dvd];
             let (p, dp) = (&mut p[..rows * nk], &mut dp[..rows * nk]);
             // P: scores, then the softmax in place.
-            mm(
-                rows,
-                nk,
-                d,
+            matmul(
+                (rows, nk, d),
                 p,
                 (nk, 1),
                 false,
@@ -166,16 +137,15 @@ impl HeadGrads<'_> {
                 self.k,
                 (1, d),
                 1.0,
+                false,
             );
             for row in p.chunks_mut(nk) {
                 let inv = 1.0 / softmax_numerator(row, self.scale);
                 row.iter_mut().for_each(|x| *x *= inv);
             }
             // dv += Pᵀ·g
-            mm(
-                nk,
-                dvd,
-                rows,
+            matmul(
+                (nk, dvd, rows),
                 dv,
                 (dvd, 1),
                 true,
@@ -184,12 +154,11 @@ impl HeadGrads<'_> {
                 g_b,
                 (dvd, 1),
                 1.0,
+                false,
             );
             // dP = g·vᵀ, then dS in place.
-            mm(
-                rows,
-                nk,
-                dvd,
+            matmul(
+                (rows, nk, dvd),
                 dp,
                 (nk, 1),
                 false,
@@ -198,6 +167,7 @@ impl HeadGrads<'_> {
                 self.v,
                 (1, dvd),
                 1.0,
+                false,
             );
             for (prow, dprow) in p.chunks(nk).zip(dp.chunks_mut(nk)) {
                 let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
@@ -206,10 +176,8 @@ impl HeadGrads<'_> {
                 }
             }
             let dq_b = &mut dq[start * d..(start + rows) * d];
-            mm(
-                rows,
-                d,
-                nk,
+            matmul(
+                (rows, d, nk),
                 dq_b,
                 (d, 1),
                 false,
@@ -218,11 +186,10 @@ impl HeadGrads<'_> {
                 self.k,
                 (d, 1),
                 self.scale,
+                false,
             );
-            mm(
-                nk,
-                d,
-                rows,
+            matmul(
+                (nk, d, rows),
                 dk,
                 (d, 1),
                 true,
@@ -231,60 +198,9 @@ impl HeadGrads<'_> {
                 q_b,
                 (d, 1),
                 self.scale,
+                false,
             );
         }
-    }
-}
-
-/// dst (m×n) = [dst +] alpha · lhs (m×k) · rhs (k×n), single-threaded; each matrix given with its
-/// (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    alpha: f32,
-) {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(dst.len() >= extent(m, n, dst_rs, dst_cs));
-    assert!(lhs.len() >= extent(m, k, lhs_rs, lhs_cs));
-    assert!(rhs.len() >= extent(k, n, rhs_rs, rhs_cs));
-    // SAFETY: the asserts above bound every element the strides can address.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 
@@ -307,59 +223,35 @@ fn attend_block(
     SCORES.with(|buf| {
         let mut s = buf.borrow_mut();
         s.resize(rows * nk, 0.0);
-        // SAFETY: every pointer/stride pair below addresses a slice of exactly the stated
-        // rows × columns: q_b (rows × d), kᵀ (d × nk, read from k's nk × d rows), s (rows × nk),
-        // v (nk × dv) and out (rows × dv).
-        unsafe {
-            gemm::gemm(
-                rows,
-                nk,
-                d,
-                s.as_mut_ptr(),
-                1,
-                nk as isize,
-                false,
-                q.as_ptr(),
-                1,
-                d as isize,
-                k.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // Scores s = q_b·kᵀ (kᵀ read from k's nk × d rows).
+        matmul(
+            (rows, nk, d),
+            &mut s[..],
+            (nk, 1),
+            false,
+            q,
+            (d, 1),
+            k,
+            (1, d),
+            1.0,
+            false,
+        );
         let mut sums = vec![0f32; rows];
         for (row, sum) in s.chunks_mut(nk).zip(sums.iter_mut()) {
             *sum = softmax_numerator(row, scale);
         }
-        unsafe {
-            gemm::gemm(
-                rows,
-                dv,
-                nk,
-                out.as_mut_ptr(),
-                1,
-                dv as isize,
-                false,
-                s.as_ptr(),
-                1,
-                nk as isize,
-                v.as_ptr(),
-                1,
-                dv as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        matmul(
+            (rows, dv, nk),
+            out,
+            (dv, 1),
+            false,
+            &s[..],
+            (nk, 1),
+            v,
+            (dv, 1),
+            1.0,
+            false,
+        );
         for (o, sum) in out.chunks_mut(dv).zip(&sums) {
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|x| *x *= inv);
@@ -443,18 +335,12 @@ mod tests {
             let q = candle_core::Var::randn(0f32, 1.0, (bh, nq, d), &dev)?;
             let k = candle_core::Var::randn(0f32, 1.0, (bh, nk, d), &dev)?;
             let v = candle_core::Var::randn(0f32, 1.0, (bh, nk, dv), &dev)?;
-            let r = Tensor::randn(0f32, 1.0, (bh, nq, dv), &dev)?;
             let scale = 1.0 / (d as f32).sqrt();
             let fused = fused_attention(&q, &k, &v, scale)?;
-            let gf = (&fused * &r)?.sum_all()?.backward()?;
             let scores = (q.matmul(&k.t()?)? * scale as f64)?;
             let plain = candle_nn::ops::softmax(&scores, 2)?.matmul(&v)?;
-            let gp = (&plain * &r)?.sum_all()?.backward()?;
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let a = gf.get(var).expect("fused grad");
-                let b = gp.get(var).expect("plain grad");
-                let diff = crate::kernels::max_abs_diff(a, b)?;
-                let mag = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            let vars = [("q", &q), ("k", &k), ("v", &v)];
+            for (name, diff, mag) in crate::kernels::grad_diffs(&vars, fused, plain)? {
                 assert!(
                     diff < 1e-5 * mag.max(1.0),
                     "d{name}: {diff} (max |grad| {mag})"

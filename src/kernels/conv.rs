@@ -9,7 +9,9 @@
 //! kernel, and each tap's weight gradient is one gemm of the (padded-width) output gradient with
 //! the shifted input (candle's own conv backward took ~10× longer at training sizes).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
+
+use super::{apply, apply_no_bwd, matmul, Grads, Input, Kernel};
 
 thread_local! {
     /// Reused working buffers: fresh multi-megabyte allocations every layer cost page faults
@@ -25,12 +27,7 @@ struct ShiftedGemmConv {
 /// `x` `[b, c_in, h, w]` ⊛ `w` `[c_out, c_in, kh, kw]`, stride 1, zero padding `padding`, f32 CPU.
 /// Differentiable when either input is tracked (then `padding` must be below the kernel size).
 pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    if x.track_op() || w.track_op() {
-        x.apply_op2(&w, ShiftedGemmConv { padding })
-    } else {
-        x.apply_op2_no_bwd(&w, &ShiftedGemmConv { padding })
-    }
+    apply(ShiftedGemmConv { padding }, &[x, w])
 }
 
 /// `t` reversed along `dim`.
@@ -78,32 +75,20 @@ fn conv_weight_grad(
             let (dy, dx) = (tap / kw, tap % kw);
             let mut d = vec![0f32; c_out * c_in];
             for bi in 0..b {
-                // SAFETY: lhs is gp_b (c_out × l); rhs element (j, i) is
-                // xp_b[i·hp·wp + dy·wp + dx + j] for j < l = ho·wp, i < c_in, which stays below
-                // c_in·hp·wp + kw; dst is c_out × c_in.
-                unsafe {
-                    gemm::gemm(
-                        c_out,
-                        c_in,
-                        l,
-                        d.as_mut_ptr(),
-                        1,
-                        c_in as isize,
-                        bi > 0,
-                        gp.as_ptr().add(bi * c_out * l),
-                        1,
-                        l as isize,
-                        xp.as_ptr().add(bi * xsz + dy * wp + dx),
-                        (hp * wp) as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                // lhs is gp_b (c_out × l); rhs element (j, i) is xp_b[i·hp·wp + dy·wp + dx + j]
+                // for j < l = ho·wp, i < c_in, below c_in·hp·wp + kw; dst is c_out × c_in.
+                matmul(
+                    (c_out, c_in, l),
+                    &mut d,
+                    (c_in, 1),
+                    bi > 0,
+                    &gp[bi * c_out * l..],
+                    (l, 1),
+                    &xp[bi * xsz + dy * wp + dx..],
+                    (1, hp * wp),
+                    1.0,
+                    false,
+                );
             }
             d
         })
@@ -117,34 +102,22 @@ fn conv_weight_grad(
     dw
 }
 
-impl CustomOp2 for ShiftedGemmConv {
-    fn name(&self) -> &'static str {
-        "shifted-gemm-conv2d"
-    }
+impl Kernel for ShiftedGemmConv {
+    const NAME: &'static str = "shifted-gemm-conv2d";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (b, c_in, h, w) = l1.shape().dims4()?;
-        let (c_out, c_in_k, kh, kw) = l2.shape().dims4()?;
+    fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
+        let [x, k] = super::arity(Self::NAME, inputs)?;
+        let (b, c_in, h, w) = x.shape.dims4()?;
+        let (c_out, c_in_k, kh, kw) = k.shape.dims4()?;
         let p = self.padding;
         if c_in != c_in_k || h + 2 * p < kh || w + 2 * p < kw {
             candle_core::bail!(
                 "conv2d: input {:?} and kernel {:?} do not fit",
-                l1.shape(),
-                l2.shape()
+                x.shape,
+                k.shape
             )
         }
-        let (x, k) = match (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), CpuStorage::F32(k), Some((a, b_)), Some((c, d))) => {
-                (&x[a..b_], &k[c..d])
-            }
-            _ => candle_core::bail!("conv2d fast path needs contiguous f32 inputs"),
-        };
+        let (x, k) = (x.data, k.data);
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         let (ho, wo) = (hp - kh + 1, wp - kw + 1);
         let n = ho * wp;
@@ -168,32 +141,21 @@ impl CustomOp2 for ShiftedGemmConv {
                 for dy in 0..kh {
                     for dx in 0..kw {
                         let tap = dy * kw + dx;
-                        // SAFETY: lhs reads k[o·c_in·kh·kw + c·kh·kw + tap] for o < c_out, c < c_in;
+                        // lhs reads k[o·c_in·kh·kw + c·kh·kw + tap] for o < c_out, c < c_in;
                         // rhs reads xp[c·hp·wp + j + dy·wp + dx] for j < ho·wp, which is below
-                        // c_in·hp·wp + kw (the slack); dst is c_out × n.
-                        unsafe {
-                            gemm::gemm(
-                                c_out,
-                                n,
-                                c_in,
-                                acc.as_mut_ptr(),
-                                1,
-                                n as isize,
-                                tap > 0,
-                                k.as_ptr().add(tap),
-                                (kh * kw) as isize,
-                                (c_in * kh * kw) as isize,
-                                xp.as_ptr().add(dy * wp + dx),
-                                1,
-                                (hp * wp) as isize,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::Rayon(0),
-                            );
-                        }
+                        // c_in·hp·wp + kw (the slack).
+                        matmul(
+                            (c_out, n, c_in),
+                            &mut acc[..],
+                            (n, 1),
+                            tap > 0,
+                            &k[tap..],
+                            (c_in * kh * kw, kh * kw),
+                            &xp[dy * wp + dx..],
+                            (hp * wp, 1),
+                            1.0,
+                            true,
+                        );
                     }
                 }
                 let ob = &mut out[bi * c_out * ho * wo..(bi + 1) * c_out * ho * wo];
@@ -205,16 +167,11 @@ impl CustomOp2 for ShiftedGemmConv {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, c_out, ho, wo))))
+        Ok((out, Shape::from((b, c_out, ho, wo))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, i: &[&Tensor], _out: &Tensor, grad: &Tensor) -> Grads {
+        let [x, w] = super::arity(Self::NAME, i)?;
         let (b, c_in, h, wd) = x.dims4()?;
         let (c_out, _, kh, kw) = w.dims4()?;
         let p = self.padding;
@@ -242,7 +199,7 @@ impl CustomOp2 for ShiftedGemmConv {
         } else {
             None
         };
-        Ok((dx, dw))
+        Ok(vec![dx, dw])
     }
 }
 
@@ -281,18 +238,11 @@ mod tests {
         ] {
             let x = candle_core::Var::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
             let wt = candle_core::Var::randn(0f32, 1.0, (co, ci, k, k), &dev)?;
-            let r = Tensor::randn(
-                0f32,
-                1.0,
-                (b, co, h + 2 * p - k + 1, w + 2 * p - k + 1),
-                &dev,
-            )?;
-            let ours = (conv2d_stride1(&x, &wt, p)? * &r)?.sum_all()?.backward()?;
-            let theirs = (x.conv2d(&wt, p, 1, 1, 1)? * &r)?.sum_all()?.backward()?;
-            for (name, v) in [("x", &x), ("w", &wt)] {
-                let a = ours.get(v).expect("our grad");
-                let e = theirs.get(v).expect("candle grad");
-                let diff = crate::kernels::max_abs_diff(a, e)?;
+            let ours = conv2d_stride1(&x, &wt, p)?;
+            let theirs = x.conv2d(&wt, p, 1, 1, 1)?;
+            for (name, diff, _) in
+                crate::kernels::grad_diffs(&[("x", &x), ("w", &wt)], ours, theirs)?
+            {
                 assert!(diff < 1e-3, "d{name} differs by {diff} (k {k}, p {p})");
             }
         }
@@ -359,8 +309,7 @@ struct Winograd<'a> {
 
 /// `x` `[b, c_in, h, w]` ⊛ the kernel, stride 1, zero padding `padding`, f32 CPU.
 pub fn conv3x3_winograd(x: &Tensor, kernel: &WinogradKernel, padding: usize) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op1_no_bwd(&Winograd { kernel, padding })
+    apply_no_bwd(&Winograd { kernel, padding }, &[&x.contiguous()?])
 }
 
 #[derive(Clone, Copy)]
@@ -376,27 +325,20 @@ impl OutPtr {
     }
 }
 
-impl candle_core::CustomOp1 for Winograd<'_> {
-    fn name(&self) -> &'static str {
-        "winograd-conv3x3"
-    }
+impl Kernel for Winograd<'_> {
+    const NAME: &'static str = "winograd-conv3x3";
 
     // The transforms index 4×4 tiles by (row, column) as the formulas are written.
     #[allow(clippy::needless_range_loop)]
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
         use rayon::prelude::*;
-        let (b, c_in, h, w) = l.shape().dims4()?;
+        let [x] = super::arity(Self::NAME, inputs)?;
+        let (b, c_in, h, w) = x.shape.dims4()?;
         let (k_out, p) = (self.kernel.c_out, self.padding);
         if c_in != self.kernel.c_in || h + 2 * p < 3 || w + 2 * p < 3 {
-            candle_core::bail!(
-                "winograd conv: input {:?} does not fit the kernel",
-                l.shape()
-            )
+            candle_core::bail!("winograd conv: input {:?} does not fit the kernel", x.shape)
         }
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, e))) => &v[a..e],
-            _ => candle_core::bail!("winograd conv needs a contiguous f32 input"),
-        };
+        let x = x.data;
         let (ho, wo) = (h + 2 * p - 2, w + 2 * p - 2);
         let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
         let band = (512 / tw).max(1);
@@ -457,30 +399,19 @@ impl candle_core::CustomOp1 for Winograd<'_> {
                 }
                 // 16 independent products M[ξ] = U[ξ] · V[ξ].
                 for xi in 0..16 {
-                    // SAFETY: u[ξ] is k_out × c_in, v[ξ] is c_in × n, m[ξ] is k_out × n, all row-major.
-                    unsafe {
-                        gemm::gemm(
-                            k_out,
-                            n,
-                            c_in,
-                            m.as_mut_ptr().add(xi * k_out * n),
-                            1,
-                            n as isize,
-                            false,
-                            u.as_ptr().add(xi * k_out * c_in),
-                            1,
-                            c_in as isize,
-                            v.as_ptr().add(xi * c_in * n),
-                            1,
-                            n as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    // u[ξ] is k_out × c_in, v[ξ] is c_in × n, m[ξ] is k_out × n, all row-major.
+                    matmul(
+                        (k_out, n, c_in),
+                        &mut m[xi * k_out * n..],
+                        (n, 1),
+                        false,
+                        &u[xi * k_out * c_in..],
+                        (c_in, 1),
+                        &v[xi * c_in * n..],
+                        (n, 1),
+                        1.0,
+                        false,
+                    );
                 }
                 // Output transform Aᵀ·m·A → 2×2 outputs per tile.
                 for o in 0..k_out {
@@ -513,7 +444,7 @@ impl candle_core::CustomOp1 for Winograd<'_> {
                 }
             });
         });
-        Ok((CpuStorage::F32(out), Shape::from((b, k_out, ho, wo))))
+        Ok((out, Shape::from((b, k_out, ho, wo))))
     }
 }
 
@@ -552,33 +483,16 @@ struct ChannelBias;
 /// `x` `[b, c, …]` + `bias` `[c]` on the CPU in f32, with a backward that sums the gradient per
 /// channel in one pass (candle's broadcast backward reduces over strided dims slowly).
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (x, bias) = (x.contiguous()?, bias.contiguous()?);
-    if x.track_op() || bias.track_op() {
-        x.apply_op2(&bias, ChannelBias)
-    } else {
-        x.apply_op2_no_bwd(&bias, &ChannelBias)
-    }
+    apply(ChannelBias, &[x, bias])
 }
 
-impl CustomOp2 for ChannelBias {
-    fn name(&self) -> &'static str {
-        "channel-bias"
-    }
+impl Kernel for ChannelBias {
+    const NAME: &'static str = "channel-bias";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = l1.shape().dims();
-        let (x, b) = match (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), CpuStorage::F32(b), Some((p, q)), Some((r, t))) => {
-                (&x[p..q], &b[r..t])
-            }
-            _ => candle_core::bail!("channel bias needs contiguous f32 inputs"),
-        };
+    fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
+        let [x, b] = super::arity(Self::NAME, inputs)?;
+        let (d, shape) = (x.shape.dims(), x.shape.clone());
+        let (x, b) = (x.data, b.data);
         if d.len() < 2 || b.len() != d[1] {
             candle_core::bail!("channel bias: input {d:?}, bias of {}", b.len())
         }
@@ -588,16 +502,11 @@ impl CustomOp2 for ChannelBias {
             let v = b[i % d[1]];
             chunk.iter_mut().for_each(|y| *y += v);
         }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, shape))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _bias: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, i: &[&Tensor], _out: &Tensor, grad: &Tensor) -> Grads {
+        let x = i[0];
         let d = x.dims();
         let (c, s) = (d[1], d[2..].iter().product::<usize>());
         let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -606,10 +515,10 @@ impl CustomOp2 for ChannelBias {
             db[i % c] += chunk.iter().map(|&v| v as f64).sum::<f64>();
         }
         let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
-        Ok((
+        Ok(vec![
             Some(grad.clone()),
             Some(Tensor::from_vec(db, c, x.device())?),
-        ))
+        ])
     }
 }
 
@@ -623,16 +532,11 @@ mod bias_tests {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
         let b = Var::randn(0f32, 1.0, 3, &dev)?;
-        let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
         let ours = add_channel_bias(&x, &b)?;
         let reference = x.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
         assert_eq!(crate::kernels::max_abs_diff(&ours, &reference)?, 0.0);
-        let ga = (ours * &r)?.sum_all()?.backward()?;
-        let gb = (reference * &r)?.sum_all()?.backward()?;
-        for v in [&x, &b] {
-            let d =
-                crate::kernels::max_abs_diff(ga.get(v).expect("ours"), gb.get(v).expect("ref"))?;
-            assert!(d < 1e-5, "{d}");
+        for (name, d, _) in crate::kernels::grad_diffs(&[("x", &x), ("b", &b)], ours, reference)? {
+            assert!(d < 1e-5, "d{name}: {d}");
         }
         Ok(())
     }

@@ -3,9 +3,10 @@
 //! reduces over strided dimensions slowly (≈ 20 % of a VAE training step measured). Statistics are
 //! accumulated in f64.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{apply, Grads, Input, Kernel};
 struct GroupNormOp {
     groups: usize,
     eps: f64,
@@ -20,20 +21,7 @@ pub fn group_norm(
     groups: usize,
     eps: f64,
 ) -> Result<Tensor> {
-    let op = GroupNormOp { groups, eps };
-    let (x, w, b) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
-    if x.track_op() || w.track_op() || b.track_op() {
-        x.apply_op3(&w, &b, op)
-    } else {
-        x.apply_op3_no_bwd(&w, &b, &op)
-    }
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("group norm needs contiguous f32 inputs"),
-    }
+    apply(GroupNormOp { groups, eps }, &[x, weight, bias])
 }
 
 impl GroupNormOp {
@@ -55,22 +43,14 @@ impl GroupNormOp {
     }
 }
 
-impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "group-norm"
-    }
+impl Kernel for GroupNormOp {
+    const NAME: &'static str = "group-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, s) = self.dims(l1.shape())?;
-        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+    fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
+        let [x, w, b] = super::arity(Self::NAME, inputs)?;
+        let (_, c, s) = self.dims(x.shape)?;
+        let shape = x.shape.clone();
+        let (x, w, b) = (x.data, w.data, b.data);
         if w.len() != c || b.len() != c {
             candle_core::bail!(
                 "group norm: {c} channels but weight {} and bias {}",
@@ -94,17 +74,11 @@ impl CustomOp3 for GroupNormOp {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, shape))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, i: &[&Tensor], _out: &Tensor, grad: &Tensor) -> Grads {
+        let (x, w) = (i[0], i[1]);
         let (_, c, s) = self.dims(x.shape())?;
         let cg = c / self.groups;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -156,11 +130,11 @@ impl CustomOp3 for GroupNormOp {
             }
         }
         let dev = x.device();
-        Ok((
+        Ok(vec![
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dgamma, c, dev)?),
             Some(Tensor::from_vec(dbeta, c, dev)?),
-        ))
+        ])
     }
 }
 

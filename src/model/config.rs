@@ -68,14 +68,11 @@ pub struct UNetConfig {
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default)]
     pub mid_block_type: Option<String>,
     #[serde(default = "two_per_block")]
     pub layers_per_block: PerBlock,
     /// SD1.5 naming: when `num_attention_heads` is absent this is the number of heads.
-    #[serde(default)]
     pub attention_head_dim: Option<PerBlock>,
-    #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
     pub cross_attention_dim: usize,
     #[serde(default = "thirty_two")]
@@ -87,7 +84,6 @@ pub struct UNetConfig {
     #[serde(default)]
     pub freq_shift: f64,
     /// The LCM guidance-embedding width (`time_embedding.cond_proj`).
-    #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
     pub use_linear_projection: bool,
@@ -101,29 +97,18 @@ pub struct UNetConfig {
     pub conv_in_kernel: usize,
     #[serde(default = "three")]
     pub conv_out_kernel: usize,
-    #[serde(default)]
     pub time_embedding_dim: Option<usize>,
     #[serde(default = "silu")]
     pub act_fn: String,
-    #[serde(default)]
     pub sample_size: Option<usize>,
-    #[serde(default)]
     pub only_cross_attention: Option<serde_json::Value>,
-    #[serde(default)]
     pub dual_cross_attention: Option<bool>,
-    #[serde(default)]
     pub class_embed_type: Option<String>,
-    #[serde(default)]
     pub addition_embed_type: Option<String>,
-    #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
-    #[serde(default)]
     pub time_embedding_type: Option<String>,
-    #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
-    #[serde(default)]
     pub attention_type: Option<String>,
-    #[serde(default)]
     pub num_class_embeds: Option<usize>,
     #[serde(default)]
     pub center_input_sample: bool,
@@ -267,7 +252,6 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "sd_scaling")]
     pub scaling_factor: f64,
-    #[serde(default)]
     pub shift_factor: Option<f64>,
     #[serde(default = "t")]
     pub use_quant_conv: bool,
@@ -277,7 +261,6 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
     #[serde(default = "silu")]
     pub act_fn: String,
-    #[serde(default)]
     pub sample_size: Option<usize>,
 }
 
@@ -357,60 +340,44 @@ impl ClipTextConfig {
 /// schedule and the few knobs the LCM/TCD/DDIM samplers read; the class name picks the default
 /// sampler.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SchedulerConfig {
-    #[serde(rename = "_class_name", default)]
+    #[serde(rename = "_class_name")]
     pub class_name: Option<String>,
-    #[serde(default = "thousand")]
     pub num_train_timesteps: usize,
-    #[serde(default = "beta_start")]
     pub beta_start: f64,
-    #[serde(default = "beta_end")]
     pub beta_end: f64,
-    #[serde(default = "scaled_linear")]
     pub beta_schedule: String,
-    #[serde(default)]
     pub set_alpha_to_one: Option<bool>,
-    #[serde(default)]
     pub steps_offset: usize,
-    #[serde(default = "epsilon")]
     pub prediction_type: String,
-    #[serde(default = "leading")]
     pub timestep_spacing: String,
-    #[serde(default)]
     pub original_inference_steps: Option<usize>,
-    #[serde(default)]
     pub timestep_scaling: Option<f64>,
-    #[serde(default)]
     pub clip_sample: bool,
-    #[serde(default)]
     pub thresholding: bool,
-    #[serde(default)]
     pub rescale_betas_zero_snr: bool,
 }
 
-fn thousand() -> usize {
-    1000
-}
-fn beta_start() -> f64 {
-    0.00085
-}
-fn beta_end() -> f64 {
-    0.012
-}
-fn scaled_linear() -> String {
-    "scaled_linear".into()
-}
-fn epsilon() -> String {
-    "epsilon".into()
-}
-fn leading() -> String {
-    "leading".into()
-}
-
 impl Default for SchedulerConfig {
-    /// SD1.5's DDPM schedule as LCM checkpoints ship it.
+    /// What a missing field means: SD1.5's DDPM schedule as LCM checkpoints ship it.
     fn default() -> Self {
-        serde_json::from_str("{}").expect("defaults parse")
+        Self {
+            class_name: None,
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            set_alpha_to_one: None,
+            steps_offset: 0,
+            prediction_type: "epsilon".into(),
+            timestep_spacing: "leading".into(),
+            original_inference_steps: None,
+            timestep_scaling: None,
+            clip_sample: false,
+            thresholding: false,
+            rescale_betas_zero_snr: false,
+        }
     }
 }
 
@@ -458,7 +425,6 @@ impl SchedulerConfig {
 pub struct ModelIndex {
     #[serde(rename = "_class_name")]
     pub class_name: String,
-    #[serde(default)]
     pub scheduler: Option<(Option<String>, Option<String>)>,
 }
 

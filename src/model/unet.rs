@@ -189,6 +189,34 @@ struct Level {
 }
 
 impl Level {
+    /// `n` resnets (the j-th taking `c_in(j)` channels, all giving `out_c`), each followed by a
+    /// transformer with `attn` = (heads, layers) when the level has cross-attention.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        n: usize,
+        c_in: impl Fn(usize) -> usize,
+        out_c: usize,
+        attn: Option<(usize, usize)>,
+        spec: &dyn Fn(usize, usize, f64) -> ResnetSpec,
+        cfg: &UNetConfig,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let mut level = Level {
+            resnets: vec![],
+            attentions: vec![],
+        };
+        for j in 0..n {
+            let r = ResnetBlock2D::new(&spec(c_in(j), out_c, 1.0), vb.pp("resnets").pp(j))?;
+            level.resnets.push(r);
+            if let Some((heads, layers)) = attn {
+                let vb_a = vb.pp("attentions").pp(j);
+                let a = SpatialTransformer::new(out_c, heads, layers, cfg, vb_a)?;
+                level.attentions.push(a);
+            }
+        }
+        Ok(level)
+    }
+
     fn step(&self, j: usize, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let xs = self.resnets[j].forward(xs, Some(temb))?;
         match self.attentions.get(j) {
@@ -259,26 +287,9 @@ impl UNet2DConditionModel {
             out_c = ch[i];
             let vb_b = vb.pp("down_blocks").pp(i);
             let cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
-            let mut level = Level {
-                resnets: vec![],
-                attentions: vec![],
-            };
-            for j in 0..layers[i] {
-                let c_in = if j == 0 { in_c } else { out_c };
-                level.resnets.push(ResnetBlock2D::new(
-                    &spec(c_in, out_c, 1.0),
-                    vb_b.pp("resnets").pp(j),
-                )?);
-                if cross {
-                    level.attentions.push(SpatialTransformer::new(
-                        out_c,
-                        heads[i],
-                        t_layers[i],
-                        cfg,
-                        vb_b.pp("attentions").pp(j),
-                    )?);
-                }
-            }
+            let attn = cross.then_some((heads[i], t_layers[i]));
+            let c_in = |j: usize| if j == 0 { in_c } else { out_c };
+            let level = Level::new(layers[i], c_in, out_c, attn, &spec, cfg, &vb_b)?;
             let downsample = if i + 1 < n {
                 let p = cfg.downsample_padding;
                 Some(Downsample2D::new(out_c, p, vb_b.pp("downsamplers").pp(0))?)
@@ -318,27 +329,13 @@ impl UNet2DConditionModel {
             let vb_b = vb.pp("up_blocks").pp(i);
             let cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
             let num = rev_layers[i] + 1;
-            let mut level = Level {
-                resnets: vec![],
-                attentions: vec![],
-            };
-            for j in 0..num {
+            let attn = cross.then_some((rev_heads[i], rev_t_layers[i]));
+            // Each resnet also takes a skip connection: the last one the level's input.
+            let c_in = |j: usize| {
                 let skip_c = if j == num - 1 { in_c } else { out_c };
-                let res_in = if j == 0 { prev_c } else { out_c };
-                level.resnets.push(ResnetBlock2D::new(
-                    &spec(res_in + skip_c, out_c, 1.0),
-                    vb_b.pp("resnets").pp(j),
-                )?);
-                if cross {
-                    level.attentions.push(SpatialTransformer::new(
-                        out_c,
-                        rev_heads[i],
-                        rev_t_layers[i],
-                        cfg,
-                        vb_b.pp("attentions").pp(j),
-                    )?);
-                }
-            }
+                (if j == 0 { prev_c } else { out_c }) + skip_c
+            };
+            let level = Level::new(num, c_in, out_c, attn, &spec, cfg, &vb_b)?;
             let upsample = if i + 1 < n {
                 Some(Upsample2D::new(out_c, vb_b.pp("upsamplers").pp(0))?)
             } else {

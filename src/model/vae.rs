@@ -114,6 +114,19 @@ fn resnet(i: usize, o: usize, groups: usize, vb: VarBuilder) -> Result<ResnetBlo
     ResnetBlock2D::new(&spec, vb)
 }
 
+/// A block's `n` resnets: the first takes `in_c` channels, all give `out_c`.
+fn resnets(
+    n: usize,
+    in_c: usize,
+    out_c: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..n)
+        .map(|j| resnet(if j == 0 { in_c } else { out_c }, out_c, groups, vb.pp(j)))
+        .collect()
+}
+
 struct Encoder {
     conv_in: Conv2d,
     down: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
@@ -132,16 +145,7 @@ impl Encoder {
             let in_c = out_c;
             out_c = c;
             let vb_b = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    resnet(
-                        if j == 0 { in_c } else { out_c },
-                        out_c,
-                        g,
-                        vb_b.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnets(cfg.layers_per_block, in_c, out_c, g, vb_b.pp("resnets"))?;
             let ds = if i + 1 < ch.len() {
                 Some(Downsample2D::new(out_c, 0, vb_b.pp("downsamplers").pp(0))?)
             } else {
@@ -192,16 +196,7 @@ impl Decoder {
             let prev = out_c;
             out_c = c;
             let vb_b = vb.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    resnet(
-                        if j == 0 { prev } else { out_c },
-                        out_c,
-                        g,
-                        vb_b.pp("resnets").pp(j),
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnets(cfg.layers_per_block + 1, prev, out_c, g, vb_b.pp("resnets"))?;
             let us = if i + 1 < rev.len() {
                 Some(Upsample2D::new(out_c, vb_b.pp("upsamplers").pp(0))?)
             } else {

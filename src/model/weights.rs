@@ -2,7 +2,6 @@
 //! first) or as named tensors for training.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -35,12 +34,12 @@ pub fn load_weights(
     Ok(vb)
 }
 
-/// Every tensor of a component folder's safetensors files.
-pub fn load_component(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// Every tensor of some safetensors files, as stored.
+pub fn tensors(files: &[std::path::PathBuf], device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
-    for f in crate::pipeline::source::weight_file(dir)? {
+    for f in files {
         all.extend(
-            candle_core::safetensors::load(&f, device)
+            candle_core::safetensors::load(f, device)
                 .with_context(|| format!("cannot read {}", f.display()))?,
         );
     }

@@ -11,9 +11,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::kernels::{Grads, Input, Kernel};
 
 /// Module-name endings that get an adapter.
 pub const TARGETS: &[&str] = &[
@@ -211,7 +213,7 @@ pub fn merge(
 /// ran out of 24 GB that way; training now keeps adapters beside the layers, see `nn::Linear`).
 fn add_product(w: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
     if w.device().is_cpu() && [w, up, down].iter().all(|t| t.dtype() == DType::F32) {
-        Ok(w.contiguous()?.apply_op3(up, down, AddProduct)?)
+        Ok(crate::kernels::apply(AddProduct, &[w, up, down])?)
     } else {
         Ok((w + up.matmul(down)?)?)
     }
@@ -219,77 +221,41 @@ fn add_product(w: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
 
 struct AddProduct;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("lora merge needs contiguous f32 inputs"),
-    }
-}
+impl Kernel for AddProduct {
+    const NAME: &'static str = "lora-add-product";
 
-impl CustomOp3 for AddProduct {
-    fn name(&self) -> &'static str {
-        "lora-add-product"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (o, k) = l1.shape().dims2()?;
-        let (o2, r) = l2.shape().dims2()?;
-        let (r2, k2) = l3.shape().dims2()?;
+    fn forward(&self, inputs: &[Input]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [w, up, down] = crate::kernels::arity(Self::NAME, inputs)?;
+        let (o, k) = w.shape.dims2()?;
+        let (o2, r) = up.shape.dims2()?;
+        let (r2, k2) = down.shape.dims2()?;
         if o != o2 || r != r2 || k != k2 {
             candle_core::bail!("lora merge: [{o}, {k}] + [{o2}, {r}]·[{r2}, {k2}]")
         }
-        let (w, up, down) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
-        );
+        let shape = w.shape.clone();
+        let (w, up, down) = (w.data, up.data, down.data);
         let mut out = w.to_vec();
-        // SAFETY: out is o×k, up is o×r and down is r×k, all row-major and contiguous.
-        unsafe {
-            gemm::gemm(
-                o,
-                k,
-                r,
-                out.as_mut_ptr(),
-                1,
-                k as isize,
-                true,
-                up.as_ptr(),
-                1,
-                r as isize,
-                down.as_ptr(),
-                1,
-                k as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        // out is o×k, up is o×r and down is r×k, all row-major and contiguous.
+        crate::kernels::matmul(
+            (o, k, r),
+            &mut out,
+            (k, 1),
+            true,
+            up,
+            (r, 1),
+            down,
+            (k, 1),
+            1.0,
+            true,
+        );
+        Ok((out, shape))
     }
 
-    fn bwd(
-        &self,
-        _w: &Tensor,
-        up: &Tensor,
-        down: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, i: &[&Tensor], _out: &Tensor, grad: &Tensor) -> Grads {
+        let (up, down) = (i[1], i[2]);
         let d_up = grad.matmul(&down.t()?)?;
         let d_down = up.t()?.matmul(grad)?;
-        Ok((None, Some(d_up), Some(d_down)))
+        Ok(vec![None, Some(d_up), Some(d_down)])
     }
 }
 

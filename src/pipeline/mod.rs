@@ -1,6 +1,7 @@
-//! Pipelines: where a model's files come from ([`source`]), text → image ([`text2image`]) and
-//! images to files ([`image_io`]).
+//! Pipelines: where a model's files come from ([`source`]), text → image ([`text2image`]),
+//! images to files ([`image_io`]) and the flags that choose a model and its sampling ([`args`]).
 
+pub mod args;
 pub mod image_io;
 pub mod source;
 pub mod text2image;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
+use crate::model::folder::{ModelFolder, CONFIG_FILES, TOKENIZER_FILES, WEIGHT_FILES};
 use crate::sample::sampler::SamplerKind;
 
 /// A named pipeline definition (`pipelines/<name>.toml`).
@@ -16,12 +17,9 @@ pub struct PipelineDef {
     pub name: String,
     pub description: String,
     /// A hub repository id, e.g. `SimianLuo/LCM_Dreamshaper_v7`.
-    #[serde(default)]
     pub repo: Option<String>,
-    #[serde(default)]
     pub revision: Option<String>,
     /// A folder relative to the repository root (for models shipped in `weights/`).
-    #[serde(default)]
     pub path: Option<String>,
     #[serde(default)]
     pub defaults: Defaults,
@@ -81,51 +79,15 @@ pub fn find_pipeline(name: &str) -> Result<Option<PipelineDef>> {
     Ok(builtin_pipelines()?.into_iter().find(|p| p.name == name))
 }
 
-/// A model resolved to a folder on disk.
+/// A model resolved to a folder on disk, read.
 #[derive(Debug, Clone)]
 pub struct ResolvedModel {
     /// What the user asked for (name, folder or hub id), for messages.
     pub label: String,
-    pub dir: PathBuf,
+    pub folder: ModelFolder,
+    /// What its pipeline definition suggests (none for a folder or hub id).
     pub defaults: Defaults,
 }
-
-/// The files a diffusers text-to-image folder needs, relative to its root. The weight files are
-/// listed by preference; the first one present is used.
-pub const CONFIG_FILES: &[&str] = &[
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-];
-pub const WEIGHT_FILES: &[(&str, &[&str])] = &[
-    (
-        "unet",
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ],
-    ),
-    (
-        "vae",
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ],
-    ),
-    (
-        "text_encoder",
-        &["model.safetensors", "model.fp16.safetensors"],
-    ),
-];
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer/tokenizer.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-];
 
 /// Resolve `--model`: an existing folder, a built-in pipeline name, or a hub id (`org/name`).
 pub fn resolve(model: &str) -> Result<ResolvedModel> {
@@ -133,7 +95,7 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
     if path.is_dir() {
         return Ok(ResolvedModel {
             label: model.to_string(),
-            dir: path.to_path_buf(),
+            folder: ModelFolder::open(path)?,
             defaults: Defaults::default(),
         });
     }
@@ -143,7 +105,7 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
     if looks_like_hub_id(model) {
         return Ok(ResolvedModel {
             label: model.to_string(),
-            dir: hub_snapshot(model, None)?,
+            folder: hub_snapshot(model, None)?,
             defaults: Defaults::default(),
         });
     }
@@ -155,9 +117,8 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
 }
 
 fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
-    let dir = match (&def.repo, &def.path) {
-        (Some(repo), None) => hub_snapshot(repo, def.revision.as_deref())
-            .with_context(|| format!("pipeline {:?}", def.name))?,
+    let folder = match (&def.repo, &def.path) {
+        (Some(repo), None) => hub_snapshot(repo, def.revision.as_deref()),
         (None, Some(p)) => {
             let dir = repo_root().join(p);
             if !dir.is_dir() {
@@ -167,7 +128,7 @@ fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
                     dir.display()
                 )
             }
-            dir
+            ModelFolder::open(&dir)
         }
         _ => bail!(
             "pipeline {:?} must set exactly one of repo or path",
@@ -176,7 +137,7 @@ fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
     };
     Ok(ResolvedModel {
         label: def.name.clone(),
-        dir,
+        folder: folder.with_context(|| format!("pipeline {:?}", def.name))?,
         defaults: def.defaults.clone(),
     })
 }
@@ -202,13 +163,13 @@ pub fn hub_cache_dir() -> PathBuf {
 }
 
 /// Every file of a text-to-image model in the hub repo `id`, from the local hf-hub cache if all are
-/// there, else downloaded (unless `HF_HUB_OFFLINE` is set). Returns the snapshot folder.
-pub fn hub_snapshot(id: &str, revision: Option<&str>) -> Result<PathBuf> {
+/// there, else downloaded (unless `HF_HUB_OFFLINE` is set). Returns the snapshot folder, read.
+pub fn hub_snapshot(id: &str, revision: Option<&str>) -> Result<ModelFolder> {
     let cache = hf_hub::Cache::from_env();
     let revision = revision.unwrap_or("main").to_string();
     let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision);
-    if let Some(dir) = snapshot_from_cache(&cache.repo(repo.clone())) {
-        return Ok(dir);
+    if let Some(folder) = snapshot_from_cache(&cache.repo(repo.clone())) {
+        return Ok(folder);
     }
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
     let how = format!(
@@ -223,14 +184,12 @@ pub fn hub_snapshot(id: &str, revision: Option<&str>) -> Result<PathBuf> {
         .map_err(|e| anyhow!("cannot fetch {id} from the Hugging Face hub ({e}): {how}"))
 }
 
-fn snapshot_from_cache(cache: &hf_hub::CacheRepo) -> Option<PathBuf> {
+fn snapshot_from_cache(cache: &hf_hub::CacheRepo) -> Option<ModelFolder> {
     let index = cache.get("model_index.json")?;
-    let dir = index.parent()?.to_path_buf();
-    complete_folder(&dir).ok()?;
-    Some(dir)
+    ModelFolder::open(index.parent()?).ok()
 }
 
-fn download(cache: &hf_hub::Cache, repo: hf_hub::Repo) -> Result<PathBuf> {
+fn download(cache: &hf_hub::Cache, repo: hf_hub::Repo) -> Result<ModelFolder> {
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
         .with_progress(true)
         .build()?;
@@ -248,86 +207,11 @@ fn download(cache: &hf_hub::Cache, repo: hf_hub::Repo) -> Result<PathBuf> {
         }
     }
     // Repos ship either tokenizer.json or vocab.json + merges.txt: take what exists and let
-    // complete_folder say what is missing.
+    // ModelFolder::open say what is missing.
     for f in TOKENIZER_FILES {
         let _ = api.get(f);
     }
-    let dir = index.parent().context("snapshot folder")?.to_path_buf();
-    complete_folder(&dir)?;
-    Ok(dir)
-}
-
-/// Check that a folder has every file a text-to-image pipeline needs; name the first missing one.
-pub fn complete_folder(dir: &Path) -> Result<()> {
-    for f in CONFIG_FILES {
-        let p = dir.join(f);
-        if !p.is_file() {
-            bail!("{} is missing", p.display())
-        }
-    }
-    for (component, _) in WEIGHT_FILES {
-        weight_file(&dir.join(component))?;
-    }
-    let tok = dir.join("tokenizer");
-    let has_json = tok.join("tokenizer.json").is_file();
-    let has_bpe = tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file();
-    if !has_json && !has_bpe {
-        bail!(
-            "{} has neither tokenizer.json nor vocab.json + merges.txt",
-            tok.display()
-        )
-    }
-    Ok(())
-}
-
-/// The safetensors file(s) of one component folder: single file (f32/f16 names) or a sharded set
-/// listed in `*.safetensors.index.json`.
-pub fn weight_file(component_dir: &Path) -> Result<Vec<PathBuf>> {
-    let component = component_dir
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let names = WEIGHT_FILES
-        .iter()
-        .find(|(c, _)| *c == component)
-        .map(|(_, n)| *n)
-        .unwrap_or(&["diffusion_pytorch_model.safetensors", "model.safetensors"]);
-    for n in names {
-        let p = component_dir.join(n);
-        if p.is_file() {
-            return Ok(vec![p]);
-        }
-        let index = component_dir.join(format!("{n}.index.json"));
-        if index.is_file() {
-            return sharded(&index);
-        }
-    }
-    bail!(
-        "no weights in {} (looked for {})",
-        component_dir.display(),
-        names.join(", ")
-    )
-}
-
-fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
-    let v: serde_json::Value = crate::model::config::read_json(index)?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{}: no weight_map", index.display()))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| index.with_file_name(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    for f in &files {
-        if !f.is_file() {
-            bail!("{} lists {} which is missing", index.display(), f.display())
-        }
-    }
-    Ok(files)
+    ModelFolder::open(index.parent().context("snapshot folder")?)
 }
 
 /// Copy a diffusers-layout folder, converting every floating-point tensor of its `.safetensors`
@@ -415,8 +299,8 @@ mod tests {
             // A shipped model's folder is in the repository, complete.
             if let Some(p) = &d.path {
                 let dir = repo_root().join(p);
-                complete_folder(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", d.name));
-                assert_eq!(resolve(&d.name).unwrap().dir, dir);
+                ModelFolder::open(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", d.name));
+                assert_eq!(resolve(&d.name).unwrap().folder.root, dir);
             }
         }
     }

@@ -15,11 +15,11 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use crate::model::clip::ClipTextModel;
-use crate::model::config::{ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::model::config::{ModelIndex, SchedulerConfig, VaeConfig};
+use crate::model::folder::ModelFolder;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use crate::model::weights::load_weights;
 use crate::pipeline::image_io;
 use crate::pipeline::source::{self, Defaults};
 use crate::sample::denoiser::StepEvent;
@@ -88,35 +88,32 @@ pub struct Generation {
 }
 
 impl Pipeline {
-    /// Load a diffusers-layout folder. Weights are converted to `dtype` (the VAE always runs in
-    /// f32, as diffusers' `force_upcast` does for SD VAEs).
+    /// Load a diffusers-layout folder (see [`Pipeline::new`]).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        source::complete_folder(dir)?;
-        let index: ModelIndex = crate::model::config::read_json(&dir.join("model_index.json"))?;
-        let scheduler_config = SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json"))?;
-        let te_cfg = ClipTextConfig::load(&dir.join("text_encoder/config.json"))?;
-        let unet_cfg = UNetConfig::load(&dir.join("unet/config.json"))?;
-        let vae_cfg = VaeConfig::load(&dir.join("vae/config.json"))?;
+        Self::new(&ModelFolder::open(dir)?, device, dtype)
+    }
 
+    /// Build the pipeline of a model folder. Weights are converted to `dtype` (the VAE always runs
+    /// in f32, as diffusers' `force_upcast` does for SD VAEs).
+    pub fn new(folder: &ModelFolder, device: &Device, dtype: DType) -> Result<Self> {
+        let te = &folder.text_encoder;
         let tokenizer =
-            ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
-        let component = |name: &str, dt: DType| -> Result<VarBuilder<'static>> {
-            load_weights(&source::weight_file(&dir.join(name))?, dt, device)
-        };
-        let text_encoder = ClipTextModel::new(&te_cfg, component("text_encoder", dtype)?)
-            .with_context(|| format!("text encoder in {}", dir.join("text_encoder").display()))?;
-        let unet = UNet2DConditionModel::new(&unet_cfg, component("unet", dtype)?)
-            .with_context(|| format!("U-Net in {}", dir.join("unet").display()))?;
-        let vae = AutoencoderKL::new(&vae_cfg, component("vae", DType::F32)?)
-            .with_context(|| format!("VAE in {}", dir.join("vae").display()))?;
-
-        let defaults = class_defaults(&index, &scheduler_config, &unet, &vae_cfg);
+            ClipTokenizer::from_dir(&folder.tokenizer, te.config.max_position_embeddings)?;
+        let text_encoder = ClipTextModel::new(&te.config, te.var_builder(dtype, device)?)
+            .with_context(|| format!("text encoder in {}", te.dir.display()))?;
+        let u = &folder.unet;
+        let unet = UNet2DConditionModel::new(&u.config, u.var_builder(dtype, device)?)
+            .with_context(|| format!("U-Net in {}", u.dir.display()))?;
+        let v = &folder.vae;
+        let vae = AutoencoderKL::new(&v.config, v.var_builder(DType::F32, device)?)
+            .with_context(|| format!("VAE in {}", v.dir.display()))?;
+        let defaults = class_defaults(&folder.index, &folder.scheduler, &unet, &v.config);
         Ok(Self {
             tokenizer,
             text_encoder,
             unet,
             vae,
-            scheduler_config,
+            scheduler_config: folder.scheduler.clone(),
             defaults,
             device: device.clone(),
             dtype,
@@ -124,29 +121,38 @@ impl Pipeline {
     }
 
     /// `--model` (a pipeline name, folder or hub id; `None`: the shipped default) resolved and
-    /// loaded: what generate, eval and serve start from.
+    /// loaded, with a LoRA adapter file (e.g. an LCM-LoRA) merged at a scale when one is given:
+    /// what generate, eval and serve start from. The pipeline's defaults are then the adapter's,
+    /// then the pipeline definition's, then the folder's own.
     pub fn open(
         model: Option<&str>,
+        lora: Option<(&Path, f64)>,
         device: &Device,
         dtype: DType,
     ) -> Result<(source::ResolvedModel, Self)> {
-        let resolved = source::resolve(model.unwrap_or(source::DEFAULT_MODEL))?;
-        let pipe = Self::load(&resolved.dir, device, dtype)
-            .with_context(|| format!("cannot load model {}", resolved.dir.display()))?;
+        let mut resolved = source::resolve(model.unwrap_or(source::DEFAULT_MODEL))?;
+        let mut pipe = Self::new(&resolved.folder, device, dtype)
+            .with_context(|| format!("cannot load model {}", resolved.folder.root.display()))?;
+        if let Some((file, scale)) = lora {
+            resolved.defaults = pipe
+                .apply_lora(&resolved.folder, file, scale)?
+                .or(&resolved.defaults);
+        }
+        // Whoever samples from the pipeline gets the definition's defaults (the server passes none).
+        pipe.defaults = resolved.defaults.or(&pipe.defaults);
         Ok((resolved, pipe))
     }
 
-    /// Merge a LoRA adapter file (e.g. an LCM-LoRA) into the U-Net loaded from `dir`, at
-    /// `scale`; the U-Net is rebuilt from the merged weights. Returns the defaults an LCM-LoRA
-    /// samples with (LCM, 4 steps, guidance 1: no CFG), for the caller's flags to override.
-    pub fn apply_lora(&mut self, dir: &Path, file: &Path, scale: f64) -> Result<Defaults> {
-        let mut base = std::collections::HashMap::new();
-        for f in source::weight_file(&dir.join("unet"))? {
-            base.extend(
-                candle_core::safetensors::load(&f, &self.device)
-                    .with_context(|| format!("cannot read {}", f.display()))?,
-            );
-        }
+    /// Merge a LoRA adapter file into the U-Net of `folder` at `scale`; the U-Net is rebuilt from
+    /// the merged weights. Returns the defaults an LCM-LoRA samples with (LCM, 4 steps, guidance
+    /// 1: no CFG), for the caller's flags to override.
+    pub fn apply_lora(
+        &mut self,
+        folder: &ModelFolder,
+        file: &Path,
+        scale: f64,
+    ) -> Result<Defaults> {
+        let base = folder.unet.tensors(&self.device)?;
         let pairs = crate::nn::lora::load(file, &base, &self.device)?;
         let merged =
             crate::nn::lora::merge(&base, &pairs, scale, &format!("--lora {}", file.display()))?;
@@ -448,4 +454,21 @@ fn class_defaults(
         height: size,
         tcd_gamma: None,
     }
+}
+
+/// The `latents` tensor of a safetensors file (`--latents`), as f32; [`Pipeline::generate`] checks
+/// its shape against the request.
+pub fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
+    if !path.is_file() {
+        bail!("--latents: {} does not exist", path.display())
+    }
+    let mut tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("--latents: cannot read {} as safetensors", path.display()))?;
+    let t = tensors.remove("latents").with_context(|| {
+        format!(
+            "--latents: {} has no tensor named `latents`",
+            path.display()
+        )
+    })?;
+    Ok(t.to_dtype(DType::F32)?)
 }

@@ -254,33 +254,21 @@ fn check_prompt(pipe: &Pipeline, param: &str, prompt: &str) -> Result<(), ApiErr
 #[serde(deny_unknown_fields)]
 pub struct OpenAiRequest {
     pub prompt: String,
-    #[serde(default)]
     pub model: Option<String>,
-    #[serde(default)]
     pub n: Option<usize>,
     /// "WxH".
-    #[serde(default)]
     pub size: Option<String>,
     /// `b64_json` (default) or `url`.
-    #[serde(default)]
     pub response_format: Option<String>,
     /// Accepted and ignored (OpenAI clients send them; they have no meaning here).
-    #[serde(default)]
     pub quality: Option<String>,
-    #[serde(default)]
     pub style: Option<String>,
-    #[serde(default)]
     pub user: Option<String>,
     // Extensions.
-    #[serde(default)]
     pub steps: Option<usize>,
-    #[serde(default)]
     pub guidance_scale: Option<f64>,
-    #[serde(default)]
     pub seed: Option<u64>,
-    #[serde(default)]
     pub sampler: Option<String>,
-    #[serde(default)]
     pub negative_prompt: Option<String>,
 }
 
@@ -383,24 +371,15 @@ pub struct OpenAiImage {
 pub struct Txt2ImgRequest {
     #[serde(default)]
     pub prompt: String,
-    #[serde(default)]
     pub negative_prompt: Option<String>,
-    #[serde(default)]
     pub steps: Option<usize>,
-    #[serde(default)]
     pub cfg_scale: Option<f64>,
     /// −1 (or absent) draws a random seed.
-    #[serde(default)]
     pub seed: Option<i64>,
-    #[serde(default)]
     pub width: Option<usize>,
-    #[serde(default)]
     pub height: Option<usize>,
-    #[serde(default)]
     pub batch_size: Option<usize>,
-    #[serde(default)]
     pub n_iter: Option<usize>,
-    #[serde(default)]
     pub sampler_name: Option<String>,
     /// Fields A1111 clients send routinely, taken out before the strict parse and accepted only
     /// with values that change nothing here (see docs/deviations.md).

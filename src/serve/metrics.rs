@@ -123,61 +123,96 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        let model = |m: &String| format!("model=\"{m}\"");
         self.with(|m| {
             let mut out = String::new();
-            out.push_str("# HELP lcm_http_requests_total HTTP requests by route and status.\n");
-            out.push_str("# TYPE lcm_http_requests_total counter\n");
-            for ((route, status), n) in &m.requests {
-                let _ = writeln!(
-                    out,
-                    "lcm_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-                );
-            }
-            out.push_str("# HELP lcm_http_request_duration_seconds Request latency by route.\n");
-            out.push_str("# TYPE lcm_http_request_duration_seconds histogram\n");
-            for (route, h) in &m.latency {
-                h.write(
-                    &mut out,
-                    "lcm_http_request_duration_seconds",
-                    &format!("route=\"{route}\""),
-                );
-            }
-            out.push_str("# HELP lcm_queue_depth Jobs waiting for the model.\n");
-            out.push_str("# TYPE lcm_queue_depth gauge\n");
-            for (model, d) in &m.queue_depth {
-                let _ = writeln!(out, "lcm_queue_depth{{model=\"{model}\"}} {d}");
-            }
-            out.push_str("# HELP lcm_batch_size Images per model batch.\n");
-            out.push_str("# TYPE lcm_batch_size histogram\n");
-            for (model, h) in &m.batch_size {
-                h.write(&mut out, "lcm_batch_size", &format!("model=\"{model}\""));
-            }
-            out.push_str("# HELP lcm_batch_duration_seconds Time to run one model batch.\n");
-            out.push_str("# TYPE lcm_batch_duration_seconds histogram\n");
-            for (model, h) in &m.batch_seconds {
-                h.write(
-                    &mut out,
-                    "lcm_batch_duration_seconds",
-                    &format!("model=\"{model}\""),
-                );
-            }
-            out.push_str("# HELP lcm_images_generated_total Images generated.\n");
-            out.push_str("# TYPE lcm_images_generated_total counter\n");
-            for (model, n) in &m.images {
-                let _ = writeln!(out, "lcm_images_generated_total{{model=\"{model}\"}} {n}");
-            }
-            out.push_str(
-                "# HELP lcm_jobs_dropped_total Queued jobs skipped: client gone or deadline passed.\n",
+            let requests = m.requests.iter().map(|((route, status), n)| {
+                (
+                    format!("route=\"{route}\",status=\"{status}\""),
+                    n.to_string(),
+                )
+            });
+            family(
+                &mut out,
+                "lcm_http_requests_total",
+                "counter",
+                "HTTP requests by route and status.",
+                requests,
             );
-            out.push_str("# TYPE lcm_jobs_dropped_total counter\n");
-            for ((model, reason), n) in &m.dropped {
-                let _ = writeln!(
-                    out,
-                    "lcm_jobs_dropped_total{{model=\"{model}\",reason=\"{reason}\"}} {n}"
-                );
-            }
+            let latency = m
+                .latency
+                .iter()
+                .map(|(route, h)| (format!("route=\"{route}\""), h));
+            histograms(
+                &mut out,
+                "lcm_http_request_duration_seconds",
+                "Request latency by route.",
+                latency,
+            );
+            let depth = m.queue_depth.iter().map(|(k, d)| (model(k), d.to_string()));
+            family(
+                &mut out,
+                "lcm_queue_depth",
+                "gauge",
+                "Jobs waiting for the model.",
+                depth,
+            );
+            let sizes = m.batch_size.iter().map(|(k, h)| (model(k), h));
+            histograms(&mut out, "lcm_batch_size", "Images per model batch.", sizes);
+            let seconds = m.batch_seconds.iter().map(|(k, h)| (model(k), h));
+            histograms(
+                &mut out,
+                "lcm_batch_duration_seconds",
+                "Time to run one model batch.",
+                seconds,
+            );
+            let images = m.images.iter().map(|(k, n)| (model(k), n.to_string()));
+            family(
+                &mut out,
+                "lcm_images_generated_total",
+                "counter",
+                "Images generated.",
+                images,
+            );
+            let dropped = m.dropped.iter().map(|((k, reason), n)| {
+                (format!("model=\"{k}\",reason=\"{reason}\""), n.to_string())
+            });
+            let why = "Queued jobs skipped: client gone or deadline passed.";
+            family(&mut out, "lcm_jobs_dropped_total", "counter", why, dropped);
             out
         })
+    }
+}
+
+/// A metric family's HELP and TYPE lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter or gauge family: one `name{labels} value` line per sample.
+fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl Iterator<Item = (String, String)>,
+) {
+    header(out, name, kind, help);
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// A histogram family, one histogram per label set.
+fn histograms<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (String, &'a Histogram)>,
+) {
+    header(out, name, "histogram", help);
+    for (labels, h) in samples {
+        h.write(out, name, &labels);
     }
 }
 

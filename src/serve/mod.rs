@@ -77,9 +77,8 @@ impl Default for ServeConfig {
 /// `lcm serve` flags.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// A pipeline name (see `lcm models`), a diffusers-layout folder or a hub id (org/name).
-    #[arg(long)]
-    pub model: Option<String>,
+    #[command(flatten)]
+    pub model: crate::pipeline::args::ModelArgs,
     /// Address to listen on (port 0: any free port, printed on start).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
@@ -113,15 +112,11 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
     if args.api_key.as_deref() == Some("") {
         anyhow::bail!("--api-key must not be empty")
     }
-    let model_name = args
-        .model
-        .clone()
-        .unwrap_or_else(|| crate::pipeline::source::DEFAULT_MODEL.to_string());
     let (device, dtype) = args.runtime.resolve()?;
-    let (resolved, pipe) = Pipeline::open(Some(&model_name), &device, dtype)?;
+    let (resolved, pipe) = args.model.open(&device, dtype)?;
     // A local folder is known by its name, not its path (which would leak into /v1/models).
-    let model_id = match resolved.dir.file_name() {
-        Some(name) if Path::new(&model_name).is_dir() => name.to_string_lossy().into_owned(),
+    let model_id = match resolved.folder.root.file_name() {
+        Some(name) if Path::new(&resolved.label).is_dir() => name.to_string_lossy().into_owned(),
         _ => resolved.label.clone(),
     };
     let listener = std::net::TcpListener::bind(&args.addr)

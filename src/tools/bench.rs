@@ -201,7 +201,7 @@ fn load(args: &BenchArgs, component: &str) -> Result<Models> {
     let (dev, dtype) = args.runtime.resolve()?;
     if let Some(m) = &args.model {
         let resolved = crate::pipeline::source::resolve(m)?;
-        let p = Pipeline::load(&resolved.dir, &dev, dtype)?;
+        let p = Pipeline::new(&resolved.folder, &dev, dtype)?;
         let size = args
             .size
             .unwrap_or(p.unet.config.sample_size.unwrap_or(64) * p.vae_scale_factor());

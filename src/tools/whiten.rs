@@ -268,7 +268,8 @@ pub struct WhitenArgs {
 
 pub fn run(args: &WhitenArgs) -> Result<()> {
     let device = Device::Cpu;
-    let (vae, cfg) = crate::train::start::frozen_vae(&args.vae, args.resolution, &device)?;
+    let (vae, folder) = crate::train::start::frozen_vae(&args.vae, args.resolution, &device)?;
+    let cfg = &folder.config;
     if !(cfg.use_quant_conv && cfg.use_post_quant_conv) {
         bail!(
             "--vae {}: whitening is folded into quant_conv and post_quant_conv, which this VAE does not use",
@@ -309,7 +310,7 @@ pub fn run(args: &WhitenArgs) -> Result<()> {
         loaded.len(),
         lambda.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>()
     );
-    let weights = crate::model::weights::load_component(&args.vae, &device)?;
+    let weights = crate::model::folder::load_component(&args.vae, &device)?;
     let folded = fold_into_vae(
         &weights,
         &w,
@@ -334,7 +335,7 @@ pub fn run(args: &WhitenArgs) -> Result<()> {
     eprintln!("wrote {}", args.output.display());
     if let (Some(unet), Some(out)) = (&args.unet, &args.unet_output) {
         let rewired = rewire_unet(
-            &crate::model::weights::load_component(unet, &device)?,
+            &crate::model::folder::load_component(unet, &device)?,
             &w,
             &w_inv,
         )?;

@@ -29,3 +29,12 @@ pub(crate) fn tiny_text_config() -> anyhow::Result<(
     )?;
     Ok((cfg, tok))
 }
+
+/// Tests: the U-Net config of `configs/NAME`.
+#[cfg(test)]
+pub(crate) fn unet_config(name: &str) -> anyhow::Result<crate::model::config::UNetConfig> {
+    let root = crate::pipeline::source::repo_root()
+        .join("configs")
+        .join(name);
+    crate::model::config::UNetConfig::load(&root.join("unet/config.json"))
+}

@@ -8,8 +8,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::config::VaeConfig;
+use crate::model::folder::load_component;
+use crate::model::folder::Component;
 use crate::model::vae::AutoencoderKL;
-use crate::model::weights::{load_component, load_weights};
 
 /// Replace every freshly initialised tensor by the trained one of the same name (`--init`), shapes
 /// equal. Without `grow` the trained folder must hold every tensor; with it (`--init --grow`) the
@@ -56,25 +57,21 @@ pub fn frozen_vae(
     dir: &Path,
     resolution: usize,
     device: &Device,
-) -> Result<(AutoencoderKL, VaeConfig)> {
-    let cfg = VaeConfig::load(&dir.join("config.json"))?;
-    let weights = load_weights(
-        &crate::pipeline::source::weight_file(dir)?,
-        DType::F32,
-        device,
-    )?;
-    let vae =
-        AutoencoderKL::new(&cfg, weights).with_context(|| format!("--vae {}", dir.display()))?;
-    check_resolution(resolution, cfg.scale_factor())?;
-    Ok((vae, cfg))
+) -> Result<(AutoencoderKL, Component<VaeConfig>)> {
+    let what = || format!("--vae {}", dir.display());
+    let folder = Component::<VaeConfig>::open(dir).with_context(what)?;
+    let vae = AutoencoderKL::new(&folder.config, folder.var_builder(DType::F32, device)?)
+        .with_context(what)?;
+    check_resolution(resolution, folder.config.scale_factor())?;
+    Ok((vae, folder))
 }
 
-/// The encoded dataset of a from-scratch latent stage (`--data` under the frozen VAE in
-/// `vae_dir`, captions by the tokenizer of the model folder `config`), cached in the run folder.
+/// The encoded dataset of a from-scratch latent stage (`--data` under the frozen VAE, captions by
+/// the tokenizer of the model folder `config`), cached in the run folder.
 pub fn encode_stage_data(
     train: &super::args::TrainArgs,
     resolution: usize,
-    (vae_dir, vae): (&Path, &AutoencoderKL),
+    vae: (&Component<VaeConfig>, &AutoencoderKL),
     config: &Path,
     tokenizer: &crate::model::tokenizer::ClipTokenizer,
     device: &Device,
@@ -83,7 +80,6 @@ pub fn encode_stage_data(
         &crate::data::encode::EncodeSpec {
             data: &train.data,
             resolution,
-            vae_dir,
             vae,
             tokenizer_dir: &config.join("tokenizer"),
             tokenizer,
@@ -149,9 +145,10 @@ mod tests {
     #[test]
     fn a_grown_unet_starts_as_its_init() -> Result<()> {
         use crate::model::config::UNetConfig;
-        let root = crate::pipeline::source::repo_root().join("configs");
-        let small = UNetConfig::load(&root.join("tiny/unet/config.json"))?;
-        let big = UNetConfig::load(&root.join("tiny-xattn/unet/config.json"))?;
+        let (small, big) = (
+            crate::train::unet_config("tiny")?,
+            crate::train::unet_config("tiny-xattn")?,
+        );
         let dev = Device::Cpu;
         let unet = |cfg: &UNetConfig, vb: VarBuilder| {
             crate::model::unet::UNet2DConditionModel::new(cfg, vb.pp("unet"))

@@ -19,11 +19,12 @@ use super::checkpoint::{self, Checkpoint};
 use super::optim::{clip_grad_norm, ema_update, scheduled_lr, AdamW, AdamWConfig};
 
 /// The optimisation settings of a run (all of them part of its checkpointed settings).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainOptions {
     pub adamw: AdamWConfig,
     pub warmup_steps: u64,
     /// Linear decay (from step, to step) to a tenth of the rate; `None`: constant after warm-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decay: Option<(u64, u64)>,
     pub max_grad_norm: f64,
     /// Micro-batches whose gradients are summed into one optimizer step.

@@ -20,10 +20,10 @@ use crate::data::encode::EncodedDataset;
 use crate::data::random_rows;
 use crate::model::clip::ClipTextModel;
 use crate::model::config::{ClipTextConfig, SchedulerConfig, UNetConfig};
+use crate::model::folder::load_component;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use crate::model::weights::load_component;
 use crate::sample::noise::{NoiseSource, SeededNoise};
 use crate::sample::schedule::NoiseSchedule;
 
@@ -245,7 +245,8 @@ pub fn run(args: &TeacherArgs) -> Result<()> {
     let tokenizer =
         ClipTokenizer::from_dir(&dir.join("tokenizer"), te_cfg.max_position_embeddings)?;
     let resolution = c.resolution.unwrap_or(64);
-    let (vae, vae_cfg) = frozen_vae(&args.vae, resolution, &device)?;
+    let (vae, vae_folder) = frozen_vae(&args.vae, resolution, &device)?;
+    let vae_cfg = &vae_folder.config;
     if unet_cfg.in_channels != vae_cfg.latent_channels {
         bail!(
             "the U-Net takes {} channels but the VAE makes {}",
@@ -273,7 +274,7 @@ pub fn run(args: &TeacherArgs) -> Result<()> {
             )
         }
     }
-    let data = encode_stage_data(c, resolution, (&args.vae, &vae), dir, &tokenizer, &device)?;
+    let data = encode_stage_data(c, resolution, (&vae_folder, &vae), dir, &tokenizer, &device)?;
     let uncond_ids = Tensor::new(tokenizer.encode("")?.ids.as_slice(), &device)?.unsqueeze(0)?;
     let schedule = NoiseSchedule::from_config(&sched_cfg)?;
 
@@ -361,8 +362,7 @@ mod tests {
     /// graph silently (e.g. its fused softmax and layer norm).
     #[test]
     fn every_teacher_weight_gets_a_gradient() -> Result<()> {
-        let root = crate::pipeline::source::repo_root().join("configs/tiny");
-        let unet_cfg = UNetConfig::load(&root.join("unet/config.json"))?;
+        let unet_cfg = crate::train::unet_config("tiny")?;
         let (te_cfg, tok) = crate::train::tiny_text_config()?;
         let dev = Device::Cpu;
         let build = |vb: VarBuilder| Teacher::new(&unet_cfg, &te_cfg, vb);

@@ -16,8 +16,8 @@ use super::start::{check_resolution, take_trained};
 use super::state::{Metrics, TrainState};
 use crate::data::random_rows;
 use crate::model::config::VaeConfig;
+use crate::model::folder::load_component;
 use crate::model::vae::AutoencoderKL;
-use crate::model::weights::load_component;
 use crate::sample::noise::{NoiseSource, SeededNoise};
 
 /// `lcm pretrain vae`.

@@ -90,7 +90,7 @@ pub fn fixture_unet(model: &str) -> lcm::model::unet::UNet2DConditionModel {
 /// A U-Net folder (config.json + weights) in f32 on the CPU.
 pub fn load_unet(dir: &std::path::Path) -> lcm::model::unet::UNet2DConditionModel {
     let cfg = lcm::model::config::UNetConfig::load(&dir.join("config.json")).unwrap();
-    let files = lcm::pipeline::source::weight_file(dir).unwrap();
+    let files = lcm::model::folder::weight_files(dir).unwrap();
     let vb = lcm::model::weights::load_weights(&files, DType::F32, &Device::Cpu).unwrap();
     lcm::model::unet::UNet2DConditionModel::new(&cfg, vb).unwrap()
 }
