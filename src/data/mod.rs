@@ -1,7 +1,9 @@
-//! Training data: image–caption folders and shards ([`imagefolder`], re-exported here) and the
-//! project's own procedural shapes and emoji ([`toy`]).
+//! Training data: image–caption folders and shards ([`imagefolder`], re-exported here), the
+//! project's own procedural shapes and emoji ([`toy`]), and HumanML3D motion folders
+//! ([`humanml3d`]).
 
 pub mod encode;
+pub mod humanml3d;
 pub mod imagefolder;
 pub mod toy;
 
