@@ -57,6 +57,9 @@ enum Command {
     /// Write the project's own training data in the imagefolder layout.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Motion clips: render stick figures, convert between formats.
+    #[command(subcommand)]
+    Motion(lcm::tools::motion::MotionCommand),
 }
 
 #[derive(Subcommand)]
@@ -177,6 +180,7 @@ fn main() -> ExitCode {
         Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::train::run(&args),
         Command::Eval(args) => lcm::eval::run::run(&args),
         Command::Whiten(args) => lcm::tools::whiten::run(&args),
+        Command::Motion(cmd) => lcm::tools::motion::run(&cmd),
         Command::Data(DataCommand::Shapes {
             out,
             count,

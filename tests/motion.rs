@@ -70,3 +70,128 @@ fn the_loader_names_what_is_missing() {
     };
     assert!(load(&mini(), "train", &none).is_err());
 }
+
+// ---------------------------------------------------------------- real motion capture
+
+mod common;
+
+use lcm::motion::features::{between, canonicalise, chain_positions, chain_rotations};
+use lcm::motion::skeleton::{bone_lengths, facing, Pose, REFERENCE_BONES};
+use lcm::motion::{deepmimic, retarget};
+
+/// DeepMimic clips copied from PyPI pybullet 3.2.7 (tests/fixtures/PROVENANCE.md): name, frames,
+/// seconds per frame.
+const DEEPMIMIC: [(&str, usize, f64); 4] = [
+    ("humanoid3d_walk.txt", 39, 1.0 / 30.0),
+    ("humanoid3d_backflip.txt", 29, 1.0 / 16.0),
+    ("humanoid3d_run.txt", 25, 1.0 / 30.0),
+    ("walker_turn_left0.txt", 38, 1.0 / 30.0),
+];
+
+fn deepmimic_dir() -> PathBuf {
+    mini().parent().unwrap().join("mocap/deepmimic")
+}
+
+fn max_dist(a: &[Pose], b: &[Pose]) -> f64 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(p, q)| p.iter().zip(q).map(|(x, y)| (x - y).norm()))
+        .fold(0.0, f64::max)
+}
+
+/// Parse with the real frame counts; retarget to 20 fps on the reference skeleton; then the round
+/// trips the representation promises, on real motion.
+#[test]
+fn real_clips_parse_retarget_and_round_trip() {
+    for (name, frames, dt) in DEEPMIMIC {
+        let clip = deepmimic::read(&deepmimic_dir().join(name)).unwrap();
+        assert_eq!(clip.joints.len(), frames, "{name}");
+        assert!((clip.dt - dt).abs() < 1e-4, "{name}: dt {}", clip.dt);
+        let at20 = retarget::resample(&clip.joints, 1.0 / clip.dt, 20.0).unwrap();
+        let want = ((frames - 1) as f64 * clip.dt * 20.0 + 1e-9).floor() as usize + 1;
+        assert_eq!(at20.len(), want, "{name}");
+        let joints = canonicalise(&retarget::uniform_skeleton(&at20).unwrap()).unwrap();
+
+        // Bone lengths are the reference skeleton's on every frame.
+        let mut worst = 0f64;
+        for pose in &joints {
+            let b = bone_lengths(pose);
+            for j in 1..22 {
+                worst = worst.max((b[j] - REFERENCE_BONES[j]).abs());
+            }
+        }
+        assert!(worst < 1e-9, "{name}: bone length off by {worst} m");
+
+        // Rotations → forward kinematics → the same positions (within 1 mm; in fact ~1e-15).
+        let fk: Vec<Pose> = joints
+            .iter()
+            .map(|p| {
+                let r = chain_rotations(p, between(&facing(p), &nalgebra::Vector3::z()));
+                chain_positions(&r, &REFERENCE_BONES, p[0])
+            })
+            .collect();
+        let d = max_dist(&fk, &joints);
+        assert!(d < 1e-3, "{name}: FK differs by {d} m");
+
+        // Joints → features → joints within 1e-4 m.
+        let f = lcm::motion::features(&joints, &Default::default()).unwrap();
+        let back = lcm::motion::joints_from_features(&f).unwrap();
+        let d = max_dist(&back, &joints[..joints.len() - 1]);
+        assert!(d < 1e-4, "{name}: features round trip differs by {d} m");
+        println!(
+            "{name}: {frames} frames at {:.0} fps → {} at 20 fps; FK {:.1e} m, features {d:.1e} m",
+            1.0 / dt,
+            joints.len(),
+            max_dist(&fk, &joints)
+        );
+    }
+}
+
+#[test]
+fn deepmimic_files_of_another_character_are_refused() {
+    let dir = std::env::temp_dir().join(format!("lcm-dm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("dog.txt");
+    std::fs::write(&p, r#"{"Loop": "wrap", "Frames": [[0.06, 1, 2, 3]]}"#).unwrap();
+    let e = deepmimic::read(&p).err().unwrap().to_string();
+    assert!(e.contains("frame 0 has 4 numbers"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `lcm motion convert` and `render` on a real clip: JSON and HumanML3D .npy out, read back to the
+/// same joints; a GIF and a PNG strip; an unknown format named.
+#[test]
+fn motion_cli_converts_and_renders() {
+    let dir = std::env::temp_dir().join(format!("lcm-motion-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = deepmimic_dir().join("humanoid3d_walk.txt");
+    let s = src.to_str().unwrap();
+    let out = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    for target in ["walk.json", "walk.npy", "walk.gif", "walk.png"] {
+        let verb = if target.ends_with("json") || target.ends_with("npy") {
+            "convert"
+        } else {
+            "render"
+        };
+        let o = common::lcm_bin(&["motion", verb, s, "--output", &out(target)]);
+        assert!(
+            o.status.success(),
+            "{target}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let (json, fps) = lcm::motion::io::read_json(&dir.join("walk.json")).unwrap();
+    assert_eq!((json.len(), fps), (26, 20.0));
+    let f = lcm::motion::npy::read(&dir.join("walk.npy")).unwrap();
+    assert_eq!(f.shape, [25, 263]);
+    let back = lcm::motion::joints_from_features(&f.data).unwrap();
+    assert!(max_dist(&back, &json[..25]) < 1e-4);
+    let gif = std::fs::read(dir.join("walk.gif")).unwrap();
+    assert_eq!(&gif[..6], b"GIF89a");
+    let png = image::open(dir.join("walk.png")).unwrap();
+    assert_eq!(png.height(), 192);
+    let o = common::lcm_bin(&["motion", "render", s, "--output", &out("walk.bmp")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains(".gif or .png"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,4 +1,6 @@
-//! Tools beside the data path: latent whitening and benchmarks.
+//! Tools beside the data path: latent whitening, benchmarks, and motion file conversion and
+//! rendering.
 
 pub mod bench;
+pub mod motion;
 pub mod whiten;

@@ -1,0 +1,138 @@
+//! Stick figures of a clip, front and side views side by side: an animated GIF (one frame per
+//! pose) or a PNG strip of evenly spaced poses, for model cards, sample grids and the API.
+//!
+//! Lines are drawn here (a disc stamped along each bone): the only drawing needed, not worth a
+//! raster-graphics dependency.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use image::{Rgb, RgbImage};
+
+use super::skeleton::{Pose, NAMES, PARENTS};
+
+/// Pixels per view panel side.
+const PANEL: u32 = 192;
+
+fn colour(joint: usize) -> Rgb<u8> {
+    let name = NAMES[joint];
+    if name.starts_with("left") {
+        Rgb([40, 90, 220])
+    } else if name.starts_with("right") {
+        Rgb([220, 50, 40])
+    } else {
+        Rgb([30, 30, 30])
+    }
+}
+
+/// The two views' 2-D coordinates of a point: front (looking at a figure that faces +Z: its left,
+/// +X, on the image's right) and side (looking from +X: forward, +Z, to the left).
+fn views(p: &nalgebra::Vector3<f64>) -> [(f64, f64); 2] {
+    [(p.x, p.y), (-p.z, p.y)]
+}
+
+/// Where the clip lies in each view: (min x, min y, scale) fitting every frame and the floor.
+fn framing(joints: &[Pose]) -> [(f64, f64, f64); 2] {
+    std::array::from_fn(|v| {
+        let (mut lo, mut hi) = ((f64::MAX, 0f64), (f64::MIN, f64::MIN));
+        for p in joints.iter().flatten() {
+            let (x, y) = views(p)[v];
+            lo = (lo.0.min(x), lo.1.min(y));
+            hi = (hi.0.max(x), hi.1.max(y));
+        }
+        let side = (hi.0 - lo.0).max(hi.1 - lo.1).max(1e-6);
+        let scale = (PANEL as f64 * 0.9) / side;
+        // Centre horizontally within the panel.
+        let x0 = lo.0 - ((PANEL as f64 / scale) - (hi.0 - lo.0)) / 2.0;
+        (x0, lo.1 - 0.05 * PANEL as f64 / scale, scale)
+    })
+}
+
+fn stamp(img: &mut RgbImage, x: f64, y: f64, r: f64, c: Rgb<u8>) {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let ri = r.ceil() as i64;
+    for dy in -ri..=ri {
+        for dx in -ri..=ri {
+            let (px, py) = (x.round() as i64 + dx, y.round() as i64 + dy);
+            if (dx * dx + dy * dy) as f64 <= r * r && px >= 0 && py >= 0 && px < w && py < h {
+                img.put_pixel(px as u32, py as u32, c);
+            }
+        }
+    }
+}
+
+fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), r: f64, c: Rgb<u8>) {
+    let steps = ((b.0 - a.0).hypot(b.1 - a.1)).ceil().max(1.0) as usize;
+    for s in 0..=steps {
+        let t = s as f64 / steps as f64;
+        stamp(img, a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t, r, c);
+    }
+}
+
+/// One pose, both views, on a white background with the floor line.
+fn draw(pose: &Pose, frame: &[(f64, f64, f64); 2]) -> RgbImage {
+    let mut img = RgbImage::from_pixel(2 * PANEL, PANEL, Rgb([255, 255, 255]));
+    for (v, &(x0, y0, s)) in frame.iter().enumerate() {
+        let off = (v as u32 * PANEL) as f64;
+        let px = |p: (f64, f64)| (off + (p.0 - x0) * s, PANEL as f64 - (p.1 - y0) * s);
+        let floor = px((0.0, 0.0)).1;
+        line(
+            &mut img,
+            (off, floor),
+            (off + PANEL as f64 - 1.0, floor),
+            0.5,
+            Rgb([170, 170, 170]),
+        );
+        for (j, parent) in PARENTS.iter().enumerate() {
+            if let Some(p) = parent {
+                let (a, b) = (views(&pose[*p])[v], views(&pose[j])[v]);
+                line(&mut img, px(a), px(b), 1.6, colour(j));
+            }
+        }
+        let head = px(views(&pose[15])[v]);
+        stamp(&mut img, head.0, head.1, 4.0, Rgb([30, 30, 30]));
+    }
+    img
+}
+
+/// An animated GIF of the clip at `fps`.
+pub fn write_gif(path: &Path, joints: &[Pose], fps: f64) -> Result<()> {
+    if joints.is_empty() {
+        bail!("no frames to render")
+    }
+    let frame = framing(joints);
+    let delay = image::Delay::from_numer_denom_ms(1000, fps.round().max(1.0) as u32);
+    let frames = joints.iter().map(|p| {
+        let rgba = image::DynamicImage::ImageRgb8(draw(p, &frame)).into_rgba8();
+        image::Frame::from_parts(rgba, 0, 0, delay)
+    });
+    let mut bytes = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut bytes, 10);
+        enc.set_repeat(image::codecs::gif::Repeat::Infinite)?;
+        enc.encode_frames(frames)
+            .with_context(|| format!("encoding {}", path.display()))?;
+    }
+    crate::files::write_atomic(path, &bytes)
+}
+
+/// `count` evenly spaced poses side by side (each with both views) as a PNG.
+pub fn write_strip(path: &Path, joints: &[Pose], count: usize) -> Result<()> {
+    if joints.is_empty() || count == 0 {
+        bail!("no frames to render")
+    }
+    let frame = framing(joints);
+    let count = count.min(joints.len());
+    let tiles: Vec<RgbImage> = (0..count)
+        .map(|i| {
+            let t = if count == 1 {
+                0
+            } else {
+                i * (joints.len() - 1) / (count - 1)
+            };
+            draw(&joints[t], &frame)
+        })
+        .collect();
+    let grid = crate::pipeline::image_io::grid(&tiles, count)?;
+    crate::pipeline::image_io::save_png(&grid, path)
+}
