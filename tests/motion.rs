@@ -195,3 +195,90 @@ fn motion_cli_converts_and_renders() {
     assert!(!o.status.success() && err.contains(".gif or .png"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---------------------------------------------------------------- BVH
+
+use lcm::motion::bvh::Bvh;
+
+fn bvh_dir() -> PathBuf {
+    mini().parent().unwrap().join("mocap/bvh")
+}
+
+/// Excerpts of the CMU and boxing BVH files of Debian's assimp-testmodels: hierarchy, channel
+/// orders and frame rates as the files declare them.
+#[test]
+fn bvh_sources_parse_and_retarget() {
+    for (name, joints, frames, fps) in [
+        ("01_01_excerpt.bvh", 31, 240, 120.0),
+        ("Boxing_Toes_excerpt.bvh", 21, 200, 100.0),
+    ] {
+        let bvh = Bvh::read(&bvh_dir().join(name)).unwrap();
+        assert_eq!(bvh.joints.len(), joints, "{name}");
+        assert_eq!(bvh.frames.len(), frames, "{name}");
+        assert!((1.0 / bvh.frame_time - fps).abs() < 0.01, "{name}");
+        let (src, src_fps) = bvh.to_joints().unwrap();
+        let at20 = retarget::resample(&src, src_fps, 20.0).unwrap();
+        let ours = canonicalise(&retarget::uniform_skeleton(&at20).unwrap()).unwrap();
+        for pose in &ours {
+            let b = bone_lengths(pose);
+            for j in 1..22 {
+                assert!((b[j] - REFERENCE_BONES[j]).abs() < 1e-9, "{name}");
+            }
+        }
+        // The root stays above the floor and the clip starts facing +Z.
+        assert!(ours.iter().all(|p| p[0].y > 0.3), "{name}");
+        assert!((facing(&ours[0]) - nalgebra::Vector3::z()).norm() < 1e-9);
+    }
+}
+
+/// Our BVH export: the 22-joint chain with local rotations. Written → read by our reader → the
+/// same file; its forward kinematics gives back the clip it was made from.
+#[test]
+fn bvh_export_round_trips() {
+    let clip = deepmimic::read(&deepmimic_dir().join("humanoid3d_walk.txt")).unwrap();
+    let at20 = retarget::resample(&clip.joints, 1.0 / clip.dt, 20.0).unwrap();
+    let ours = canonicalise(&retarget::uniform_skeleton(&at20).unwrap()).unwrap();
+    let bvh = Bvh::from_joints(&ours, 20.0).unwrap();
+    let dir = std::env::temp_dir().join(format!("lcm-bvh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("walk.bvh");
+    bvh.write(&path).unwrap();
+    let back = Bvh::read(&path).unwrap();
+    assert_eq!(back.joints.len(), 22);
+    for (a, b) in back.joints.iter().zip(&bvh.joints) {
+        assert_eq!(
+            (&a.name, a.parent, &a.channels),
+            (&b.name, b.parent, &b.channels)
+        );
+        assert!((a.offset - b.offset).norm() < 1e-6);
+    }
+    assert_eq!(back.frames.len(), bvh.frames.len());
+    for (ra, rb) in back.frames.iter().zip(&bvh.frames) {
+        for (a, b) in ra.iter().zip(rb) {
+            assert!((a - b).abs() <= 5e-7, "{a} vs {b}");
+        }
+    }
+    let (fk, fps) = back.to_joints().unwrap();
+    assert_eq!(fps, 20.0);
+    let d = max_dist(&fk, &ours);
+    println!("BVH export → read → FK: max {d:.2e} m from the clip");
+    assert!(d < 1e-3, "exported BVH reproduces the clip within {d} m");
+    // And a CMU clip, whose pelvis is not rigid: the spine exact, the hips nearly.
+    let bvh = Bvh::read(&bvh_dir().join("01_01_excerpt.bvh")).unwrap();
+    let (src, fps) = bvh.to_joints().unwrap();
+    let at20 = retarget::resample(&src, fps, 20.0).unwrap();
+    let cmu = canonicalise(&retarget::uniform_skeleton(&at20).unwrap()).unwrap();
+    let (fk, _) = Bvh::from_joints(&cmu, 20.0).unwrap().to_joints().unwrap();
+    let d = max_dist(&fk, &cmu);
+    println!("CMU 01_01 through our BVH: max {d:.2e} m");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn broken_bvh_files_are_named_with_the_line() {
+    let e = Bvh::parse("HIERARCHY\nROOT Hips\n{\n OFFSET 0 0 x\n").unwrap_err();
+    assert!(e.to_string().contains("line 4"), "{e}");
+    let e =
+        Bvh::parse("HIERARCHY\nROOT Hips\n{\nOFFSET 0 0 0\nCHANNELS 1 Wrotation\n}\n").unwrap_err();
+    assert!(e.to_string().contains("unknown channel"), "{e}");
+}

@@ -1,8 +1,10 @@
 //! Motion in HumanML3D's representation (Guo et al. 2022), the form every motion model, evaluator
 //! and export here speaks: the 22-joint SMPL chain ([`skeleton`]), the 263 features per frame and
 //! joint positions back from them ([`features`]), files ([`npy`], [`io`]: joint JSON), sources
-//! ([`deepmimic`]) moved onto the chain ([`retarget`]), and stick-figure renders ([`render`]).
+//! ([`deepmimic`], [`bvh`]) moved onto the chain ([`retarget`]), BVH export, and stick-figure
+//! renders ([`render`]).
 
+pub mod bvh;
 pub mod deepmimic;
 pub mod features;
 pub mod io;

@@ -1,18 +1,21 @@
 //! `lcm motion render|convert`: motion files between the forms `lcm` reads and writes — joint
 //! JSON, HumanML3D `.npy` (features `[T, 263]` or joints `[T, 22, 3]`), DeepMimic humanoid clips
-//! (retargeted onto the 22-joint chain at 20 fps) — and stick-figure GIF/PNG renders.
+//! and BVH (both retargeted onto the 22-joint chain at 20 fps; BVH written too) — and
+//! stick-figure GIF/PNG renders.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
+use crate::motion::bvh::Bvh;
 use crate::motion::{self, deepmimic, npy, render, retarget, Pose, FPS, JOINTS};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum MotionCommand {
     /// Draw a clip as a stick figure (front and side views): an animated GIF, or a PNG strip.
     Render {
-        /// A clip: .json (joints), .npy (HumanML3D features or joints), .txt (DeepMimic humanoid).
+        /// A clip: .json (joints), .npy (HumanML3D features or joints), .bvh (any skeleton with
+        /// recognisable joint names), .txt (DeepMimic humanoid).
         input: PathBuf,
         /// OUT.gif (animated) or OUT.png (a strip of --frames poses).
         #[arg(long)]
@@ -20,7 +23,8 @@ pub enum MotionCommand {
         #[arg(long, default_value_t = 8)]
         frames: usize,
     },
-    /// Convert a clip: to .json (joints, metres, 20 fps) or .npy (HumanML3D features).
+    /// Convert a clip: to .json (joints, metres, 20 fps), .npy (HumanML3D features) or .bvh (the
+    /// 22-joint chain with local rotations).
     Convert {
         input: PathBuf,
         #[arg(long)]
@@ -67,14 +71,25 @@ pub fn read_clip(path: &Path) -> Result<Vec<Pose>> {
         }
         "txt" => {
             let clip = deepmimic::read(path)?;
-            let at20 = retarget::resample(&clip.joints, 1.0 / clip.dt, FPS)?;
-            motion::features::canonicalise(&retarget::uniform_skeleton(&at20)?)
+            retargeted(&clip.joints, 1.0 / clip.dt)
+        }
+        "bvh" => {
+            let (joints, fps) = Bvh::read(path)?
+                .to_joints()
+                .with_context(|| format!("{}", path.display()))?;
+            retargeted(&joints, fps)
         }
         other => bail!(
-            "{}: unknown motion format {other:?} (expected .json, .npy or a DeepMimic .txt)",
+            "{}: unknown motion format {other:?} (expected .json, .npy, .bvh or a DeepMimic .txt)",
             path.display()
         ),
     }
+}
+
+/// A source's joints moved onto the 22-joint chain: 20 fps, the reference skeleton, canonical.
+fn retargeted(joints: &[Pose], fps: f64) -> Result<Vec<Pose>> {
+    let at20 = retarget::resample(joints, fps, FPS)?;
+    motion::features::canonicalise(&retarget::uniform_skeleton(&at20)?)
 }
 
 pub fn run(cmd: &MotionCommand) -> Result<()> {
