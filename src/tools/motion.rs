@@ -22,6 +22,9 @@ pub enum MotionCommand {
         output: PathBuf,
         #[arg(long, default_value_t = 8)]
         frames: usize,
+        /// GIF: keep every Nth frame (at 20/N fps), for smaller files of long clips.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        every: u64,
     },
     /// Convert a clip: to .json (joints, metres, 20 fps), .npy (HumanML3D features) or .bvh (the
     /// 22-joint chain with local rotations).
@@ -98,10 +101,14 @@ pub fn run(cmd: &MotionCommand) -> Result<()> {
             input,
             output,
             frames,
+            every,
         } => {
             let joints = read_clip(input)?;
             match extension(output).as_str() {
-                "gif" => render::write_gif(output, &joints, FPS)?,
+                "gif" => {
+                    let kept: Vec<Pose> = joints.iter().step_by(*every as usize).copied().collect();
+                    render::write_gif(output, &kept, FPS / *every as f64)?
+                }
                 "png" => render::write_strip(output, &joints, *frames)?,
                 other => bail!("--output {}: .gif or .png, not {other:?}", output.display()),
             }
