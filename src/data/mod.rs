@@ -1,10 +1,11 @@
 //! Training data: image–caption folders and shards ([`imagefolder`], re-exported here), the
-//! project's own procedural shapes and emoji ([`toy`]), and HumanML3D motion folders
-//! ([`humanml3d`]).
+//! project's own procedural shapes and emoji ([`toy`]), HumanML3D motion folders ([`humanml3d`])
+//! and the project's own motion data built from real clips ([`motion`]).
 
 pub mod encode;
 pub mod humanml3d;
 pub mod imagefolder;
+pub mod motion;
 pub mod toy;
 
 pub use imagefolder::*;
