@@ -73,6 +73,9 @@ enum PretrainCommand {
     Unet(lcm::train::teacher::TeacherArgs),
     /// The evaluator behind `lcm eval`: a small classifier on real images only.
     Evaluator(lcm::eval::train::EvaluatorArgs),
+    /// The motion evaluator: motion and caption encoders trained contrastively on ground truth
+    /// (a HumanML3D-layout folder, e.g. from `lcm data motion`), with attribute heads.
+    MotionEvaluator(lcm::eval::motion_train::MotionEvaluatorArgs),
 }
 
 #[derive(Subcommand)]
@@ -195,6 +198,9 @@ fn main() -> ExitCode {
         Command::Pretrain(PretrainCommand::Text(args)) => lcm::train::text_encoder::run(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::train::teacher::run(&args),
         Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::train::run(&args),
+        Command::Pretrain(PretrainCommand::MotionEvaluator(args)) => {
+            lcm::eval::motion_train::run(&args)
+        }
         Command::Eval(args) => lcm::eval::run::run(&args),
         Command::Whiten(args) => lcm::tools::whiten::run(&args),
         Command::Motion(cmd) => lcm::tools::motion::run(&cmd),

@@ -1,0 +1,290 @@
+//! `lcm pretrain motion-evaluator`: the motion evaluator ([`super::motion`]) trained on a
+//! HumanML3D-layout folder's train split (ground truth only), then scored on its test splits:
+//! R-precision (groups of 32), MM-Dist, attribute accuracy, and R-precision with the captions
+//! shuffled (which must fall to chance).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor, D};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::metrics::{r_precision, to_matrix};
+use super::motion::{
+    attributes, pad_clips, CaptionTokenizer, MotionEvalConfig, MotionEvaluator, HEADS,
+};
+use crate::data::humanml3d::{load, LoadOptions, MotionClip};
+use crate::data::motion::Program;
+use crate::train::args::{StageSettings, TrainArgs, PRETRAIN};
+use crate::train::run::{Run, Task};
+use crate::train::state::{Metrics, TrainState};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MotionEvaluatorArgs {
+    /// WordPiece tokenizer of the caption encoder (MiniLM's).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/minilm/tokenizer.json"))]
+    pub tokenizer: PathBuf,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct Settings {
+    config: MotionEvalConfig,
+    #[serde(flatten)]
+    stage: StageSettings,
+}
+
+/// A split ready for the networks: clips, their captions (token ids and masks, one row per
+/// caption), which clip each caption belongs to, and the clips' attributes.
+pub struct Prepared {
+    pub clips: Vec<MotionClip>,
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub owner: Vec<usize>,
+    pub attributes: Vec<Option<[u32; 5]>>,
+}
+
+/// Read a split of `dir` (with `programs/` beside it, when there is one).
+pub fn prepare(
+    dir: &Path,
+    split: &str,
+    tok: &CaptionTokenizer,
+    device: &Device,
+) -> Result<Prepared> {
+    let d = load(dir, split, &LoadOptions::default())?;
+    let (mut texts, mut owner) = (Vec::new(), Vec::new());
+    let mut attrs = Vec::new();
+    for (i, c) in d.clips.iter().enumerate() {
+        for cap in &c.captions {
+            texts.push(cap.text.clone());
+            owner.push(i);
+        }
+        let prog: Option<Program> = std::fs::read(dir.join(format!("programs/{}.json", c.name)))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        attrs.push(prog.as_ref().and_then(attributes));
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (ids, mask) = tok.encode(&refs, device)?;
+    Ok(Prepared {
+        clips: d.clips,
+        ids,
+        mask,
+        owner,
+        attributes: attrs,
+    })
+}
+
+struct MotionEvalTask {
+    settings: Settings,
+    model: MotionEvaluator,
+    data: Prepared,
+    /// The captions of each clip (rows of `data.ids`).
+    captions_of: Vec<Vec<usize>>,
+    tokenizer: PathBuf,
+    dir: PathBuf,
+}
+
+/// Cross-entropy over the rows whose label is not `u32::MAX`.
+fn masked_ce(logits: &Tensor, labels: &[u32]) -> Result<Option<Tensor>> {
+    let keep: Vec<u32> = (0..labels.len() as u32)
+        .filter(|&i| labels[i as usize] != u32::MAX)
+        .collect();
+    if keep.is_empty() {
+        return Ok(None);
+    }
+    let idx = Tensor::new(keep.as_slice(), logits.device())?;
+    let y: Vec<u32> = keep.iter().map(|&i| labels[i as usize]).collect();
+    let y = Tensor::new(y.as_slice(), logits.device())?;
+    Ok(Some(candle_nn::loss::cross_entropy(
+        &logits.index_select(&idx, 0)?,
+        &y,
+    )?))
+}
+
+impl Task for MotionEvalTask {
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn loss(&self, rng: &mut ChaCha8Rng) -> Result<(Tensor, Metrics)> {
+        let b = self.settings.stage.batch_size;
+        let n = self.data.clips.len();
+        let rows: Vec<usize> = rand::seq::index::sample(rng, n, b.min(n)).into_vec();
+        let clips: Vec<&[f32]> = rows
+            .iter()
+            .map(|&i| self.data.clips[i].features.as_slice())
+            .collect();
+        let device = self.data.ids.device();
+        let (x, m) = pad_clips(&clips, self.model.cfg.max_frames, device)?;
+        let caps: Vec<u32> = rows
+            .iter()
+            .map(|&i| {
+                let c = &self.captions_of[i];
+                c[rng.random_range(0..c.len())] as u32
+            })
+            .collect();
+        let caps = Tensor::new(caps.as_slice(), device)?;
+        let (ids, mask) = (
+            self.data.ids.index_select(&caps, 0)?,
+            self.data.mask.index_select(&caps, 0)?,
+        );
+        let feats = self.model.motion_features(&x, &m)?;
+        let motion = self.model.motion_embed(&feats)?;
+        let text = self.model.text_embed(&ids, &mask)?;
+        let mut loss = self.model.contrastive_loss(&motion, &text)?;
+        let mut metrics = Metrics::new();
+        for (h, logits) in self.model.heads(&feats)?.iter().enumerate() {
+            let labels: Vec<u32> = rows
+                .iter()
+                .map(|&i| self.data.attributes[i].map_or(u32::MAX, |a| a[h]))
+                .collect();
+            if let Some(ce) = masked_ce(logits, &labels)? {
+                metrics.insert(format!("ce_{}", HEADS[h].0), ce.to_scalar::<f32>()?.into());
+                loss = (loss + (ce * 0.2)?)?;
+            }
+        }
+        Ok((loss, metrics))
+    }
+
+    fn export(&mut self, state: &TrainState, run_dir: &Path) -> Result<()> {
+        let out = run_dir.join("motion-evaluator");
+        std::fs::create_dir_all(&out)?;
+        crate::files::write_atomic(
+            &out.join("config.json"),
+            &serde_json::to_vec_pretty(&self.settings.config)?,
+        )?;
+        crate::files::save_safetensors(&state.weights(), &out.join("model.safetensors"))?;
+        let tok = CaptionTokenizer::load(&self.tokenizer, self.settings.config.max_tokens)?;
+        let mut report = serde_json::Map::new();
+        for split in ["train", "test", "test_compositional", "test_paraphrase"] {
+            let Ok(data) = prepare(&self.dir, split, &tok, self.data.ids.device()) else {
+                continue;
+            };
+            if data.clips.len() < 32 {
+                // R-precision ranks within groups of 32.
+                report.insert(split.into(), serde_json::json!({"clips": data.clips.len()}));
+                continue;
+            }
+            let figures = score(&self.model, &data, self.settings.stage.seed)?;
+            println!("{split}: {figures}");
+            report.insert(split.to_string(), figures);
+        }
+        crate::files::write_atomic(
+            &out.join("scores.json"),
+            &serde_json::to_vec_pretty(&serde_json::Value::Object(report))?,
+        )?;
+        println!(
+            "trained the motion evaluator for {} steps; wrote {}",
+            state.step,
+            out.display()
+        );
+        Ok(())
+    }
+}
+
+/// A split's figures: R@1..3 and MM-Dist (first caption of each clip, groups of 32, shuffled
+/// order), the same with the captions shuffled, and each head's accuracy.
+pub fn score(model: &MotionEvaluator, data: &Prepared, seed: u64) -> Result<serde_json::Value> {
+    let device = data.ids.device();
+    let mut motion = Vec::new();
+    for chunk in data.clips.chunks(64) {
+        let clips: Vec<&[f32]> = chunk.iter().map(|c| c.features.as_slice()).collect();
+        let (x, m) = pad_clips(&clips, model.cfg.max_frames, device)?;
+        motion.push(model.motion_features(&x, &m)?);
+    }
+    let feats = Tensor::cat(&motion, 0)?;
+    let first: Vec<u32> = (0..data.clips.len())
+        .map(|i| {
+            data.owner
+                .iter()
+                .position(|&o| o == i)
+                .expect("a caption per clip") as u32
+        })
+        .collect();
+    let idx = Tensor::new(first.as_slice(), device)?;
+    let text = model.text_embed(
+        &data.ids.index_select(&idx, 0)?,
+        &data.mask.index_select(&idx, 0)?,
+    )?;
+    let me = model.motion_embed(&feats)?;
+    let mut order: Vec<usize> = (0..data.clips.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    order.shuffle(&mut rng);
+    let pick = |t: &Tensor, o: &[usize]| -> Result<Tensor> {
+        let o: Vec<u32> = o.iter().map(|&i| i as u32).collect();
+        Ok(t.index_select(&Tensor::new(o.as_slice(), device)?, 0)?)
+    };
+    let (m_mat, t_mat) = (
+        to_matrix(&pick(&me, &order)?)?,
+        to_matrix(&pick(&text, &order)?)?,
+    );
+    let (r, mm) = r_precision(&m_mat, &t_mat, 32, 3)?;
+    let mut shuffled = order.clone();
+    shuffled.shuffle(&mut rng);
+    let (rs, _) = r_precision(&m_mat, &to_matrix(&pick(&text, &shuffled)?)?, 32, 3)?;
+    let mut heads = serde_json::Map::new();
+    for (h, logits) in model.heads(&feats)?.iter().enumerate() {
+        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let (mut right, mut total) = (0, 0);
+        for (i, a) in data.attributes.iter().enumerate() {
+            if let Some(a) = a {
+                total += 1;
+                right += usize::from(pred[i] == a[h]);
+            }
+        }
+        if total > 0 {
+            heads.insert(HEADS[h].0.into(), (right as f64 / total as f64).into());
+        }
+    }
+    Ok(serde_json::json!({
+        "clips": data.clips.len(),
+        "r_precision": r, "mm_dist": mm,
+        "r_precision_shuffled": rs,
+        "head_accuracy": heads,
+    }))
+}
+
+/// `lcm pretrain motion-evaluator`.
+pub fn run(args: &MotionEvaluatorArgs) -> Result<()> {
+    let c = &args.train;
+    let (device, _) = c.runtime.resolve()?;
+    let dir = c
+        .data
+        .first()
+        .context("--data: the HumanML3D-layout folder")?
+        .clone();
+    let config = MotionEvalConfig::default();
+    let stage = c.stage(config.max_frames, &PRETRAIN)?;
+    let plan = c.plan(&PRETRAIN)?;
+    let options = c.options(&PRETRAIN)?;
+    let tok = CaptionTokenizer::load(&args.tokenizer, config.max_tokens)?;
+    let data = prepare(&dir, "train", &tok, &device)?;
+    eprintln!(
+        "{} training clips, {} captions",
+        data.clips.len(),
+        data.owner.len()
+    );
+    let mut captions_of = vec![Vec::new(); data.clips.len()];
+    for (row, &o) in data.owner.iter().enumerate() {
+        captions_of[o].push(row);
+    }
+    let init = crate::nn::init::init_weights(c.seed, &device, |vb| {
+        MotionEvaluator::new(&config, vb).map_err(candle_core::Error::wrap)
+    })?;
+    let state = TrainState::new(init, options)?;
+    let model = MotionEvaluator::new(&config, state.var_builder(&device))?;
+    let task = MotionEvalTask {
+        settings: Settings { config, stage },
+        model,
+        data,
+        captions_of,
+        tokenizer: args.tokenizer.clone(),
+        dir,
+    };
+    Run::new(state, task).resume_and_train(c.resume.as_deref(), &device, &plan)
+}
