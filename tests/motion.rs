@@ -332,10 +332,17 @@ fn programs_synthesise_what_they_say() {
         "a straight walk drifts to {straight}°"
     );
     for (turn, sign) in [(90, 1.0), (-90, -1.0)] {
-        let j = walk(mdata::Step {
+        let st = mdata::Step {
             turn,
             ..step(mdata::Action::Walk)
-        });
+        };
+        let j = walk(st.clone());
+        // The evaluator's own measure agrees: turned to its side by its angle, forwards.
+        let m = lcm::eval::motion_checks::measure(&j);
+        assert!(
+            lcm::eval::motion_checks::adheres(&st, &m, 15.0),
+            "{st:?}: {m:?}"
+        );
         println!("turn {turn}: ends facing {:.1}°", yaw_of(j.last().unwrap()));
         // Turning left (+) rotates the facing from +Z towards +X, the body's left.
         let yaw = yaw_of(j.last().unwrap());
