@@ -448,7 +448,7 @@ fn the_built_dataset_loads_as_humanml3d() {
 }
 
 /// `lcm pretrain motion-evaluator` on a small built dataset: it trains (the loss falls), exports
-/// its folder, and scores the splits it can.
+/// its folder, and scores the splits it can, the nearest-neighbour baseline included.
 #[test]
 fn the_motion_evaluator_learns() {
     let data = std::env::temp_dir().join(format!("lcm-meval-data-{}", std::process::id()));
@@ -456,7 +456,10 @@ fn the_motion_evaluator_learns() {
     mdata::build(
         &mini().parent().unwrap().join("mocap"),
         &data,
-        &mdata::BuildOptions { count: 80, seed: 5 },
+        &mdata::BuildOptions {
+            count: 400,
+            seed: 5,
+        },
     )
     .unwrap();
     let o = common::lcm_bin(&[
@@ -498,6 +501,10 @@ fn the_motion_evaluator_learns() {
     let shuffled = train["r_precision_shuffled"][2].as_f64().unwrap();
     println!("train R@3 {r3:.3}, shuffled {shuffled:.3}");
     assert!(r3 > shuffled, "{r3} vs shuffled {shuffled}");
+    // The nearest-neighbour retrieval baseline is scored on the test split (≥ 32 clips here).
+    let nn = &scores["test_nearest_neighbour"];
+    assert!(nn["fid"].as_f64().unwrap().is_finite(), "{nn}");
+    assert_eq!(nn["clips"], scores["test"]["clips"]);
     assert!(run.join("motion-evaluator/model.safetensors").is_file());
     std::fs::remove_dir_all(&data).ok();
     std::fs::remove_dir_all(&run).ok();

@@ -173,6 +173,12 @@ impl Task for MotionEvalTask {
             let figures = score(&self.model, &data, self.settings.stage.seed)?;
             println!("{split}: {figures}");
             report.insert(split.to_string(), figures);
+            if split == "test" {
+                let nn =
+                    nearest_neighbour(&self.model, &self.data, &data, self.settings.stage.seed)?;
+                println!("test, nearest-neighbour baseline: {nn}");
+                report.insert("test_nearest_neighbour".into(), nn);
+            }
         }
         crate::files::write_atomic(
             &out.join("scores.json"),
@@ -187,17 +193,90 @@ impl Task for MotionEvalTask {
     }
 }
 
+/// The retrieval baseline: for each clip of `test`, the training clip whose caption is nearest
+/// its first caption by MiniLM sentence embeddings, scored as if it were generated — R-precision
+/// against the test captions and FID of its features against the real test clips'.
+pub fn nearest_neighbour(
+    model: &MotionEvaluator,
+    train: &Prepared,
+    test: &Prepared,
+    seed: u64,
+) -> Result<serde_json::Value> {
+    use crate::model::sentence::{SentenceEncoder, DEFAULT_SENTENCE_ENCODER};
+    let device = test.ids.device();
+    let minilm = SentenceEncoder::open(DEFAULT_SENTENCE_ENCODER, device)?;
+    let embed = |texts: Vec<&str>| -> Result<Tensor> {
+        let parts = texts
+            .chunks(128)
+            .map(|c| Ok(minilm.encode(c)?.sentences))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    };
+    let all_train: Vec<&str> = train
+        .clips
+        .iter()
+        .flat_map(|c| c.captions.iter().map(|t| t.text.as_str()))
+        .collect();
+    let owners: Vec<usize> = train
+        .clips
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| std::iter::repeat_n(i, c.captions.len()))
+        .collect();
+    let queries: Vec<&str> = test
+        .clips
+        .iter()
+        .map(|c| c.captions[0].text.as_str())
+        .collect();
+    let sims = embed(queries)?.matmul(&embed(all_train)?.t()?)?;
+    let best = sims.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let retrieved: Vec<&[f32]> = best
+        .iter()
+        .map(|&b| train.clips[owners[b as usize]].features.as_slice())
+        .collect();
+    let mut figures = score_motions(model, &retrieved, test, seed)?;
+    let real: Vec<&[f32]> = test.clips.iter().map(|c| c.features.as_slice()).collect();
+    let (a, b) = (
+        motion_features(model, &retrieved, device)?,
+        motion_features(model, &real, device)?,
+    );
+    let (mu1, s1) = super::metrics::feature_stats(&a)?;
+    let (mu2, s2) = super::metrics::feature_stats(&b)?;
+    figures["fid"] = super::metrics::fid(&mu1, &s1, &mu2, &s2)?.into();
+    Ok(figures)
+}
+
 /// A split's figures: R@1..3 and MM-Dist (first caption of each clip, groups of 32, shuffled
 /// order), the same with the captions shuffled, and each head's accuracy.
 pub fn score(model: &MotionEvaluator, data: &Prepared, seed: u64) -> Result<serde_json::Value> {
-    let device = data.ids.device();
-    let mut motion = Vec::new();
-    for chunk in data.clips.chunks(64) {
-        let clips: Vec<&[f32]> = chunk.iter().map(|c| c.features.as_slice()).collect();
-        let (x, m) = pad_clips(&clips, model.cfg.max_frames, device)?;
-        motion.push(model.motion_features(&x, &m)?);
+    let clips: Vec<&[f32]> = data.clips.iter().map(|c| c.features.as_slice()).collect();
+    score_motions(model, &clips, data, seed)
+}
+
+/// The evaluator's motion features `[n, hidden]` of normalised clips.
+pub fn motion_features(
+    model: &MotionEvaluator,
+    clips: &[&[f32]],
+    device: &Device,
+) -> Result<Tensor> {
+    let mut out = Vec::new();
+    for chunk in clips.chunks(64) {
+        let (x, m) = pad_clips(chunk, model.cfg.max_frames, device)?;
+        out.push(model.motion_features(&x, &m)?);
     }
-    let feats = Tensor::cat(&motion, 0)?;
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// [`score`] of `motions` (one per clip of `data`, e.g. a model's or a baseline's) against
+/// `data`'s captions; the heads are judged against `data`'s programs.
+pub fn score_motions(
+    model: &MotionEvaluator,
+    motions: &[&[f32]],
+    data: &Prepared,
+    seed: u64,
+) -> Result<serde_json::Value> {
+    let device = data.ids.device();
+    let feats = motion_features(model, motions, device)?;
     let first: Vec<u32> = (0..data.clips.len())
         .map(|i| {
             data.owner
