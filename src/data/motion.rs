@@ -502,9 +502,8 @@ fn real_captions(s: &Source) -> Option<Vec<String>> {
 
 // ---------------------------------------------------------------- programs and splits
 
-/// Every action, walking twice as often as the others.
-const ACTIONS: [Action; 11] = [
-    Action::Walk,
+/// Every action, in the order of the evaluator's action classes.
+pub const ALL_ACTIONS: [Action; 10] = [
     Action::Walk,
     Action::Run,
     Action::Jump,
@@ -518,10 +517,11 @@ const ACTIONS: [Action; 11] = [
 ];
 
 /// The actions whose real clips are among `sources`.
+/// Walking is listed twice: drawn twice as often as the others.
 pub fn available(sources: &[Source]) -> Vec<Action> {
-    ACTIONS
+    ALL_ACTIONS
         .iter()
-        .copied()
+        .flat_map(|&a| std::iter::repeat_n(a, if a == Action::Walk { 2 } else { 1 }))
         .filter(|a| sources.iter().any(|s| s.name == clip_name(*a)))
         .collect()
 }

@@ -16,7 +16,7 @@ use candle_nn::{Conv1d, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::data::motion::{Action, Program, Side, Speed};
+use crate::data::motion::{Program, Side, Speed, ALL_ACTIONS};
 use crate::motion::FEATURES;
 
 /// Sizes (`config.json` of an evaluator folder).
@@ -61,20 +61,7 @@ pub fn attributes(p: &Program) -> Option<[u32; 5]> {
     let [s] = p.steps.as_slice() else {
         return None;
     };
-    let action = [
-        Action::Walk,
-        Action::Run,
-        Action::Jump,
-        Action::Kick,
-        Action::Punch,
-        Action::Backflip,
-        Action::Cartwheel,
-        Action::Spin,
-        Action::Crawl,
-        Action::Dance,
-    ]
-    .iter()
-    .position(|a| *a == s.action)? as u32;
+    let action = ALL_ACTIONS.iter().position(|a| *a == s.action)? as u32;
     let side = match s.side {
         None => 0,
         Some(Side::Left) => 1,

@@ -371,11 +371,9 @@ pub fn run(args: &MotionEvaluatorArgs) -> Result<()> {
     for (row, &o) in data.owner.iter().enumerate() {
         captions_of[o].push(row);
     }
-    let init = crate::nn::init::init_weights(c.seed, &device, |vb| {
-        MotionEvaluator::new(&config, vb).map_err(candle_core::Error::wrap)
+    let (state, model) = TrainState::fresh(c.seed, options, &device, |vb| {
+        MotionEvaluator::new(&config, vb)
     })?;
-    let state = TrainState::new(init, options)?;
-    let model = MotionEvaluator::new(&config, state.var_builder(&device))?;
     let task = MotionEvalTask {
         settings: Settings { config, stage },
         model,

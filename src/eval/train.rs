@@ -220,11 +220,8 @@ pub fn run(args: &EvaluatorArgs) -> Result<()> {
         .iter()
         .map(|h| Ok(one_hot(&rows, h, cfg.classes(h)?)?.to_device(&device)?))
         .collect::<Result<Vec<_>>>()?;
-    let init = crate::nn::init::init_weights(c.seed, &device, |vb| {
-        Classifier::new(&cfg, vb).map_err(candle_core::Error::wrap)
-    })?;
-    let state = TrainState::new(init, options)?;
-    let model = Classifier::new(&cfg, state.var_builder(&device))?;
+    let (state, model) =
+        TrainState::fresh(c.seed, options, &device, |vb| Classifier::new(&cfg, vb))?;
     let task = EvaluatorTask {
         settings: EvaluatorSettings { stage },
         model,

@@ -97,6 +97,22 @@ impl TrainState {
         Self::with_trainable(weights, options, |_| true)
     }
 
+    /// A fresh run of the network `build` makes: weights drawn from `seed`, all trainable; returns
+    /// the state and the network over its live variables.
+    pub fn fresh<M>(
+        seed: u64,
+        options: TrainOptions,
+        device: &Device,
+        build: impl Fn(VarBuilder) -> Result<M>,
+    ) -> Result<(Self, M)> {
+        let init = crate::nn::init::init_weights(seed, device, |vb| {
+            build(vb).map_err(candle_core::Error::wrap)
+        })?;
+        let state = Self::new(init, options)?;
+        let model = build(state.var_builder(device))?;
+        Ok((state, model))
+    }
+
     /// Only the weights `trainable` accepts by name are optimised; the others stay frozen.
     pub fn with_trainable(
         weights: HashMap<String, Tensor>,

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -228,10 +227,9 @@ pub fn run(args: &TextArgs) -> Result<()> {
         Vec::new()
     };
     let hard = (args.hard_negatives * batch_size as f64).round() as usize;
-    let build = |vb: VarBuilder| ContrastiveModel::new(&te_cfg, latent, args.embed_dim, vb);
-    let init = crate::nn::init::init_weights(c.seed, &device, build)?;
-    let state = TrainState::new(init, options)?;
-    let model = build(state.var_builder(&device))?;
+    let (state, model) = TrainState::fresh(c.seed, options, &device, |vb| {
+        Ok(ContrastiveModel::new(&te_cfg, latent, args.embed_dim, vb)?)
+    })?;
     let task = TextTask {
         args,
         settings: TextSettings {
@@ -275,7 +273,7 @@ mod tests {
     fn every_contrastive_weight_gets_a_gradient() -> Result<()> {
         let (te_cfg, tok) = crate::train::tiny_text_config()?;
         let dev = Device::Cpu;
-        let build = |vb: VarBuilder| ContrastiveModel::new(&te_cfg, (4, 8), 16, vb);
+        let build = |vb: candle_nn::VarBuilder| ContrastiveModel::new(&te_cfg, (4, 8), 16, vb);
         let (vars, model) = crate::nn::init::live_vars(0, &dev, build)?;
         let prompts = [
             "a red circle",
