@@ -2,9 +2,12 @@
 //! against sentence-transformers 6.3.0 / transformers 5.25 / torch 2.15 on the same files
 //! (tests/fixtures/minilm.safetensors, made by scripts/make_minilm_fixture.py).
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
+use common::max_abs_diff;
 use lcm::model::sentence::{hub_folder, SentenceEncoder, DEFAULT_SENTENCE_ENCODER};
 
 fn root() -> PathBuf {
@@ -21,17 +24,6 @@ fn fixture() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
     (sentences, tensors)
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn embeddings_equal_sentence_transformers() {
     let (sentences, want) = fixture();
@@ -39,7 +31,7 @@ fn embeddings_equal_sentence_transformers() {
     let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
     assert!(refs.len() >= 10);
     let got = enc.encode(&refs).unwrap();
-    let d = max_abs(&got.sentences, &want["embeddings"]);
+    let d = max_abs_diff(&got.sentences, &want["embeddings"]);
     println!(
         "{} sentences: max |ours − sentence-transformers| = {d:.2e}",
         refs.len()
@@ -49,7 +41,7 @@ fn embeddings_equal_sentence_transformers() {
     let states = &want["token_states_0"];
     let n0 = states.dim(0).unwrap();
     let ours = got.tokens.get(0).unwrap().narrow(0, 0, n0).unwrap();
-    let d = max_abs(&ours, states);
+    let d = max_abs_diff(&ours, states);
     println!("token states: max |Δ| = {d:.2e}");
     assert!(d < 1e-4, "token states differ by {d}");
     let real: f32 = got
@@ -62,7 +54,7 @@ fn embeddings_equal_sentence_transformers() {
         .unwrap();
     assert_eq!(real as usize, n0);
     // What f16 storage costs against the original f32 weights (reported, bounded).
-    let d32 = max_abs(&got.sentences, &want["embeddings_f32_weights"]);
+    let d32 = max_abs_diff(&got.sentences, &want["embeddings_f32_weights"]);
     println!("f16 weights vs the original f32: max |Δ| = {d32:.2e}");
     assert!(d32 < 1e-3, "{d32}");
 }

@@ -214,3 +214,8 @@ pub fn file_fingerprint(path: &Path) -> String {
         Err(_) => format!("{}:missing", path.display()),
     }
 }
+
+/// Whether hf-hub may not download (`HF_HUB_OFFLINE` set to anything but 0).
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty())
+}

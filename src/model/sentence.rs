@@ -145,7 +145,7 @@ pub fn hub_folder(cache: &hf_hub::Cache, id: &str) -> Result<PathBuf> {
             .map(Path::to_path_buf)
             .context("hub cache layout");
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
+    let offline = crate::model::folder::hub_offline();
     if offline {
         bail!(
             "{id} is not in the hub cache {} and HF_HUB_OFFLINE is set",

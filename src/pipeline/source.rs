@@ -171,7 +171,7 @@ pub fn hub_snapshot(id: &str, revision: Option<&str>) -> Result<ModelFolder> {
     if let Some(folder) = snapshot_from_cache(&cache.repo(repo.clone())) {
         return Ok(folder);
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
+    let offline = crate::model::folder::hub_offline();
     let how = format!(
         "download it where there is network (`huggingface-cli download {id}`) and copy it into {}, \
          or pass --model DIR with a diffusers-layout folder",
