@@ -76,6 +76,8 @@ enum PretrainCommand {
     /// The motion evaluator: motion and caption encoders trained contrastively on ground truth
     /// (a HumanML3D-layout folder, e.g. from `lcm data motion`), with attribute heads.
     MotionEvaluator(lcm::eval::motion_train::MotionEvaluatorArgs),
+    /// The motion VAE: a transformer autoencoder of HumanML3D features to a few latent tokens.
+    MotionVae(lcm::train::motion_vae::MotionVaeArgs),
 }
 
 #[derive(Subcommand)]
@@ -115,7 +117,7 @@ enum DataCommand {
         #[arg(long)]
         out: PathBuf,
         /// Procedural samples to write.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 3000)]
         count: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -198,6 +200,7 @@ fn main() -> ExitCode {
         Command::Pretrain(PretrainCommand::Text(args)) => lcm::train::text_encoder::run(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::train::teacher::run(&args),
         Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::train::run(&args),
+        Command::Pretrain(PretrainCommand::MotionVae(args)) => lcm::train::motion_vae::run(&args),
         Command::Pretrain(PretrainCommand::MotionEvaluator(args)) => {
             lcm::eval::motion_train::run(&args)
         }

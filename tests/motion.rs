@@ -304,7 +304,10 @@ fn step(action: mdata::Action) -> mdata::Step {
 }
 
 fn one(s: mdata::Step) -> mdata::Program {
-    mdata::Program { steps: vec![s] }
+    mdata::Program {
+        steps: vec![s],
+        overlay: None,
+    }
 }
 
 fn yaw_of(p: &Pose) -> f64 {
@@ -381,6 +384,68 @@ fn programs_synthesise_what_they_say() {
     assert!(max_dist(&mdata::mirror(&m), clip) < 1e-12);
     let (l, r) = (m[5][20], clip[5][21]);
     assert!((l.x + r.x).abs() < 1e-12 && (l.y - r.y).abs() < 1e-12);
+}
+
+/// Gestures over standing and walking: the caption names the hand and count, and the joints
+/// show them (the evaluator's checks pass on the synthesised clip and fail with the other hand).
+#[test]
+fn gesture_programs_show_their_hand_and_count() {
+    use lcm::eval::motion_checks::gesture_adheres;
+    let sources = fixture_sources();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for (action, gesture, side, count) in [
+        (
+            mdata::Action::Stand,
+            mdata::Gesture::Wave,
+            Some(mdata::Side::Left),
+            1,
+        ),
+        (
+            mdata::Action::Stand,
+            mdata::Gesture::Raise,
+            Some(mdata::Side::Right),
+            3,
+        ),
+        (
+            mdata::Action::Walk,
+            mdata::Gesture::Raise,
+            Some(mdata::Side::Left),
+            2,
+        ),
+        (mdata::Action::Stand, mdata::Gesture::Clap, None, 2),
+    ] {
+        let overlay = mdata::Overlay {
+            gesture,
+            side,
+            count,
+        };
+        let p = mdata::Program {
+            steps: vec![step(action)],
+            overlay: Some(overlay.clone()),
+        };
+        let joints = mdata::synthesise(&p, &sources, &mut rng).unwrap();
+        assert!(gesture_adheres(&overlay, &joints), "{p:?}");
+        if let Some(s) = side {
+            let swapped = mdata::Overlay {
+                side: Some(s.other()),
+                ..overlay.clone()
+            };
+            assert!(
+                !gesture_adheres(&swapped, &joints),
+                "{p:?} with the other hand"
+            );
+        }
+        let captions = mdata::captions(&p, false, &mut rng);
+        for c in &captions {
+            if let Some(s) = side {
+                assert!(c.contains(s.name()), "{c}");
+            }
+            if count == 2 {
+                assert!(c.contains("twice"), "{c}");
+            }
+        }
+        println!("{:?}: {}", gesture, captions[0]);
+    }
 }
 
 #[test]

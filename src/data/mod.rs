@@ -1,7 +1,9 @@
 //! Training data: image–caption folders and shards ([`imagefolder`], re-exported here), the
-//! project's own procedural shapes and emoji ([`toy`]), HumanML3D motion folders ([`humanml3d`])
-//! and the project's own motion data built from real clips ([`motion`]).
+//! project's own procedural shapes and emoji ([`toy`]), HumanML3D motion folders ([`humanml3d`]),
+//! the project's own motion data built from real clips ([`motion`]) and its augmentation
+//! ([`augment`]).
 
+pub mod augment;
 pub mod encode;
 pub mod humanml3d;
 pub mod imagefolder;

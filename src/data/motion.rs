@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::motion::bvh::Bvh;
 use crate::motion::features::canonicalise;
+pub use crate::motion::gesture::Gesture;
+pub use crate::motion::skeleton::Side;
 use crate::motion::{
     deepmimic, features, joints_from_features, npy, retarget, Pose, FEATURES, FPS,
 };
@@ -110,13 +112,8 @@ pub enum Action {
     Spin,
     Crawl,
     Dance,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Side {
-    Left,
-    Right,
+    /// Standing in place (the walk's most upright frame, held): the ground of most gestures.
+    Stand,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -143,10 +140,22 @@ pub struct Step {
     pub count: u32,
 }
 
-/// A sample's program: its steps in order.
+/// An upper-body gesture over a whole single-step program (see [`crate::motion::gesture`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Overlay {
+    pub gesture: Gesture,
+    /// The hand (wave, raise); `None` for a clap.
+    pub side: Option<Side>,
+    /// Repetitions (raise, clap; 1 for a wave).
+    pub count: u32,
+}
+
+/// A sample's program: its steps in order, and a gesture laid over them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Program {
     pub steps: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Overlay>,
 }
 
 /// The real clips the actions are made of, by action.
@@ -162,7 +171,19 @@ fn clip_name(a: Action) -> &'static str {
         Action::Spin => "spin",
         Action::Crawl => "crawl",
         Action::Dance => "dance_a",
+        Action::Stand => "walk",
     }
+}
+
+/// The walk's most upright frame (feet closest together, both down), held for 2–4 s.
+fn standing(walk: &[Pose], rng: &mut ChaCha8Rng) -> Vec<Pose> {
+    let gap = |p: &Pose| (p[7] - p[8]).xz().norm() + (p[7].y - p[8].y).abs();
+    let pose = walk
+        .iter()
+        .min_by(|a, b| gap(a).total_cmp(&gap(b)))
+        .copied()
+        .expect("a clip has frames");
+    vec![pose; ((2.0 + 2.0 * rng.random::<f64>()) * FPS) as usize]
 }
 
 /// Left and right swapped: x mirrored, each left joint trading places with its right twin.
@@ -235,6 +256,9 @@ fn step_joints(
     let src = sources
         .get(name)
         .with_context(|| format!("the real clip {name:?} is missing from the sources"))?;
+    if step.action == Action::Stand {
+        return Ok(standing(&src.joints, rng));
+    }
     let mut joints = src.joints.clone();
     if let (Some(side), Action::Kick | Action::Punch) = (step.side, step.action) {
         if active_side(&joints, step.action) != side {
@@ -319,7 +343,13 @@ pub fn synthesise(
             concat(&rows, &r, 6)
         };
     }
-    canonicalise(&joints_from_features(&rows)?)
+    let joints = canonicalise(&joints_from_features(&rows)?)?;
+    Ok(match &program.overlay {
+        Some(o) => {
+            crate::motion::gesture::apply(&joints, o.gesture, o.side.unwrap_or(Side::Left), o.count)
+        }
+        None => joints,
+    })
 }
 
 // ---------------------------------------------------------------- captions
@@ -418,6 +448,12 @@ fn phrases(step: &Step) -> Vec<String> {
             "does a little dance".into(),
             "moves to music".into(),
         ],
+        Action::Stand => vec![
+            "stands still".into(),
+            "stands in place".into(),
+            "is standing".into(),
+            "remains standing".into(),
+        ],
     };
     let mut out = Vec::new();
     for (i, b) in base.iter().enumerate() {
@@ -428,6 +464,41 @@ fn phrases(step: &Step) -> Vec<String> {
     out
 }
 
+fn count_phrase(count: u32) -> &'static str {
+    match count {
+        0 | 1 => "",
+        2 => " twice",
+        3 => " three times",
+        _ => " several times",
+    }
+}
+
+/// Verb phrases of a gesture; the last is held out of training, as in [`phrases`].
+fn overlay_phrases(o: &Overlay) -> Vec<String> {
+    let s = o.side.unwrap_or(Side::Left).name();
+    let c = count_phrase(o.count);
+    match o.gesture {
+        Gesture::Wave => vec![
+            format!("waves with the {s} hand"),
+            format!("waves the {s} hand"),
+            format!("waves {s} hand in greeting"),
+            format!("gives a wave with the {s} hand"),
+        ],
+        Gesture::Raise => vec![
+            format!("raises the {s} arm{c}"),
+            format!("lifts the {s} arm up{c}"),
+            format!("puts the {s} hand up{c}"),
+            format!("raises the {s} hand over the head{c}"),
+        ],
+        Gesture::Clap => vec![
+            format!("claps{c}"),
+            format!("claps the hands{c}"),
+            format!("claps the hands together{c}"),
+            format!("brings the palms together{c}"),
+        ],
+    }
+}
+
 /// Three captions of a program: (caption, held-out phrasing?) — the first three from training
 /// phrasings, or all from held-out ones when `paraphrase_test`.
 pub fn captions(program: &Program, paraphrase_test: bool, rng: &mut ChaCha8Rng) -> Vec<String> {
@@ -436,21 +507,27 @@ pub fn captions(program: &Program, paraphrase_test: bool, rng: &mut ChaCha8Rng) 
         .map(|k| {
             let subject = SUBJECTS.choose(rng).expect("subjects");
             let mut parts = Vec::new();
-            for step in &program.steps {
-                let p = phrases(step);
-                let pick = if paraphrase_test {
+            let pick = |p: Vec<String>, rng: &mut ChaCha8Rng| {
+                if paraphrase_test {
                     p.last().cloned().expect("phrasings")
                 } else {
                     p[(k + rng.random_range(0..p.len() - 1)) % (p.len() - 1)].clone()
-                };
-                parts.push(pick);
+                }
+            };
+            for step in &program.steps {
+                parts.push(pick(phrases(step), rng));
             }
+            let gesture = program
+                .overlay
+                .as_ref()
+                .map(|o| format!(" and {}", pick(overlay_phrases(o), rng)))
+                .unwrap_or_default();
             let connector = if paraphrase_test {
                 ", and afterwards "
             } else {
                 connectors[k % connectors.len()]
             };
-            format!("{subject} {}", parts.join(connector))
+            format!("{subject} {}{gesture}", parts.join(connector))
         })
         .collect()
 }
@@ -503,7 +580,7 @@ fn real_captions(s: &Source) -> Option<Vec<String>> {
 // ---------------------------------------------------------------- programs and splits
 
 /// Every action, in the order of the evaluator's action classes.
-pub const ALL_ACTIONS: [Action; 10] = [
+pub const ALL_ACTIONS: [Action; 11] = [
     Action::Walk,
     Action::Run,
     Action::Jump,
@@ -514,14 +591,18 @@ pub const ALL_ACTIONS: [Action; 10] = [
     Action::Spin,
     Action::Crawl,
     Action::Dance,
+    Action::Stand,
 ];
 
 /// The actions whose real clips are among `sources`.
-/// Walking is listed twice: drawn twice as often as the others.
+/// Walking and standing (the ground of most gestures) are listed twice: drawn twice as often.
 pub fn available(sources: &[Source]) -> Vec<Action> {
     ALL_ACTIONS
         .iter()
-        .flat_map(|&a| std::iter::repeat_n(a, if a == Action::Walk { 2 } else { 1 }))
+        .flat_map(|&a| {
+            let twice = matches!(a, Action::Walk | Action::Stand);
+            std::iter::repeat_n(a, if twice { 2 } else { 1 })
+        })
         .filter(|a| sources.iter().any(|s| s.name == clip_name(*a)))
         .collect()
 }
@@ -566,17 +647,50 @@ pub fn is_compositional_holdout(p: &Program) -> bool {
         (s.action == Action::Run && s.turn < 0)
             || (s.action == Action::Kick && s.side == Some(Side::Left))
     };
-    p.steps.iter().any(held)
+    let held_gesture = p.overlay.as_ref().is_some_and(|o| {
+        o.gesture == Gesture::Raise
+            && o.side == Some(Side::Left)
+            && p.steps.iter().any(|s| s.action == Action::Walk)
+    });
+    held_gesture
+        || p.steps.iter().any(held)
         || p.steps
             .windows(2)
             .any(|w| w[0].action == Action::Jump && w[1].action == Action::Kick)
 }
 
-/// A random program of one or two steps of `actions`.
+/// A random program of one or two steps of `actions`; single steps of standing (mostly) or
+/// walking forward (sometimes) carry a gesture.
 pub fn random_program(rng: &mut ChaCha8Rng, actions: &[Action]) -> Program {
     let n = if rng.random_bool(0.35) { 2 } else { 1 };
-    Program {
-        steps: (0..n).map(|_| random_step(rng, actions)).collect(),
+    let steps: Vec<Step> = (0..n).map(|_| random_step(rng, actions)).collect();
+    let overlay = match steps.as_slice() {
+        [s] if s.action == Action::Stand && rng.random_bool(0.85) => Some(random_overlay(rng)),
+        [s] if s.action == Action::Walk && !s.backward && rng.random_bool(0.4) => {
+            Some(random_overlay(rng))
+        }
+        _ => None,
+    };
+    Program { steps, overlay }
+}
+
+fn random_overlay(rng: &mut ChaCha8Rng) -> Overlay {
+    let gesture = *[Gesture::Wave, Gesture::Raise, Gesture::Clap]
+        .choose(rng)
+        .expect("gestures");
+    let side = if rng.random_bool(0.5) {
+        Side::Left
+    } else {
+        Side::Right
+    };
+    Overlay {
+        gesture,
+        side: (gesture != Gesture::Clap).then_some(side),
+        count: if gesture == Gesture::Wave {
+            1
+        } else {
+            rng.random_range(1..=3)
+        },
     }
 }
 

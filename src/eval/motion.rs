@@ -16,7 +16,7 @@ use candle_nn::{Conv1d, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::data::motion::{Program, Side, Speed, ALL_ACTIONS};
+use crate::data::motion::{Gesture, Program, Side, Speed, ALL_ACTIONS};
 use crate::motion::FEATURES;
 
 /// Sizes (`config.json` of an evaluator folder).
@@ -46,23 +46,36 @@ impl Default for MotionEvalConfig {
     }
 }
 
+/// How many attribute heads there are.
+pub const HEADS_N: usize = 6;
+
 /// The attribute heads: name and number of classes. Labels come from [`attributes`].
-pub const HEADS: [(&str, usize); 5] = [
-    ("action", 10),
+pub const HEADS: [(&str, usize); HEADS_N] = [
+    ("action", ALL_ACTIONS.len()),
     ("side", 3),
     ("count", 3),
     ("speed", 3),
     ("turn", 6),
+    ("gesture", 4),
 ];
 
 /// A single-step program's class per head (`None` for multi-step programs: their labels would
-/// be ambiguous).
-pub fn attributes(p: &Program) -> Option<[u32; 5]> {
+/// be ambiguous). Side and count are the gesture's where there is one (gestures ride on steps
+/// that have neither).
+pub fn attributes(p: &Program) -> Option<[u32; HEADS_N]> {
     let [s] = p.steps.as_slice() else {
         return None;
     };
     let action = ALL_ACTIONS.iter().position(|a| *a == s.action)? as u32;
-    let side = match s.side {
+    let o = p.overlay.as_ref();
+    let gesture = match o.map(|o| o.gesture) {
+        None => 0,
+        Some(Gesture::Wave) => 1,
+        Some(Gesture::Raise) => 2,
+        Some(Gesture::Clap) => 3,
+    };
+    let count = o.map_or(s.count, |o| o.count);
+    let side = match o.map_or(s.side, |o| o.side) {
         None => 0,
         Some(Side::Left) => 1,
         Some(Side::Right) => 2,
@@ -80,7 +93,7 @@ pub fn attributes(p: &Program) -> Option<[u32; 5]> {
         -90 => 4,
         _ => 5,
     };
-    Some([action, side, s.count.clamp(1, 3) - 1, speed, turn])
+    Some([action, side, count.clamp(1, 3) - 1, speed, turn, gesture])
 }
 
 pub struct MotionEvaluator {

@@ -3,8 +3,8 @@
 //! reports them — and the program-level facts a caption states (how far it turned and to which
 //! side, whether it travelled forwards or backwards, how fast), to check adherence.
 
-use crate::data::motion::Step;
-use crate::motion::skeleton::{facing, LEFT_FOOT, RIGHT_FOOT};
+use crate::data::motion::{Gesture, Overlay, Step};
+use crate::motion::skeleton::{facing, Side, LEFT_FOOT, RIGHT_FOOT};
 use crate::motion::{Pose, FPS};
 
 /// A foot counts as on the ground below this height (m).
@@ -120,6 +120,68 @@ pub fn adheres(step: &Step, m: &Measured, tolerance: f64) -> bool {
     turn_ok && direction_ok
 }
 
+/// How high a wrist must rise above its shoulder to count as raised (m), and how far below that
+/// it must fall again before the next raise counts (hysteresis).
+const RAISED: f64 = 0.1;
+const LOWERED: f64 = -0.15;
+/// Hands closer than this have met (m); they must part beyond `APART` before the next clap.
+const MET: f64 = 0.12;
+const APART: f64 = 0.25;
+
+/// Rising crossings of `signal` above `high`, each counted once until it falls below `low`.
+fn crossings(signal: impl Iterator<Item = f64>, high: f64, low: f64, rising: bool) -> u32 {
+    let (mut armed, mut n) = (true, 0);
+    for v in signal {
+        let v = if rising { v } else { -v };
+        let (high, low) = if rising { (high, low) } else { (-high, -low) };
+        if armed && v > high {
+            n += 1;
+            armed = false;
+        } else if !armed && v < low {
+            armed = true;
+        }
+    }
+    n
+}
+
+/// The hand raised highest above its shoulder, if either rises above it by 10 cm.
+pub fn raised_hand(joints: &[Pose]) -> Option<Side> {
+    let top = |s: Side| {
+        joints
+            .iter()
+            .map(|p| p[s.wrist()].y - p[s.shoulder()].y)
+            .fold(f64::MIN, f64::max)
+    };
+    let (l, r) = (top(Side::Left), top(Side::Right));
+    (l.max(r) > RAISED).then_some(if l >= r { Side::Left } else { Side::Right })
+}
+
+/// How many times the `side` hand goes up above the shoulder.
+pub fn raises(joints: &[Pose], side: Side) -> u32 {
+    let h = joints
+        .iter()
+        .map(|p| p[side.wrist()].y - p[side.shoulder()].y);
+    crossings(h, RAISED, LOWERED, true)
+}
+
+/// How many times the hands meet.
+pub fn claps(joints: &[Pose]) -> u32 {
+    let gap = joints.iter().map(|p| (p[20] - p[21]).norm());
+    crossings(gap, MET, APART, false)
+}
+
+/// Whether a clip shows the gesture: its hand for waves and raises, its count for raises and
+/// claps.
+pub fn gesture_adheres(o: &Overlay, joints: &[Pose]) -> bool {
+    match o.gesture {
+        Gesture::Wave => o.side.is_some() && raised_hand(joints) == o.side,
+        Gesture::Raise => o
+            .side
+            .is_some_and(|s| raised_hand(joints) == Some(s) && raises(joints, s) == o.count),
+        Gesture::Clap => claps(joints) == o.count && raised_hand(joints).is_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +228,44 @@ mod tests {
         shaky[5][0].y += 0.01;
         let j = plausibility(&shaky).jitter;
         assert!(j > 0.0, "{j}");
+    }
+
+    #[test]
+    fn gestures_are_measured_from_the_joints() {
+        use crate::motion::gesture::apply;
+        // The standing figure of the tests, arms hanging.
+        let mut still = standing(0.0);
+        for (s, x) in [(Side::Left, 0.2), (Side::Right, -0.2)] {
+            still[s.shoulder()] = Vector3::new(x, 1.4, 0.0);
+            still[s.elbow()] = Vector3::new(x, 1.14, 0.0);
+            still[s.wrist()] = Vector3::new(x, 0.88, 0.0);
+        }
+        still[1] = Vector3::new(0.1, 1.0, 0.0);
+        still[2] = Vector3::new(-0.1, 1.0, 0.0);
+        let still = vec![still; 100];
+        assert_eq!(raised_hand(&still), None);
+        assert_eq!(claps(&still), 0);
+        for count in 1..=3 {
+            for side in [Side::Left, Side::Right] {
+                let raise = Overlay {
+                    gesture: Gesture::Raise,
+                    side: Some(side),
+                    count,
+                };
+                let clip = apply(&still, Gesture::Raise, side, count);
+                assert_eq!(raises(&clip, side), count, "{side:?} ×{count}");
+                assert!(gesture_adheres(&raise, &clip));
+                let other = Overlay {
+                    side: Some(side.other()),
+                    ..raise.clone()
+                };
+                assert!(!gesture_adheres(&other, &clip), "the other hand passed");
+                let wave = apply(&still, Gesture::Wave, side, 1);
+                assert_eq!(raised_hand(&wave), Some(side));
+            }
+            let clap = apply(&still, Gesture::Clap, Side::Left, count);
+            assert_eq!(claps(&clap), count, "claps ×{count}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::metrics::{mean_interval, r_precision, to_matrix};
 /// Draws of the grouping behind each reported R-precision (mean and 95 % interval).
 const REPLICATIONS: usize = 10;
 use super::motion::{
-    attributes, pad_clips, CaptionTokenizer, MotionEvalConfig, MotionEvaluator, HEADS,
+    attributes, pad_clips, CaptionTokenizer, MotionEvalConfig, MotionEvaluator, HEADS, HEADS_N,
 };
 use crate::data::humanml3d::{load, LoadOptions, MotionClip};
 use crate::data::motion::Program;
@@ -48,7 +48,7 @@ pub struct Prepared {
     pub ids: Tensor,
     pub mask: Tensor,
     pub owner: Vec<usize>,
-    pub attributes: Vec<Option<[u32; 5]>>,
+    pub attributes: Vec<Option<[u32; HEADS_N]>>,
 }
 
 /// Read a split of `dir` (with `programs/` beside it, when there is one).

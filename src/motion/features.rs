@@ -248,7 +248,7 @@ pub fn joints_from_features(features: &[f32]) -> Result<Vec<Pose>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::motion::skeleton::{bone_lengths, reference_offsets, REFERENCE_BONES};
 

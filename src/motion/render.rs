@@ -118,11 +118,25 @@ pub fn write_gif(path: &Path, joints: &[Pose], fps: f64) -> Result<()> {
 
 /// `count` evenly spaced poses side by side (each with both views) as a PNG.
 pub fn write_strip(path: &Path, joints: &[Pose], count: usize) -> Result<()> {
+    crate::pipeline::image_io::save_png(&strip(joints, count)?, path)
+}
+
+/// Several clips' strips one above the other (e.g. an original above its reconstruction), each
+/// framed on its own, as a PNG.
+pub fn write_pairs(path: &Path, clips: &[Vec<Pose>], count: usize) -> Result<()> {
+    let rows = clips
+        .iter()
+        .map(|c| strip(c, count))
+        .collect::<Result<Vec<_>>>()?;
+    crate::pipeline::image_io::save_png(&crate::pipeline::image_io::grid(&rows, 1)?, path)
+}
+
+/// `count` evenly spaced poses of a clip side by side.
+fn strip(joints: &[Pose], count: usize) -> Result<RgbImage> {
     if joints.is_empty() || count == 0 {
         bail!("no frames to render")
     }
     let frame = framing(joints);
-    let count = count.min(joints.len());
     let tiles: Vec<RgbImage> = (0..count)
         .map(|i| {
             let t = if count == 1 {
@@ -133,6 +147,5 @@ pub fn write_strip(path: &Path, joints: &[Pose], count: usize) -> Result<()> {
             draw(&joints[t], &frame)
         })
         .collect();
-    let grid = crate::pipeline::image_io::grid(&tiles, count)?;
-    crate::pipeline::image_io::save_png(&grid, path)
+    crate::pipeline::image_io::grid(&tiles, count)
 }

@@ -126,6 +126,48 @@ pub const REFERENCE_BONES: [f64; JOINTS] = [
     0.269_876_3,
 ];
 
+/// A side of the body (the person's own left and right).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Left,
+    Right,
+}
+
+impl Side {
+    pub fn other(self) -> Self {
+        match self {
+            Self::Left => Self::Right,
+            Self::Right => Self::Left,
+        }
+    }
+
+    pub fn shoulder(self) -> usize {
+        self.pick(16, 17)
+    }
+
+    pub fn elbow(self) -> usize {
+        self.pick(18, 19)
+    }
+
+    pub fn wrist(self) -> usize {
+        self.pick(20, 21)
+    }
+
+    pub fn name(self) -> &'static str {
+        self.pick("left", "right")
+    }
+
+    fn pick<T>(self, left: T, right: T) -> T {
+        match self {
+            Self::Left => left,
+            Self::Right => right,
+        }
+    }
+}
+
 /// Face direction joints: right hip, left hip, right shoulder, left shoulder.
 pub const FACE_JOINTS: [usize; 4] = [2, 1, 17, 16];
 /// Foot joints (ankle, toe) whose contacts the features record.

@@ -6,5 +6,6 @@ pub mod blocks;
 pub mod init;
 pub mod layers;
 pub mod lora;
+pub mod transformer;
 
 pub use layers::*;

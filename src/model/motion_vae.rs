@@ -1,0 +1,247 @@
+//! The motion VAE (MLD, Chen et al. 2023; MotionLCM V2's token layout): a skip transformer over a
+//! clip's z-normalised HumanML3D features, with learned distribution tokens whose outputs give μ
+//! and log σ² of a latent of `latent_tokens × latent_channels`; the decoder runs a second skip
+//! transformer over [latent tokens; one query per frame] and reads the features off the frame
+//! queries. Clips of any length up to `max_frames` go through with key-padding masks.
+//!
+//! Deviation from MLD: pre-norm layers (MLD: post-norm), and the decoder is encoder-only over
+//! the joined tokens (MLD's own "encoder-only" variant) rather than cross-attention.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::motion::FEATURES;
+use crate::nn::transformer::{positions, SkipTransformer, TransformerConfig};
+use crate::nn::{linear, Linear};
+
+/// `motion_vae/config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MotionVaeConfig {
+    #[serde(default = "features")]
+    pub features: usize,
+    #[serde(flatten)]
+    pub transformer: TransformerConfig,
+    pub latent_tokens: usize,
+    pub latent_channels: usize,
+    /// The longest clip, in frames (20 fps).
+    pub max_frames: usize,
+}
+
+fn features() -> usize {
+    FEATURES
+}
+
+impl MotionVaeConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let c: Self = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        c.check().with_context(|| format!("{}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        self.transformer.check("motion VAE")?;
+        if self.features != FEATURES {
+            bail!(
+                "features must be {FEATURES} (HumanML3D's), got {}",
+                self.features
+            )
+        }
+        if self.latent_tokens == 0 || self.latent_channels == 0 || self.max_frames < 2 {
+            bail!("latent_tokens, latent_channels and max_frames must be positive")
+        }
+        Ok(())
+    }
+}
+
+pub struct MotionVae {
+    pub config: MotionVaeConfig,
+    frame_in: Linear,
+    /// μ tokens then log σ² tokens, `[2·latent_tokens, width]`.
+    dist_tokens: Tensor,
+    encoder: SkipTransformer,
+    mu: Linear,
+    logvar: Linear,
+    latent_in: Linear,
+    decoder: SkipTransformer,
+    frame_out: Linear,
+}
+
+/// The posterior of a batch: `[b, latent_tokens, latent_channels]` each.
+pub struct Posterior {
+    pub mean: Tensor,
+    pub logvar: Tensor,
+}
+
+impl Posterior {
+    /// z = μ + σ·ε.
+    pub fn sample(&self, eps: &Tensor) -> Result<Tensor> {
+        Ok((&self.mean + (self.logvar.clone() * 0.5)?.exp()?.mul(eps)?)?)
+    }
+
+    /// KL(q ‖ N(0, I)) averaged over the latent's numbers.
+    pub fn kl(&self) -> Result<Tensor> {
+        let t = ((self.logvar.ones_like()? + &self.logvar)? - self.mean.sqr()?)?
+            .sub(&self.logvar.exp()?)?;
+        Ok((t.mean_all()? * -0.5)?)
+    }
+}
+
+impl MotionVae {
+    pub fn new(config: &MotionVaeConfig, vb: VarBuilder) -> Result<Self> {
+        config.check()?;
+        let d = config.transformer.width;
+        let (l, c) = (config.latent_tokens, config.latent_channels);
+        Ok(Self {
+            frame_in: linear(config.features, d, true, vb.pp("frame_in"))?,
+            dist_tokens: vb.get_with_hints(
+                (2 * l, d),
+                "dist_tokens",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            encoder: SkipTransformer::new(&config.transformer, vb.pp("encoder"))?,
+            mu: linear(d, c, true, vb.pp("mu"))?,
+            logvar: linear(d, c, true, vb.pp("logvar"))?,
+            latent_in: linear(c, d, true, vb.pp("latent_in"))?,
+            decoder: SkipTransformer::new(&config.transformer, vb.pp("decoder"))?,
+            frame_out: linear(d, config.features, true, vb.pp("frame_out"))?,
+            config: config.clone(),
+        })
+    }
+
+    fn check_frames(&self, t: usize) -> Result<()> {
+        if t == 0 || t > self.config.max_frames {
+            bail!(
+                "the motion VAE takes 1 to {} frames, got {t}",
+                self.config.max_frames
+            )
+        }
+        Ok(())
+    }
+
+    /// `valid` `[b, t]` with `l` always-valid tokens in front (`None`: every token valid, which
+    /// takes the fused attention kernel).
+    fn with_tokens(valid: Option<&Tensor>, l: usize) -> Result<Option<Tensor>> {
+        let Some(valid) = valid else {
+            return Ok(None);
+        };
+        let b = valid.dim(0)?;
+        let ones = Tensor::ones((b, l), valid.dtype(), valid.device())?;
+        Ok(Some(Tensor::cat(&[&ones, valid], 1)?))
+    }
+
+    /// The posterior of z-normalised clips `x` `[b, t, 263]` whose frames are `valid` `[b, t]`
+    /// (`None`: all of them).
+    pub fn encode(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Posterior> {
+        let (b, t, _) = x.dims3()?;
+        self.check_frames(t)?;
+        let (l, d) = (self.config.latent_tokens, self.config.transformer.width);
+        let frames = self.frame_in.forward(x)?;
+        let tokens = self.dist_tokens.unsqueeze(0)?.broadcast_as((b, 2 * l, d))?;
+        let h = Tensor::cat(&[&tokens, &frames], 1)?;
+        let h = h.broadcast_add(&positions(2 * l + t, d, x.device())?.unsqueeze(0)?)?;
+        let h = self
+            .encoder
+            .forward(&h, Self::with_tokens(valid, 2 * l)?.as_ref())?;
+        Ok(Posterior {
+            mean: self.mu.forward(&h.narrow(1, 0, l)?)?,
+            logvar: self
+                .logvar
+                .forward(&h.narrow(1, l, l)?)?
+                .clamp(-30.0, 20.0)?,
+        })
+    }
+
+    /// z-normalised features `[b, frames, 263]` of latents `z` `[b, latent_tokens,
+    /// latent_channels]`; `valid` `[b, frames]` marks each clip's own frames (`None`: all).
+    pub fn decode(&self, z: &Tensor, frames: usize, valid: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = (z.dim(0)?, frames);
+        self.check_frames(t)?;
+        let (l, d) = (self.config.latent_tokens, self.config.transformer.width);
+        let lat = self.latent_in.forward(z)?;
+        let queries = positions(t, d, z.device())?
+            .unsqueeze(0)?
+            .broadcast_as((b, t, d))?;
+        let h = Tensor::cat(&[&lat, &queries], 1)?;
+        let h = self
+            .decoder
+            .forward(&h, Self::with_tokens(valid, l)?.as_ref())?;
+        Ok(self.frame_out.forward(&h.narrow(1, l, t)?)?)
+    }
+}
+
+/// The weights file of a motion VAE folder (diffusers' name).
+pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
+
+/// A motion VAE folder (`config.json`, weights, `Mean.npy`/`Std.npy`): the network and its
+/// normaliser.
+pub fn open(dir: &Path, device: &Device) -> Result<(MotionVae, Normaliser)> {
+    let config = MotionVaeConfig::load(&dir.join("config.json"))?;
+    let vb = super::weights::load_weights(&[dir.join(WEIGHTS_FILE)], DType::F32, device)?;
+    Ok((MotionVae::new(&config, vb)?, Normaliser::load(dir)?))
+}
+
+/// The dataset statistics a motion model's features are z-normalised with (HumanML3D's
+/// `Mean.npy`/`Std.npy`, kept in the VAE's folder).
+#[derive(Debug, Clone)]
+pub struct Normaliser {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Normaliser {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let a = crate::motion::npy::read(&dir.join(name))?;
+            if a.data.len() != FEATURES {
+                bail!(
+                    "{}: {} numbers, want {FEATURES}",
+                    dir.join(name).display(),
+                    a.data.len()
+                )
+            }
+            Ok(a.data)
+        };
+        Ok(Self {
+            mean: read("Mean.npy")?,
+            std: read("Std.npy")?,
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        crate::motion::npy::write(&dir.join("Mean.npy"), &self.mean, &[FEATURES])?;
+        crate::motion::npy::write(&dir.join("Std.npy"), &self.std, &[FEATURES])
+    }
+
+    /// `[1, 1, 263]` tensors (mean, std).
+    pub fn tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let t = |v: &[f32]| Tensor::from_slice(v, (1, 1, FEATURES), device);
+        Ok((t(&self.mean)?, t(&self.std)?))
+    }
+
+    /// Features in their own units from z-normalised `x` `[b, t, 263]`.
+    pub fn denormalise(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, s) = self.tensors(x.device())?;
+        Ok(x.to_dtype(DType::F32)?
+            .broadcast_mul(&s)?
+            .broadcast_add(&m)?)
+    }
+}
+
+/// Mean of a per-element loss `[b, t, …]` over the frames `valid` `[b, t]` (`None`: all).
+pub fn masked_mean(loss: &Tensor, valid: Option<&Tensor>) -> Result<Tensor> {
+    let per_frame = loss.flatten_from(2)?.mean(D::Minus1)?;
+    let Some(valid) = valid else {
+        return Ok(per_frame.mean_all()?);
+    };
+    let total = per_frame.mul(valid)?.sum_all()?;
+    Ok(total.broadcast_div(&valid.sum_all()?.clamp(1.0, f64::MAX)?)?)
+}

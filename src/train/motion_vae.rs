@@ -1,0 +1,350 @@
+//! `lcm pretrain motion-vae`: the motion VAE ([`crate::model::motion_vae`]) on a HumanML3D-layout
+//! folder's train split, as MLD trains it: reconstruction of the z-normalised features and of the
+//! joints they decode to, plus a small KL. Clips are augmented on their joints each step
+//! (mirror, ±10 % speed, crops: [`crate::data::augment`]). The export writes the VAE folder
+//! (config, weights, the dataset's Mean/Std) and its reconstruction figures on the held-out splits.
+//!
+//! Deviation from MLD: pseudo-Huber (√(d² + c²) − c) in place of smooth-L1 — the same shape,
+//! with a gradient that is smooth at the switch.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::augment::Augment;
+use crate::data::humanml3d::{load, LoadOptions};
+use crate::model::motion_vae::{masked_mean, MotionVae, MotionVaeConfig, Normaliser, WEIGHTS_FILE};
+use crate::motion::{joints_from_features, Pose, FEATURES};
+use crate::sample::noise::{NoiseSource, SeededNoise};
+use crate::train::args::{StageSettings, TrainArgs, PRETRAIN};
+use crate::train::run::{Run, Task};
+use crate::train::state::{Metrics, TrainState};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MotionVaeArgs {
+    /// The VAE's sizes (a `motion_vae/config.json`).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny-motion/motion_vae/config.json"))]
+    pub config: PathBuf,
+    /// Weight of the KL term (MLD: 1e-4).
+    #[arg(long, default_value_t = 1e-4)]
+    pub kl_weight: f64,
+    /// Weight of the loss on the decoded joints (metres), beside the features' (MLD: 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub joint_weight: f64,
+    /// Train on the clips as they are (no mirror, warp or crop).
+    #[arg(long)]
+    pub no_augment: bool,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub config: MotionVaeConfig,
+    pub kl_weight: f64,
+    pub joint_weight: f64,
+    pub augment: Augment,
+    #[serde(flatten)]
+    pub stage: StageSettings,
+}
+
+/// Training windows are this many frames or more (the length bounds of HumanML3D's loader)…
+const MIN_WINDOW: usize = 40;
+/// …and at most this many: most clips are shorter, and long windows would draw from few.
+const MAX_WINDOW: usize = 140;
+
+/// Pseudo-Huber widths: features in z-units, joints in metres.
+const FEATURE_C: f64 = 1.0;
+const JOINT_C: f64 = 0.01;
+
+fn pseudo_huber(a: &Tensor, b: &Tensor, c: f64) -> Result<Tensor> {
+    Ok((((a - b)?.sqr()? + c * c)?.sqrt()? - c)?)
+}
+
+/// A clip as the trainer keeps it: its joints (augmentation works on them).
+struct Clip {
+    joints: Vec<Pose>,
+}
+
+pub struct MotionVaeTask {
+    pub settings: Settings,
+    model: MotionVae,
+    norm: Normaliser,
+    train: Vec<Clip>,
+    /// A few held-out clips (normalised features) for the samples.
+    preview: Vec<Vec<f32>>,
+    data_dir: PathBuf,
+    device: Device,
+}
+
+/// Clips of normalised features padded to the longest: `[n, t, 263]` and `[n, t]` valid.
+pub fn pad(clips: &[Vec<f32>], device: &Device) -> Result<(Tensor, Tensor)> {
+    let t = clips.iter().map(|c| c.len() / FEATURES).max().unwrap_or(1);
+    crate::eval::motion::pad_clips(
+        &clips.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        t,
+        device,
+    )
+}
+
+impl MotionVaeTask {
+    fn normalise(&self, rows: &[f32]) -> Vec<f32> {
+        rows.chunks(FEATURES)
+            .flat_map(|r| {
+                r.iter()
+                    .zip(self.norm.mean.iter().zip(&self.norm.std))
+                    .map(|(x, (m, s))| (x - m) / s)
+            })
+            .collect()
+    }
+
+    /// (features loss, joints loss, KL, mean joint error in m) of a batch of equal-length clips.
+    fn losses(&self, x: &Tensor, eps: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let valid = None;
+        let post = self.model.encode(x, valid)?;
+        let z = post.sample(eps)?;
+        let xr = self.model.decode(&z, x.dim(1)?, valid)?;
+        let feat = masked_mean(&pseudo_huber(&xr, x, FEATURE_C)?, valid)?;
+        let jr = crate::motion::tensor::joints_from_features(&self.norm.denormalise(&xr)?)?;
+        let jx = crate::motion::tensor::joints_from_features(&self.norm.denormalise(x)?)?;
+        let joints = masked_mean(&pseudo_huber(&jr, &jx, JOINT_C)?, valid)?;
+        let err = masked_mean(&(jr - jx)?.sqr()?.sum_keepdim(3)?.sqrt()?, valid)?;
+        Ok((feat, joints, post.kl()?, err))
+    }
+}
+
+impl Task for MotionVaeTask {
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn loss(&self, rng: &mut ChaCha8Rng) -> Result<(Tensor, Metrics)> {
+        // One window length per batch, the windows cut at random from clips at least that long:
+        // no padding, so attention needs no mask and takes the fused kernel (twice as fast here).
+        let s = &self.settings;
+        let b = s.stage.batch_size;
+        // The length follows the data's: that of a clip drawn first (within the bounds).
+        let anchor = self.train[rng.random_range(0..self.train.len())]
+            .joints
+            .len()
+            - 1;
+        let t = anchor.clamp(MIN_WINDOW.min(anchor), s.config.max_frames.min(MAX_WINDOW));
+        let mut t = t;
+        let mut rows = Vec::with_capacity(b * t * FEATURES);
+        let mut tries = 0;
+        while rows.len() < b * t * FEATURES {
+            tries += 1;
+            if tries > 20 * b {
+                // Too few clips this long survive the augmentation: shorter windows, afresh.
+                if t <= MIN_WINDOW {
+                    bail!("fewer than {b} training clips have {t} frames")
+                }
+                t = (t * 4 / 5).max(MIN_WINDOW);
+                rows.clear();
+                tries = 0;
+            }
+            let c = &self.train[rng.random_range(0..self.train.len())];
+            if c.joints.len() < t + 1 {
+                continue;
+            }
+            // Augmentation may shorten a clip below the window: then the next clip is drawn.
+            let (f, _) = s.augment.features(&c.joints, rng)?;
+            let n = f.len() / FEATURES;
+            if n < t {
+                continue;
+            }
+            let start = rng.random_range(0..=n - t);
+            rows.extend(self.normalise(&f[start * FEATURES..(start + t) * FEATURES]));
+        }
+        let x = Tensor::from_vec(rows, (b, t, FEATURES), &self.device)?;
+        let shape = (b, s.config.latent_tokens, s.config.latent_channels);
+        let eps = SeededNoise::new(rng.random()).sample(&shape.into(), &self.device)?;
+        let (feat, joints, kl, err) = self.losses(&x, &eps)?;
+        let loss = ((&feat + (&joints * s.joint_weight)?)? + (&kl * s.kl_weight)?)?;
+        let mut m = Metrics::new();
+        m.insert("features".into(), feat.to_scalar::<f32>()?.into());
+        m.insert(
+            "joint_error_cm".into(),
+            (err.to_scalar::<f32>()? * 100.0).into(),
+        );
+        m.insert("kl".into(), kl.to_scalar::<f32>()?.into());
+        Ok((loss, m))
+    }
+
+    fn sample(&mut self, _state: &TrainState, path: &Path) -> Result<()> {
+        if self.preview.is_empty() {
+            return Ok(());
+        }
+        let (x, valid) = pad(&self.preview, &self.device)?;
+        let z = self.model.encode(&x, Some(&valid))?.mean;
+        let xr = self
+            .norm
+            .denormalise(&self.model.decode(&z, x.dim(1)?, Some(&valid))?)?;
+        let x = self.norm.denormalise(&x)?;
+        let mut pairs = Vec::new();
+        for (i, c) in self.preview.iter().enumerate() {
+            let t = c.len() / FEATURES;
+            for src in [&x, &xr] {
+                let rows = src
+                    .get(i)?
+                    .narrow(0, 0, t)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                pairs.push(joints_from_features(&rows)?);
+            }
+        }
+        crate::motion::render::write_pairs(path, &pairs, 8)
+    }
+
+    fn export(&mut self, state: &TrainState, run_dir: &Path) -> Result<()> {
+        let out = run_dir.join("motion_vae");
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        crate::files::write_atomic(
+            &out.join("config.json"),
+            &serde_json::to_vec_pretty(&self.settings.config)?,
+        )?;
+        crate::files::save_safetensors(&state.weights(), &out.join(WEIGHTS_FILE))?;
+        self.norm.save(&out)?;
+        let mut report = serde_json::Map::new();
+        for split in ["val", "test", "test_compositional", "real"] {
+            let Ok(d) = load(&self.data_dir, split, &LoadOptions::default()) else {
+                continue;
+            };
+            if d.clips.is_empty() {
+                continue;
+            }
+            let clips: Vec<Vec<f32>> = d.clips.iter().map(|c| c.features.clone()).collect();
+            let r = reconstruction(&self.model, &self.norm, &clips, &self.device)?;
+            println!("{split}: {r}");
+            report.insert(split.into(), r);
+        }
+        crate::files::write_atomic(
+            &out.join("reconstruction.json"),
+            &serde_json::to_vec_pretty(&serde_json::Value::Object(report))?,
+        )?;
+        println!(
+            "trained the motion VAE for {} steps; wrote {}",
+            state.step,
+            out.display()
+        );
+        Ok(())
+    }
+}
+
+/// Reconstruction through the posterior mean of normalised clips: mean per-joint position error
+/// (cm), root drift at the last frame (cm) and the features' mean absolute error (z-units).
+pub fn reconstruction(
+    vae: &MotionVae,
+    norm: &Normaliser,
+    clips: &[Vec<f32>],
+    device: &Device,
+) -> Result<serde_json::Value> {
+    let (mut mpjpe, mut drift, mut feat, mut frames) = (0.0, 0.0, 0.0, 0usize);
+    for chunk in clips.chunks(32) {
+        let (x, valid) = pad(chunk, device)?;
+        let z = vae.encode(&x, Some(&valid))?.mean;
+        let xr = vae.decode(&z, x.dim(1)?, Some(&valid))?;
+        for (i, c) in chunk.iter().enumerate() {
+            let t = c.len() / FEATURES;
+            let a = x.get(i)?.narrow(0, 0, t)?;
+            let b = xr.get(i)?.narrow(0, 0, t)?;
+            feat += (&a - &b)?.abs()?.sum_all()?.to_scalar::<f32>()? as f64 / FEATURES as f64;
+            let ja = joints_from_features(
+                &norm
+                    .denormalise(&a.unsqueeze(0)?)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )?;
+            let jb = joints_from_features(
+                &norm
+                    .denormalise(&b.unsqueeze(0)?)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )?;
+            for (p, q) in ja.iter().zip(&jb) {
+                mpjpe += p.iter().zip(q).map(|(u, v)| (u - v).norm()).sum::<f64>() / 22.0;
+            }
+            drift += (ja[t - 1][0] - jb[t - 1][0]).norm();
+            frames += t;
+        }
+    }
+    let n = clips.len().max(1) as f64;
+    Ok(serde_json::json!({
+        "clips": clips.len(),
+        "mpjpe_cm": 100.0 * mpjpe / frames.max(1) as f64,
+        "root_drift_cm": 100.0 * drift / n,
+        "feature_mae": feat / frames.max(1) as f64,
+    }))
+}
+
+/// `lcm pretrain motion-vae`.
+pub fn run(args: &MotionVaeArgs) -> Result<()> {
+    let c = &args.train;
+    let (device, _) = c.runtime.resolve()?;
+    let dir = c
+        .data
+        .first()
+        .context("--data: the HumanML3D-layout folder")?
+        .clone();
+    let config = MotionVaeConfig::load(&args.config)?;
+    let opts = LoadOptions {
+        min_frames: 2,
+        max_frames: usize::MAX,
+    };
+    let train = load(&dir, "train", &opts)?;
+    if train.clips.is_empty() {
+        bail!("{}: the train split has no clips", dir.display())
+    }
+    let norm = Normaliser {
+        mean: train.mean.clone(),
+        std: train.std.clone(),
+    };
+    let clips = train
+        .clips
+        .iter()
+        .map(|m| {
+            Ok(Clip {
+                joints: joints_from_features(&train.denormalise(&m.features))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let preview: Vec<Vec<f32>> = load(&dir, "val", &opts)
+        .map(|v| {
+            v.clips
+                .iter()
+                .take(3)
+                .map(|c| c.features[..c.features.len().min(config.max_frames * FEATURES)].to_vec())
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("{} training clips", clips.len());
+    let settings = Settings {
+        config: config.clone(),
+        kl_weight: args.kl_weight,
+        joint_weight: args.joint_weight,
+        augment: if args.no_augment {
+            Augment::NONE
+        } else {
+            Augment::CAPTIONED
+        },
+        stage: c.stage(config.max_frames, &PRETRAIN)?,
+    };
+    let (state, model) = TrainState::fresh(c.seed, c.options(&PRETRAIN)?, &device, |vb| {
+        MotionVae::new(&config, vb)
+    })?;
+    let task = MotionVaeTask {
+        settings,
+        model,
+        norm,
+        train: clips,
+        preview,
+        data_dir: dir,
+        device: device.clone(),
+    };
+    Run::new(state, task).resume_and_train(c.resume.as_deref(), &device, &c.plan(&PRETRAIN)?)
+}
