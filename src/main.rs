@@ -78,6 +78,9 @@ enum PretrainCommand {
     MotionEvaluator(lcm::eval::motion_train::MotionEvaluatorArgs),
     /// The motion VAE: a transformer autoencoder of HumanML3D features to a few latent tokens.
     MotionVae(lcm::train::motion_vae::MotionVaeArgs),
+    /// The latent motion teacher: a transformer denoiser over a frozen motion VAE's latents,
+    /// conditioned on MiniLM sentence embeddings, with caption dropout for CFG.
+    MotionTeacher(lcm::train::motion_teacher::MotionTeacherArgs),
 }
 
 #[derive(Subcommand)]
@@ -201,6 +204,9 @@ fn main() -> ExitCode {
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::train::teacher::run(&args),
         Command::Pretrain(PretrainCommand::Evaluator(args)) => lcm::eval::train::run(&args),
         Command::Pretrain(PretrainCommand::MotionVae(args)) => lcm::train::motion_vae::run(&args),
+        Command::Pretrain(PretrainCommand::MotionTeacher(args)) => {
+            lcm::train::motion_teacher::run(&args)
+        }
         Command::Pretrain(PretrainCommand::MotionEvaluator(args)) => {
             lcm::eval::motion_train::run(&args)
         }

@@ -1,5 +1,6 @@
-//! The motion networks on tiny configs: the VAE's masks, `lcm pretrain motion-vae` end to end
-//! (learning, checkpoints, a bit-exact resume, the exported folder loading back).
+//! The motion networks on tiny configs: the VAE's masks, `lcm pretrain motion-vae` and
+//! `motion-teacher` end to end (learning, checkpoints, bit-exact resumes, exported folders that
+//! load back and generate).
 
 mod common;
 
@@ -75,7 +76,7 @@ fn padding_is_invisible_to_the_motion_vae() -> anyhow::Result<()> {
 }
 
 #[test]
-fn pretrain_motion_vae_learns_resumes_and_exports() {
+fn motion_vae_and_teacher_learn_resume_and_export() {
     setup();
     let root = std::env::temp_dir().join(format!("lcm-motion-vae-{}", std::process::id()));
     let data = motion_data(&root);
@@ -140,6 +141,81 @@ fn pretrain_motion_vae_learns_resumes_and_exports() {
         report["test"]["mpjpe_cm"].as_f64().unwrap(),
     );
     assert!((x - y).abs() < 1e-3 * y.max(1.0), "{x} vs {y}");
+
+    // The teacher on the exported VAE: trains, resumes bit-exactly, exports a model folder the
+    // motion pipeline opens and generates from.
+    let den_config = root.join("denoiser.json");
+    std::fs::write(
+        &den_config,
+        serde_json::to_vec(&serde_json::json!({
+            "width": 32, "heads": 2, "ff": 64, "layers": 3, "latent_tokens": 2,
+            "latent_channels": 8, "text_dim": 384, "text_tokens": 3
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let vae_dir = a.join("motion_vae");
+    let teach = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "pretrain",
+            "motion-teacher",
+            "--vae",
+            vae_dir.to_str().unwrap(),
+            "--config",
+            den_config.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--warmup-steps",
+            "1",
+            "--save-every",
+            "2",
+            "--sample-every",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        lcm_bin(&args)
+    };
+    let t = root.join("t");
+    ok(teach(&t, &[]));
+    let full = losses(&t.join("metrics.jsonl"));
+    assert!(t.join("samples/step-00000004.png").exists());
+    let t2 = root.join("t2");
+    let ck = t.join("checkpoints/checkpoint-00000002");
+    ok(teach(&t2, &["--resume", ck.to_str().unwrap()]));
+    assert_eq!(losses(&t2.join("metrics.jsonl")), full[2..]);
+    let folder = lcm::pipeline::text2motion::MotionFolder::open(&t.join("model")).unwrap();
+    let p = lcm::pipeline::text2motion::MotionPipeline::open(folder, &Device::Cpu).unwrap();
+    assert!(p.vae.config.scaling_factor > 0.0 && p.vae.config.scaling_factor != 1.0);
+    let o = lcm::pipeline::text2motion::MotionOptions {
+        frames: 40,
+        sampler: lcm::sample::sampler::SamplerKind::Ddim,
+        steps: 5,
+        guidance: 3.0,
+        seed: 1,
+    };
+    let motions = p
+        .generate(&["a person walks forward", "a person jumps"], &o)
+        .unwrap();
+    assert_eq!(motions.len(), 2);
+    assert!(motions.iter().all(|m| m.len() == 40));
+    assert!(motions[0] != motions[1], "two prompts gave one motion");
+    let again = p
+        .generate(&["a person walks forward", "a person jumps"], &o)
+        .unwrap();
+    assert_eq!(motions, again, "the same seed must give the same motions");
+    let Err(e) = p.generate(
+        &["x"],
+        &lcm::pipeline::text2motion::MotionOptions { frames: 500, ..o },
+    ) else {
+        panic!("500 frames were accepted")
+    };
+    assert!(e.to_string().contains("2 to 200 frames"), "{e}");
 
     // Learning: over 60 steps without augmentation the loss falls well below its start.
     let c = root.join("c");

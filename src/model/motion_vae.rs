@@ -29,10 +29,22 @@ pub struct MotionVaeConfig {
     pub latent_channels: usize,
     /// The longest clip, in frames (20 fps).
     pub max_frames: usize,
+    /// Latents are multiplied by this before diffusion (SD's `scaling_factor`): measured by the
+    /// teacher's trainer as 1 / std of the training latents, so they are about unit-variance.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub scaling_factor: f64,
 }
 
 fn features() -> usize {
     FEATURES
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 impl MotionVaeConfig {
@@ -54,6 +66,12 @@ impl MotionVaeConfig {
         }
         if self.latent_tokens == 0 || self.latent_channels == 0 || self.max_frames < 2 {
             bail!("latent_tokens, latent_channels and max_frames must be positive")
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            bail!(
+                "scaling_factor must be positive, got {}",
+                self.scaling_factor
+            )
         }
         Ok(())
     }

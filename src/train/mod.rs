@@ -3,11 +3,12 @@
 //! loss, what a sample shows and what the export writes), the flags they share ([`args`]), where
 //! a run's weights start ([`start`]), and the stages that train the project's own model from
 //! scratch: the [`vae`], the text encoder ([`text_encoder`]) and the [`teacher`] for images, the
-//! [`motion_vae`] for motion. The evaluator's
+//! [`motion_vae`] and the [`motion_teacher`] for motion. The evaluator's
 //! trainer is `crate::eval::train`; distillation is `crate::distill`.
 
 pub mod args;
 pub mod checkpoint;
+pub mod motion_teacher;
 pub mod motion_vae;
 pub mod optim;
 pub mod run;

@@ -1,0 +1,217 @@
+//! Text → motion: a model folder (`model_index.json`, `denoiser/`, `motion_vae/`, `scheduler/`,
+//! and the name of the sentence encoder its captions were embedded with), the sampling loop over
+//! the latent tokens (the same [`denoise`] as images: CFG for a teacher, the guidance embedding
+//! for a distilled student; LCM, TCD or DDIM) and the VAE's decoding to joints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::model::config::SchedulerConfig;
+use crate::model::motion_denoiser::{text_condition, MotionDenoiser, MotionDenoiserConfig};
+use crate::model::motion_vae::{MotionVae, Normaliser};
+use crate::model::sentence::SentenceEncoder;
+use crate::motion::{joints_from_features, Pose};
+use crate::sample::denoiser::{denoise, Conditioning, Denoiser};
+use crate::sample::noise::{NoiseSource, SeededNoise};
+use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
+
+/// `model_index.json` of a motion model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MotionIndex {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    /// The sentence encoder the captions were embedded with (`minilm`, a folder or a hub id).
+    pub sentence_encoder: String,
+}
+
+pub const MOTION_PIPELINE: &str = "MotionLatentConsistencyPipeline";
+
+/// Whether `dir` holds a motion model (rather than an image one).
+pub fn is_motion_folder(dir: &Path) -> bool {
+    dir.join("denoiser/config.json").is_file()
+}
+
+/// A motion model folder, read and checked once.
+#[derive(Debug, Clone)]
+pub struct MotionFolder {
+    pub root: PathBuf,
+    pub index: MotionIndex,
+    pub denoiser: MotionDenoiserConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl MotionFolder {
+    pub fn open(root: &Path) -> Result<Self> {
+        let index: MotionIndex = crate::model::config::read_json(&root.join("model_index.json"))?;
+        let denoiser = MotionDenoiserConfig::load(&root.join("denoiser/config.json"))?;
+        let scheduler = SchedulerConfig::load(&root.join("scheduler/scheduler_config.json"))?;
+        let vae =
+            crate::model::motion_vae::MotionVaeConfig::load(&root.join("motion_vae/config.json"))?;
+        if (vae.latent_tokens, vae.latent_channels)
+            != (denoiser.latent_tokens, denoiser.latent_channels)
+        {
+            bail!(
+                "{}: the denoiser works on {}×{} latents, the VAE makes {}×{}",
+                root.display(),
+                denoiser.latent_tokens,
+                denoiser.latent_channels,
+                vae.latent_tokens,
+                vae.latent_channels
+            )
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            index,
+            denoiser,
+            scheduler,
+        })
+    }
+
+    pub fn denoiser_weights(&self) -> PathBuf {
+        self.root
+            .join("denoiser")
+            .join(crate::model::motion_vae::WEIGHTS_FILE)
+    }
+}
+
+/// How one batch of motions is sampled.
+#[derive(Debug, Clone, Copy)]
+pub struct MotionOptions {
+    pub frames: usize,
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    /// CFG scale for a teacher; for a student, w = guidance − 1 goes to its embedding.
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+/// The latent sampling loop for any motion denoiser: `cond` `[n, text_tokens, dim]`, `uncond`
+/// `[1, …]` (the empty caption, for CFG). Returns scaled latents `[n, tokens, channels]`.
+pub fn sample_latents(
+    net: &dyn Denoiser,
+    shape: (usize, usize),
+    scheduler: &SchedulerConfig,
+    cond: &Tensor,
+    uncond: &Tensor,
+    o: &MotionOptions,
+) -> Result<Tensor> {
+    let n = cond.dim(0)?;
+    let device = cond.device();
+    let sampler = Sampler::new(o.sampler, scheduler, o.steps, SamplerOptions::default())?;
+    let mut noise = SeededNoise::new(o.seed);
+    let latents = noise.sample(&(n, shape.0, shape.1).into(), device)?;
+    let conditioning = match net.guidance_embedding_dim() {
+        Some(dim) => Conditioning {
+            context: cond.clone(),
+            cfg: None,
+            w_embedding: Some(crate::nn::guidance_embedding(
+                &Tensor::new(vec![(o.guidance - 1.0) as f32; n], device)?,
+                dim,
+            )?),
+        },
+        None if o.guidance > 1.0 => Conditioning {
+            context: Tensor::cat(&[&uncond.repeat((n, 1, 1))?, cond], 0)?,
+            cfg: Some((o.guidance, None)),
+            w_embedding: None,
+        },
+        None => Conditioning {
+            context: cond.clone(),
+            cfg: None,
+            w_embedding: None,
+        },
+    };
+    denoise(
+        net,
+        &sampler,
+        latents,
+        &conditioning,
+        &mut noise,
+        &mut |_| {},
+    )
+}
+
+/// Joints of `frames` frames from scaled latents.
+pub fn decode(
+    vae: &MotionVae,
+    norm: &Normaliser,
+    z: &Tensor,
+    frames: usize,
+) -> Result<Vec<Vec<Pose>>> {
+    let z = (z.to_dtype(DType::F32)? / vae.config.scaling_factor)?;
+    let x = norm.denormalise(&vae.decode(&z, frames, None)?)?;
+    (0..x.dim(0)?)
+        .map(|i| {
+            let rows = x.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+            joints_from_features(&rows)
+        })
+        .collect()
+}
+
+/// A loaded motion model.
+pub struct MotionPipeline {
+    pub folder: MotionFolder,
+    pub denoiser: MotionDenoiser,
+    pub vae: MotionVae,
+    pub norm: Normaliser,
+    pub encoder: SentenceEncoder,
+    uncond: Tensor,
+}
+
+impl MotionPipeline {
+    pub fn open(folder: MotionFolder, device: &Device) -> Result<Self> {
+        let vb =
+            crate::model::weights::load_weights(&[folder.denoiser_weights()], DType::F32, device)?;
+        let denoiser = MotionDenoiser::new(&folder.denoiser, vb)
+            .with_context(|| format!("{}", folder.root.join("denoiser").display()))?;
+        let (vae, norm) = crate::model::motion_vae::open(&folder.root.join("motion_vae"), device)?;
+        let encoder = SentenceEncoder::open(&folder.index.sentence_encoder, device)?;
+        let uncond = text_condition(&encoder.encode(&[""])?, folder.denoiser.text_tokens)?;
+        Ok(Self {
+            folder,
+            denoiser,
+            vae,
+            norm,
+            encoder,
+            uncond,
+        })
+    }
+
+    /// The denoiser's text input for `prompts`.
+    pub fn condition(&self, prompts: &[&str]) -> Result<Tensor> {
+        text_condition(
+            &self.encoder.encode(prompts)?,
+            self.folder.denoiser.text_tokens,
+        )
+    }
+
+    /// One motion per prompt, `frames` long (at most the VAE's `max_frames`).
+    pub fn generate(&self, prompts: &[&str], o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
+        let max = self.vae.config.max_frames;
+        if o.frames < 2 || o.frames > max {
+            bail!(
+                "this model makes 2 to {max} frames ({:.1} s at 20 fps), asked for {}",
+                max as f64 / 20.0,
+                o.frames
+            )
+        }
+        let cond = self.condition(prompts)?;
+        self.generate_from(&cond, o)
+    }
+
+    /// [`generate`](Self::generate) from a prepared condition (timings exclude the text).
+    pub fn generate_from(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
+        let c = &self.folder.denoiser;
+        let z = sample_latents(
+            &self.denoiser,
+            (c.latent_tokens, c.latent_channels),
+            &self.folder.scheduler,
+            cond,
+            &self.uncond,
+            o,
+        )?;
+        decode(&self.vae, &self.norm, &z, o.frames)
+    }
+}
