@@ -1,6 +1,6 @@
 //! The motion networks on tiny configs: the VAE's masks, `lcm pretrain motion-vae` and
-//! `motion-teacher` end to end (learning, checkpoints, bit-exact resumes, exported folders that
-//! load back and generate).
+//! `motion-teacher`, and `lcm distill` of a motion teacher, end to end (learning, checkpoints,
+//! bit-exact resumes, exported folders that load back and generate).
 
 mod common;
 
@@ -76,7 +76,7 @@ fn padding_is_invisible_to_the_motion_vae() -> anyhow::Result<()> {
 }
 
 #[test]
-fn motion_vae_and_teacher_learn_resume_and_export() {
+fn motion_vae_teacher_and_student_train_resume_and_export() {
     setup();
     let root = std::env::temp_dir().join(format!("lcm-motion-vae-{}", std::process::id()));
     let data = motion_data(&root);
@@ -216,6 +216,70 @@ fn motion_vae_and_teacher_learn_resume_and_export() {
         panic!("500 frames were accepted")
     };
     assert!(e.to_string().contains("2 to 200 frames"), "{e}");
+
+    // Distillation of that teacher through the shared LCD task: resumes bit-exactly, exports a
+    // student folder whose guidance embedding the pipeline uses for 1-step LCM sampling.
+    let distil = |out: &Path, extra: &[&str]| {
+        let teacher = t.join("model");
+        let mut args = vec![
+            "distill",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--ddim-steps",
+            "10",
+            "--w-embed-dim",
+            "16",
+            "--save-every",
+            "2",
+            "--sample-every",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        lcm_bin(&args)
+    };
+    let d = root.join("d");
+    ok(distil(&d, &[]));
+    let full = losses(&d.join("metrics.jsonl"));
+    assert!(full.iter().all(|l| l.1.is_finite()), "{full:?}");
+    assert!(d.join("samples/step-00000004.png").exists());
+    let d2 = root.join("d2");
+    let ck = d.join("checkpoints/checkpoint-00000002");
+    ok(distil(&d2, &["--resume", ck.to_str().unwrap()]));
+    assert_eq!(losses(&d2.join("metrics.jsonl")), full[2..]);
+    let folder = lcm::pipeline::text2motion::MotionFolder::open(&d).unwrap();
+    assert_eq!(folder.denoiser.time_cond_proj_dim, Some(16));
+    assert_eq!(folder.scheduler.original_inference_steps, Some(10));
+    let student = lcm::pipeline::text2motion::MotionPipeline::open(folder, &Device::Cpu).unwrap();
+    let one = lcm::pipeline::text2motion::MotionOptions {
+        sampler: lcm::sample::sampler::SamplerKind::Lcm,
+        steps: 1,
+        ..o
+    };
+    let m = student.generate(&["a person walks forward"], &one).unwrap();
+    assert_eq!(m[0].len(), 40);
+    // A distilled student cannot be distilled again.
+    let e = lcm_bin(&[
+        "distill",
+        "--teacher",
+        d.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        root.join("e").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("already has a guidance embedding"),
+        "{err}"
+    );
 
     // Learning: over 60 steps without augmentation the loss falls well below its start.
     let c = root.join("c");

@@ -116,8 +116,43 @@ fn student_start(
     Ok(weights)
 }
 
-/// The whole `lcm distill` run.
+impl DistillArgs {
+    /// The run's settings from the flags, with the teacher's boundary-condition scaling.
+    pub fn config(&self, timestep_scaling: f64) -> Result<DistillConfig> {
+        let c = &self.train;
+        let loss = match self.loss.as_str() {
+            "l2" => None,
+            "huber" => Some(self.huber_c),
+            other => bail!("--loss {other:?}: expected l2 or huber"),
+        };
+        let config = DistillConfig {
+            ddim_steps: self.ddim_steps,
+            w_min: self.w_min,
+            w_max: self.w_max,
+            w_embed_dim: self.w_embed_dim,
+            ema: self.ema,
+            huber_c: loss,
+            options: c.options(&DISTILL)?,
+            batch_size: c.batch_size(&DISTILL)?,
+            timestep_scaling,
+            lora_rank: self.lora_rank,
+            noise_offset: self.noise_offset,
+            guidance_from: self.guidance_from,
+            posterior_mean: self.posterior_mean,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+/// The whole `lcm distill` run: a motion teacher's folder goes to the motion side
+/// ([`super::motion`]); everything else is a text-to-image teacher.
 pub fn run(args: &DistillArgs) -> Result<()> {
+    if let Some(dir) = crate::pipeline::source::local_dir(&args.teacher)? {
+        if crate::pipeline::text2motion::is_motion_folder(&dir) {
+            return super::motion::run(args, &dir);
+        }
+    }
     let c = &args.train;
     // --dtype sets the frozen teacher's precision (U-Net and text encoder; the VAE stays f32), as
     // the reference script's weight_dtype; the student and its EMA target keep f32 weights.
@@ -130,28 +165,8 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         .resolution
         .unwrap_or(pipe.unet.config.sample_size.unwrap_or(64) * f);
     check_resolution(resolution, f)?;
-    let loss = match args.loss.as_str() {
-        "l2" => None,
-        "huber" => Some(args.huber_c),
-        other => bail!("--loss {other:?}: expected l2 or huber"),
-    };
     let plan = c.plan(&DISTILL)?;
-    let config = DistillConfig {
-        ddim_steps: args.ddim_steps,
-        w_min: args.w_min,
-        w_max: args.w_max,
-        w_embed_dim: args.w_embed_dim,
-        ema: args.ema,
-        huber_c: loss,
-        options: c.options(&DISTILL)?,
-        batch_size: c.batch_size(&DISTILL)?,
-        timestep_scaling: pipe.scheduler_config.timestep_scaling.unwrap_or(10.0),
-        lora_rank: args.lora_rank,
-        noise_offset: args.noise_offset,
-        guidance_from: args.guidance_from,
-        posterior_mean: args.posterior_mean,
-    };
-    config.check()?;
+    let config = args.config(pipe.scheduler_config.timestep_scaling.unwrap_or(10.0))?;
     if pipe.unet.config.time_cond_proj_dim.is_some() {
         bail!(
             "--teacher {}: its U-Net already has a guidance embedding (an LCM); distil from a many-step teacher",
@@ -262,8 +277,22 @@ fn export(
         weights,
         &out.join("unet/diffusion_pytorch_model.safetensors"),
     )?;
-    let t = &teacher.scheduler_json;
-    let sched = serde_json::json!({
+    crate::files::write_atomic(
+        &out.join("scheduler/scheduler_config.json"),
+        &serde_json::to_vec_pretty(&lcm_scheduler(&teacher.scheduler_json, config))?,
+    )?;
+    crate::pipeline::source::write_model_index(
+        out,
+        "LatentConsistencyModelPipeline",
+        "LCMScheduler",
+    )
+}
+
+/// The student's `LCMScheduler` config: the teacher's noise schedule, the distillation's solver
+/// grid and boundary scaling.
+pub fn lcm_scheduler(teacher: &serde_json::Value, config: &DistillConfig) -> serde_json::Value {
+    let t = teacher;
+    serde_json::json!({
         "_class_name": "LCMScheduler",
         "num_train_timesteps": t.get("num_train_timesteps").cloned().unwrap_or(1000.into()),
         "beta_start": t.get("beta_start").cloned().unwrap_or(0.00085.into()),
@@ -274,16 +303,7 @@ fn export(
         "set_alpha_to_one": true, "steps_offset": 1, "prediction_type": "epsilon",
         "timestep_spacing": "leading", "clip_sample": false, "thresholding": false,
         "rescale_betas_zero_snr": false,
-    });
-    crate::files::write_atomic(
-        &out.join("scheduler/scheduler_config.json"),
-        &serde_json::to_vec_pretty(&sched)?,
-    )?;
-    crate::pipeline::source::write_model_index(
-        out,
-        "LatentConsistencyModelPipeline",
-        "LCMScheduler",
-    )
+    })
 }
 
 /// A grid of the student's 1/2/4-step samples: one row per prompt, one column per step count.

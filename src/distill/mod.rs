@@ -1,9 +1,10 @@
 //! Latent consistency distillation: one step as functions over tensors ([`lcd`]), the student
 //! seam ([`student`]), the trainer as a task of the shared loop ([`task`]) and `lcm distill` for
-//! images ([`cli`]).
+//! images ([`cli`]) and motion ([`motion`]).
 
 pub mod cli;
 pub mod lcd;
+pub mod motion;
 pub mod student;
 pub mod task;
 

@@ -55,3 +55,38 @@ impl Student for UNetStudent {
         serde_json::to_value(&self.config).unwrap_or_default()
     }
 }
+
+/// The motion denoiser as a student: the teacher's config plus a guidance embedding.
+pub struct MotionStudent {
+    pub config: crate::model::motion_denoiser::MotionDenoiserConfig,
+}
+
+impl MotionStudent {
+    pub fn new(
+        teacher: &crate::model::motion_denoiser::MotionDenoiserConfig,
+        w_embed_dim: usize,
+    ) -> Self {
+        let mut config = teacher.clone();
+        config.time_cond_proj_dim = Some(w_embed_dim);
+        Self { config }
+    }
+}
+
+impl Student for MotionStudent {
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Denoiser>> {
+        Ok(Box::new(
+            crate::model::motion_denoiser::MotionDenoiser::new(
+                &self.config,
+                vb.set_dtype(DType::F32),
+            )?,
+        ))
+    }
+
+    fn is_fresh(&self, name: &str) -> bool {
+        name.contains("cond_proj")
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+}

@@ -142,6 +142,18 @@ fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
     })
 }
 
+/// The local folder `model` names, without reading it: a folder path, or a pipeline definition
+/// with a `path` (`None` for hub ids and hub-backed pipelines).
+pub fn local_dir(model: &str) -> Result<Option<PathBuf>> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    Ok(find_pipeline(model)?
+        .and_then(|def| def.path)
+        .map(|p| repo_root().join(p)))
+}
+
 /// The source tree's root (where `weights/` lives), taken at build time.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

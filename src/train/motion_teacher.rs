@@ -259,7 +259,7 @@ impl Task for MotionTeacherTask {
             &state.export_weights(),
             &self.args.vae,
             self.settings.scaling_factor,
-            &self.args.scheduler,
+            &crate::model::config::read_json(&self.args.scheduler)?,
             &self.settings.sentence_encoder,
         )?;
         println!(
@@ -279,7 +279,7 @@ pub fn export_motion_model(
     weights: &std::collections::HashMap<String, Tensor>,
     vae_dir: &Path,
     scaling_factor: f64,
-    scheduler: &Path,
+    scheduler: &serde_json::Value,
     sentence_encoder: &str,
 ) -> Result<()> {
     let den = out.join("denoiser");
@@ -304,8 +304,7 @@ pub fn export_motion_model(
     std::fs::create_dir_all(&sched)?;
     crate::files::write_atomic(
         &sched.join("scheduler_config.json"),
-        &std::fs::read(scheduler)
-            .with_context(|| format!("cannot read {}", scheduler.display()))?,
+        &serde_json::to_vec_pretty(scheduler)?,
     )?;
     let index = MotionIndex {
         class_name: MOTION_PIPELINE.into(),
