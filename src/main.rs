@@ -150,6 +150,10 @@ struct GenerateArgs {
     /// Initial latents: a safetensors file with a tensor `latents` of shape [n, c, h/f, w/f].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// Motion models: the motion's length in seconds (up to the model's window).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Images: .png. Motion: .bvh, .json (joints), .npy (HumanML3D features), .gif or .png.
     #[arg(long, default_value = "out.png")]
     output: PathBuf,
     #[command(flatten)]
@@ -264,7 +268,52 @@ fn models() -> Result<()> {
     Ok(())
 }
 
+/// `lcm generate` with a motion model.
+fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Result<()> {
+    let unused = [
+        ("--width", args.width.is_some()),
+        ("--height", args.height.is_some()),
+        ("--latents", args.latents.is_some()),
+        ("--negative-prompt", args.negative_prompt.is_some()),
+        ("--lora", args.model.lora.is_some()),
+        ("--tcd-gamma", args.sampling.tcd_gamma.is_some()),
+    ];
+    if let Some((flag, _)) = unused.iter().find(|u| u.1) {
+        anyhow::bail!("{flag} is for image models; {spec} makes motion")
+    }
+    let (device, _) = args.runtime.resolve()?;
+    let defaults = source::find_pipeline(spec)?
+        .map(|d| d.defaults)
+        .unwrap_or_default();
+    lcm::tools::motion::generate(&lcm::tools::motion::GenerateMotion {
+        label: spec,
+        dir,
+        prompt: &args.prompt,
+        sampler: args.sampling.sampler.or(defaults.sampler),
+        steps: args.sampling.steps.or(defaults.steps),
+        guidance: args.sampling.guidance.or(defaults.guidance),
+        seconds: args.seconds.or(defaults.seconds).unwrap_or(4.0),
+        seed: args.seed.unwrap_or_else(rand::random),
+        n: args.n,
+        output: &args.output,
+        device: &device,
+    })
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
+    let spec = args
+        .model
+        .model
+        .clone()
+        .unwrap_or_else(|| source::DEFAULT_MODEL.to_string());
+    if let Some(dir) = source::local_dir(&spec)? {
+        if lcm::pipeline::text2motion::is_motion_folder(&dir) {
+            return generate_motion(&args, &spec, &dir);
+        }
+    }
+    if args.seconds.is_some() {
+        anyhow::bail!("--seconds is for motion models; {spec} makes images")
+    }
     let (device, dtype) = args.runtime.resolve()?;
     let t_load = Instant::now();
     let (resolved, pipe) = args.model.open(&device, dtype)?;

@@ -158,8 +158,8 @@ fn deepmimic_files_of_another_character_are_refused() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// `lcm motion convert` and `render` on a real clip: JSON and HumanML3D .npy out, read back to the
-/// same joints; a GIF and a PNG strip; an unknown format named.
+/// `lcm motion convert` and `render` on a real clip: JSON, HumanML3D .npy and BVH out, read back
+/// to the same joints; a GIF and a PNG strip; an unknown format named.
 #[test]
 fn motion_cli_converts_and_renders() {
     let dir = std::env::temp_dir().join(format!("lcm-motion-cli-{}", std::process::id()));
@@ -167,8 +167,11 @@ fn motion_cli_converts_and_renders() {
     let src = deepmimic_dir().join("humanoid3d_walk.txt");
     let s = src.to_str().unwrap();
     let out = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    for target in ["walk.json", "walk.npy", "walk.gif", "walk.png"] {
-        let verb = if target.ends_with("json") || target.ends_with("npy") {
+    for target in ["walk.json", "walk.npy", "walk.bvh", "walk.gif", "walk.png"] {
+        let verb = if [".json", ".npy", ".bvh"]
+            .iter()
+            .any(|e| target.ends_with(e))
+        {
             "convert"
         } else {
             "render"
@@ -186,6 +189,22 @@ fn motion_cli_converts_and_renders() {
     assert_eq!(f.shape, [25, 263]);
     let back = lcm::motion::joints_from_features(&f.data).unwrap();
     assert!(max_dist(&back, &json[..25]) < 1e-4);
+    // The BVH converts back to the same joints (our writer, our reader, the 22-joint chain).
+    let o = common::lcm_bin(&[
+        "motion",
+        "convert",
+        &out("walk.bvh"),
+        "--output",
+        &out("back.json"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (bvh_back, _) = lcm::motion::io::read_json(&dir.join("back.json")).unwrap();
+    assert_eq!(bvh_back.len(), json.len());
+    assert!(
+        max_dist(&bvh_back, &json) < 1e-3,
+        "{}",
+        max_dist(&bvh_back, &json)
+    );
     let gif = std::fs::read(dir.join("walk.gif")).unwrap();
     assert_eq!(&gif[..6], b"GIF89a");
     let png = image::open(dir.join("walk.png")).unwrap();

@@ -35,6 +35,8 @@ pub struct Defaults {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub tcd_gamma: Option<f64>,
+    /// Motion models: the length of a motion, in seconds.
+    pub seconds: Option<f64>,
 }
 
 impl Defaults {
@@ -47,6 +49,7 @@ impl Defaults {
             width: self.width.or(other.width),
             height: self.height.or(other.height),
             tcd_gamma: self.tcd_gamma.or(other.tcd_gamma),
+            seconds: self.seconds.or(other.seconds),
         }
     }
 }

@@ -453,6 +453,7 @@ fn class_defaults(
         width: size,
         height: size,
         tcd_gamma: None,
+        seconds: None,
     }
 }
 

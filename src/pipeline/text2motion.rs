@@ -189,19 +189,30 @@ impl MotionPipeline {
 
     /// One motion per prompt, `frames` long (at most the VAE's `max_frames`).
     pub fn generate(&self, prompts: &[&str], o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
-        let max = self.vae.config.max_frames;
-        if o.frames < 2 || o.frames > max {
-            bail!(
-                "this model makes 2 to {max} frames ({:.1} s at 20 fps), asked for {}",
-                max as f64 / 20.0,
-                o.frames
-            )
-        }
+        self.check_frames(o.frames)?;
         let cond = self.condition(prompts)?;
         self.generate_from(&cond, o)
     }
 
-    /// [`generate`](Self::generate) from a prepared condition (timings exclude the text).
+    /// [`generate`](Self::generate) from a prepared condition, the length checked.
+    pub fn generate_checked(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
+        self.check_frames(o.frames)?;
+        self.generate_from(cond, o)
+    }
+
+    /// Lengths beyond the VAE's window are refused (no chaining of windows yet).
+    fn check_frames(&self, frames: usize) -> Result<()> {
+        let max = self.vae.config.max_frames;
+        if frames < 2 || frames > max {
+            bail!(
+                "this model makes 2 to {max} frames ({:.1} s at 20 fps), asked for {frames}",
+                max as f64 / 20.0
+            )
+        }
+        Ok(())
+    }
+
+    /// Motions from a prepared condition (so timings can leave the text encoding out).
     pub fn generate_from(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
         let c = &self.folder.denoiser;
         let z = sample_latents(

@@ -89,6 +89,108 @@ pub fn read_clip(path: &Path) -> Result<Vec<Pose>> {
     }
 }
 
+/// Write a clip (20 fps) in the form `path`'s extension names: `.json` (joints), `.npy`
+/// (HumanML3D features), `.bvh` (the 22-joint chain with local rotations, on the reference
+/// skeleton), `.gif` (animated stick
+/// figure) or `.png` (a strip of 8 poses).
+pub fn write_clip(path: &Path, joints: &[Pose]) -> Result<()> {
+    match extension(path).as_str() {
+        "json" => motion::io::write_json(path, joints, FPS),
+        "npy" => {
+            let f = motion::features(joints, &Default::default())?;
+            npy::write(path, &f, &[f.len() / motion::FEATURES, motion::FEATURES])
+        }
+        // A BVH holds rotations of fixed bones: the clip goes onto the reference skeleton first
+        // (generated joints are not exactly rigid; the JSON keeps them as made).
+        "bvh" => Bvh::from_joints(&retarget::uniform_skeleton(joints)?, FPS)?.write(path),
+        "gif" => render::write_gif(path, joints, FPS),
+        "png" => render::write_strip(path, joints, 8),
+        other => bail!(
+            "{}: unknown motion output {other:?} (expected .bvh, .json, .npy, .gif or .png)",
+            path.display()
+        ),
+    }
+}
+
+/// `lcm generate` with a motion model: what to make and where.
+pub struct GenerateMotion<'a> {
+    pub label: &'a str,
+    pub dir: &'a Path,
+    pub prompt: &'a str,
+    pub sampler: Option<crate::sample::sampler::SamplerKind>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub seconds: f64,
+    pub seed: u64,
+    pub n: usize,
+    pub output: &'a Path,
+    pub device: &'a candle_core::Device,
+}
+
+/// Generate `n` motions of a prompt and write them in the output's format, with timings.
+/// A teacher samples DDIM 50 with CFG 7.5 unless told otherwise; a student LCM 4 steps.
+pub fn generate(g: &GenerateMotion) -> Result<()> {
+    use crate::pipeline::text2motion::{MotionFolder, MotionOptions, MotionPipeline};
+    use crate::sample::sampler::SamplerKind;
+    use std::time::Instant;
+    if g.n == 0 {
+        bail!("--n must be at least 1")
+    }
+    if !(g.seconds.is_finite() && g.seconds > 0.0) {
+        bail!("--seconds must be positive, got {}", g.seconds)
+    }
+    let t0 = Instant::now();
+    let folder = MotionFolder::open(g.dir)?;
+    let student = folder.denoiser.time_cond_proj_dim.is_some();
+    let pipe = MotionPipeline::open(folder, g.device)?;
+    let load = t0.elapsed();
+    let o = MotionOptions {
+        frames: (g.seconds * FPS).round() as usize,
+        sampler: g.sampler.unwrap_or(if student {
+            SamplerKind::Lcm
+        } else {
+            SamplerKind::Ddim
+        }),
+        steps: g.steps.unwrap_or(if student { 4 } else { 50 }),
+        guidance: g.guidance.unwrap_or(7.5),
+        seed: g.seed,
+    };
+    let t1 = Instant::now();
+    let prompts = vec![g.prompt; g.n];
+    let cond = pipe.condition(&prompts)?;
+    let text = t1.elapsed();
+    let t2 = Instant::now();
+    let motions = pipe.generate_checked(&cond, &o)?;
+    let gen = t2.elapsed();
+    let paths = crate::pipeline::image_io::numbered_paths(g.output, g.n);
+    for (m, p) in motions.iter().zip(&paths) {
+        write_clip(p, m)?;
+    }
+    println!(
+        "model {} | sampler {} | steps {} | guidance {} | seed {} | {:.1} s ({} frames) | n {}",
+        g.label,
+        o.sampler,
+        o.steps,
+        o.guidance,
+        g.seed,
+        o.frames as f64 / FPS,
+        o.frames,
+        g.n
+    );
+    println!(
+        "time: load {:.3}s, text encode {:.3}s, denoise + decode {:.3}s ({:.1} ms per motion), total {:.3}s",
+        load.as_secs_f64(),
+        text.as_secs_f64(),
+        gen.as_secs_f64(),
+        1e3 * gen.as_secs_f64() / g.n as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    for p in &paths {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
 /// A source's joints moved onto the 22-joint chain: 20 fps, the reference skeleton, canonical.
 fn retargeted(joints: &[Pose], fps: f64) -> Result<Vec<Pose>> {
     let at20 = retarget::resample(joints, fps, FPS)?;
@@ -121,17 +223,13 @@ pub fn run(cmd: &MotionCommand) -> Result<()> {
         }
         MotionCommand::Convert { input, output } => {
             let joints = read_clip(input)?;
-            match extension(output).as_str() {
-                "json" => motion::io::write_json(output, &joints, FPS)?,
-                "npy" => {
-                    let f = motion::features(&joints, &Default::default())?;
-                    npy::write(output, &f, &[f.len() / motion::FEATURES, motion::FEATURES])?
-                }
-                other => bail!(
-                    "--output {}: .json or .npy, not {other:?}",
+            if matches!(extension(output).as_str(), "gif" | "png") {
+                bail!(
+                    "--output {}: renders are made by `lcm motion render`",
                     output.display()
-                ),
+                )
             }
+            write_clip(output, &joints)?;
             println!("{} frames → {}", joints.len(), output.display());
         }
     }
