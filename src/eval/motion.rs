@@ -160,6 +160,18 @@ impl MotionEvaluator {
         })
     }
 
+    /// A trained evaluator folder (`config.json`, `model.safetensors`, as
+    /// `lcm pretrain motion-evaluator` exports it).
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg: MotionEvalConfig = crate::model::config::read_json(&dir.join("config.json"))?;
+        let vb = crate::model::weights::load_weights(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            device,
+        )?;
+        Self::new(&cfg, vb).map_err(|e| anyhow!("{}: {e}", dir.display()))
+    }
+
     /// Motion features `[b, hidden]` of normalised clips `[b, max_frames, 263]` with their frame
     /// mask `[b, max_frames]`.
     pub fn motion_features(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {

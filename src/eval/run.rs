@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::evaluator::{default_evaluator, Evaluator};
 
@@ -32,6 +32,23 @@ pub struct EvalArgs {
     /// Also write the first images as a grid PNG here.
     #[arg(long)]
     pub grid: Option<PathBuf>,
+    /// Motion models: the HumanML3D-layout folder whose splits are scored (its clips' first
+    /// captions and lengths drive the generation).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Motion models: the splits to score.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "test,test_compositional,test_paraphrase"
+    )]
+    pub splits: Vec<String>,
+    /// Motion models: also score the ground truth and nearest-neighbour retrieval.
+    #[arg(long)]
+    pub baselines: bool,
+    /// Motion models: MultiModality from this many test captions × samples each.
+    #[arg(long, value_delimiter = ',', default_value = "20,10")]
+    pub multimodality: Vec<usize>,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
 }
@@ -41,6 +58,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     use crate::pipeline::GenerateRequest;
     use crate::sample::noise::{NoiseSource, SeededNoise};
 
+    let spec = args
+        .model
+        .model
+        .clone()
+        .unwrap_or_else(|| crate::pipeline::source::DEFAULT_MODEL.to_string());
+    if let Some(dir) = crate::pipeline::source::local_dir(&spec)? {
+        if crate::pipeline::text2motion::is_motion_folder(&dir) {
+            return run_motion(args, &spec, &dir);
+        }
+    }
     if args.samples < 2 {
         bail!("--samples must be at least 2 (FID needs a covariance)")
     }
@@ -142,6 +169,64 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let g = crate::pipeline::image_io::grid(&images[..images.len().min(16)], 4)?;
         crate::pipeline::image_io::save_png(&g, grid)?;
     }
+    print!("{md}");
+    println!("wrote {} and {}", args.output.display(), md_path.display());
+    Ok(())
+}
+
+/// `lcm eval` with a motion model: the motion evaluator's figures and program adherence on the
+/// data folder's splits.
+fn run_motion(args: &EvalArgs, spec: &str, dir: &std::path::Path) -> Result<()> {
+    use crate::sample::sampler::SamplerKind;
+    let data = args
+        .data
+        .as_deref()
+        .context("--data: a motion model is scored on a HumanML3D-layout folder")?;
+    let evaluator = args
+        .evaluator
+        .as_deref()
+        .context("--evaluator: a motion evaluator folder (lcm pretrain motion-evaluator)")?;
+    let folder = crate::pipeline::text2motion::MotionFolder::open(dir)?;
+    let student = folder.denoiser.time_cond_proj_dim.is_some();
+    let defaults = crate::pipeline::source::find_pipeline(spec)?
+        .map(|d| d.defaults)
+        .unwrap_or_default();
+    let s = &args.sampling;
+    let options = crate::pipeline::text2motion::MotionOptions {
+        frames: 0,
+        sampler: s.sampler.or(defaults.sampler).unwrap_or(if student {
+            SamplerKind::Lcm
+        } else {
+            SamplerKind::Ddim
+        }),
+        steps: s
+            .steps
+            .or(defaults.steps)
+            .unwrap_or(if student { 4 } else { 50 }),
+        guidance: s.guidance.or(defaults.guidance).unwrap_or(7.5),
+        seed: args.seed,
+    };
+    let (device, _) = args.runtime.resolve()?;
+    let [captions, samples] = args.multimodality[..] else {
+        bail!("--multimodality takes CAPTIONS,SAMPLES")
+    };
+    let report = super::motion_eval::run(&super::motion_eval::MotionEvalRun {
+        model: dir,
+        label: spec,
+        data,
+        evaluator,
+        splits: &args.splits,
+        samples: args.samples,
+        options,
+        multimodality_captions: captions,
+        multimodality_samples: samples,
+        baselines: args.baselines,
+        device: &device,
+    })?;
+    let md = super::motion_eval::markdown(&report);
+    crate::files::write_atomic(&args.output, &serde_json::to_vec_pretty(&report)?)?;
+    let md_path = args.output.with_extension("md");
+    crate::files::write_atomic(&md_path, md.as_bytes())?;
     print!("{md}");
     println!("wrote {} and {}", args.output.display(), md_path.display());
     Ok(())
