@@ -212,13 +212,38 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         .generate(&["a person walks forward", "a person jumps"], &o)
         .unwrap();
     assert_eq!(motions, again, "the same seed must give the same motions");
+    // Longer than the VAE's 200-frame window: chained windows, continuous where they meet
+    // (no step between frames much larger than within a window).
+    let long = p
+        .generate(
+            &["a person walks forward"],
+            &lcm::pipeline::text2motion::MotionOptions { frames: 450, ..o },
+        )
+        .unwrap()
+        .remove(0);
+    assert_eq!(long.len(), 450);
+    let steps: Vec<f64> = long
+        .windows(2)
+        .map(|w| (w[1][0] - w[0][0]).norm())
+        .collect();
+    let within = steps[..150].iter().copied().fold(0.0, f64::max);
+    for seam in [190, 380] {
+        let at = steps[seam - 5..seam + 5]
+            .iter()
+            .copied()
+            .fold(0.0, f64::max);
+        assert!(
+            at < 3.0 * within + 0.05,
+            "a jump of {at} m at the seam near frame {seam} (within: {within})"
+        );
+    }
     let Err(e) = p.generate(
         &["x"],
-        &lcm::pipeline::text2motion::MotionOptions { frames: 500, ..o },
+        &lcm::pipeline::text2motion::MotionOptions { frames: 1300, ..o },
     ) else {
-        panic!("500 frames were accepted")
+        panic!("1300 frames were accepted")
     };
-    assert!(e.to_string().contains("2 to 200 frames"), "{e}");
+    assert!(e.to_string().contains("2 to 1200 frames"), "{e}");
 
     // Distillation of that teacher through the shared LCD task: resumes bit-exactly, exports a
     // student folder whose guidance embedding the pipeline uses for 1-step LCM sampling.

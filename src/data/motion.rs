@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::motion::bvh::Bvh;
-use crate::motion::features::canonicalise;
+use crate::motion::features::{canonicalise, concat_rows};
 pub use crate::motion::gesture::Gesture;
 pub use crate::motion::skeleton::Side;
 use crate::motion::{
@@ -289,7 +289,7 @@ fn step_joints(
     } else {
         let one = rows.clone();
         for _ in 1..step.count.max(1) {
-            rows = concat(&rows, &one, 4);
+            rows = concat_rows(&rows, &one, 4);
         }
     }
     let n = rows.len() / FEATURES;
@@ -310,23 +310,6 @@ fn step_joints(
     Ok(joints)
 }
 
-/// `b`'s rows after `a`'s, the last `blend` rows of `a` cross-faded into `b`'s first.
-fn concat(a: &[f32], b: &[f32], blend: usize) -> Rows {
-    let (na, nb) = (a.len() / FEATURES, b.len() / FEATURES);
-    let k = blend.min(na).min(nb);
-    let mut out = a[..(na - k) * FEATURES].to_vec();
-    for i in 0..k {
-        let w = (i + 1) as f32 / (k + 1) as f32;
-        let (ra, rb) = (
-            &a[(na - k + i) * FEATURES..][..FEATURES],
-            &b[i * FEATURES..][..FEATURES],
-        );
-        out.extend(ra.iter().zip(rb).map(|(x, y)| x * (1.0 - w) + y * w));
-    }
-    out.extend_from_slice(&b[k * FEATURES..]);
-    out
-}
-
 /// A program's joints (20 fps, canonical).
 pub fn synthesise(
     program: &Program,
@@ -340,7 +323,7 @@ pub fn synthesise(
         rows = if rows.is_empty() {
             r
         } else {
-            concat(&rows, &r, 6)
+            concat_rows(&rows, &r, 6)
         };
     }
     let joints = canonicalise(&joints_from_features(&rows)?)?;

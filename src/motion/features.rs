@@ -247,6 +247,24 @@ pub fn joints_from_features(features: &[f32]) -> Result<Vec<Pose>> {
     Ok(out)
 }
 
+/// Feature rows of `b` after those of `a`, the last `blend` rows of `a` cross-faded into `b`'s
+/// first. The rows are heading-relative, so `b` continues from where `a` ended.
+pub fn concat_rows(a: &[f32], b: &[f32], blend: usize) -> Vec<f32> {
+    let (na, nb) = (a.len() / FEATURES, b.len() / FEATURES);
+    let k = blend.min(na).min(nb);
+    let mut out = a[..(na - k) * FEATURES].to_vec();
+    for i in 0..k {
+        let w = (i + 1) as f32 / (k + 1) as f32;
+        let (ra, rb) = (
+            &a[(na - k + i) * FEATURES..][..FEATURES],
+            &b[i * FEATURES..][..FEATURES],
+        );
+        out.extend(ra.iter().zip(rb).map(|(x, y)| x * (1.0 - w) + y * w));
+    }
+    out.extend_from_slice(&b[k * FEATURES..]);
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -150,6 +150,11 @@ pub fn decode(
         .collect()
 }
 
+/// Frames by which chained windows overlap (cross-faded).
+pub const CHAIN_OVERLAP: usize = 10;
+/// The longest motion made (by chaining windows).
+pub const MAX_SECONDS: f64 = 60.0;
+
 /// A loaded motion model.
 pub struct MotionPipeline {
     pub folder: MotionFolder,
@@ -187,27 +192,59 @@ impl MotionPipeline {
         )
     }
 
-    /// One motion per prompt, `frames` long (at most the VAE's `max_frames`).
+    /// One motion per prompt, `frames` long.
     pub fn generate(&self, prompts: &[&str], o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
         self.check_frames(o.frames)?;
         let cond = self.condition(prompts)?;
-        self.generate_from(&cond, o)
+        self.generate_checked(&cond, o)
     }
 
-    /// [`generate`](Self::generate) from a prepared condition, the length checked.
+    /// [`generate`](Self::generate) from a prepared condition. Lengths beyond the VAE's window
+    /// are made by chaining windows (seeds `seed`, `seed + 1`, …) whose feature rows overlap by
+    /// [`CHAIN_OVERLAP`] frames, cross-faded: each window continues from where the last ended,
+    /// and repeats the prompt rather than going on with it.
     pub fn generate_checked(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
         self.check_frames(o.frames)?;
-        self.generate_from(cond, o)
+        let max = self.vae.config.max_frames;
+        if o.frames <= max {
+            return self.generate_from(cond, o);
+        }
+        let window = max;
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); cond.dim(0)?];
+        let mut k = 0u64;
+        // Rows are one fewer than the frames they describe.
+        while rows[0].len() / crate::motion::FEATURES + 1 < o.frames {
+            let part = self.generate_from(
+                cond,
+                &MotionOptions {
+                    frames: window,
+                    seed: o.seed + k,
+                    ..*o
+                },
+            )?;
+            for (r, joints) in rows.iter_mut().zip(&part) {
+                let f = crate::motion::features(joints, &Default::default())?;
+                *r = if r.is_empty() {
+                    f
+                } else {
+                    crate::motion::features::concat_rows(r, &f, CHAIN_OVERLAP)
+                };
+            }
+            k += 1;
+        }
+        rows.iter()
+            .map(|r| {
+                let j = joints_from_features(r)?;
+                Ok(j[..o.frames.min(j.len())].to_vec())
+            })
+            .collect()
     }
 
-    /// Lengths beyond the VAE's window are refused (no chaining of windows yet).
+    /// At least two frames, and at most [`MAX_SECONDS`].
     fn check_frames(&self, frames: usize) -> Result<()> {
-        let max = self.vae.config.max_frames;
+        let max = (MAX_SECONDS * 20.0) as usize;
         if frames < 2 || frames > max {
-            bail!(
-                "this model makes 2 to {max} frames ({:.1} s at 20 fps), asked for {frames}",
-                max as f64 / 20.0
-            )
+            bail!("motions are 2 to {max} frames ({MAX_SECONDS} s at 20 fps), asked for {frames}")
         }
         Ok(())
     }
