@@ -29,6 +29,11 @@ pub struct MotionVaeConfig {
     pub latent_channels: usize,
     /// The longest clip, in frames (20 fps).
     pub max_frames: usize,
+    /// Frames per transformer token: 1 (MLD: a token per frame), or 2 or 4 — strided 1-D
+    /// convolutions before the encoder's transformer, nearest upsampling and convolutions after
+    /// the decoder's.
+    #[serde(default = "one_usize", skip_serializing_if = "is_one_usize")]
+    pub downsample: usize,
     /// Latents are multiplied by this before diffusion (SD's `scaling_factor`): measured by the
     /// teacher's trainer as 1 / std of the training latents, so they are about unit-variance.
     #[serde(default = "one", skip_serializing_if = "is_one")]
@@ -41,6 +46,14 @@ fn features() -> usize {
 
 fn one() -> f64 {
     1.0
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn is_one_usize(x: &usize) -> bool {
+    *x == 1
 }
 
 fn is_one(x: &f64) -> bool {
@@ -67,6 +80,9 @@ impl MotionVaeConfig {
         if self.latent_tokens == 0 || self.latent_channels == 0 || self.max_frames < 2 {
             bail!("latent_tokens, latent_channels and max_frames must be positive")
         }
+        if ![1, 2, 4].contains(&self.downsample) {
+            bail!("downsample must be 1, 2 or 4, got {}", self.downsample)
+        }
         if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
             bail!(
                 "scaling_factor must be positive, got {}",
@@ -80,6 +96,10 @@ impl MotionVaeConfig {
 pub struct MotionVae {
     pub config: MotionVaeConfig,
     frame_in: Linear,
+    /// Strided convolutions (one per halving) before the encoder, and the convolutions after
+    /// each doubling of the decoder.
+    down: Vec<candle_nn::Conv1d>,
+    up: Vec<candle_nn::Conv1d>,
     /// μ tokens then log σ² tokens, `[2·latent_tokens, width]`.
     dist_tokens: Tensor,
     encoder: SkipTransformer,
@@ -115,7 +135,23 @@ impl MotionVae {
         config.check()?;
         let d = config.transformer.width;
         let (l, c) = (config.latent_tokens, config.latent_channels);
+        let halvings = config.downsample.trailing_zeros() as usize;
+        let strided = candle_nn::Conv1dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let same = candle_nn::Conv1dConfig {
+            padding: 1,
+            ..Default::default()
+        };
         Ok(Self {
+            down: (0..halvings)
+                .map(|i| candle_nn::conv1d(d, d, 4, strided, vb.pp(format!("down.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+            up: (0..halvings)
+                .map(|i| candle_nn::conv1d(d, d, 3, same, vb.pp(format!("up.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
             frame_in: linear(config.features, d, true, vb.pp("frame_in"))?,
             dist_tokens: vb.get_with_hints(
                 (2 * l, d),
@@ -156,13 +192,65 @@ impl MotionVae {
         Ok(Some(Tensor::cat(&[&ones, valid], 1)?))
     }
 
+    /// Tokens of `t` frames: `t` divided by `downsample`, rounded up.
+    fn tokens(&self, t: usize) -> usize {
+        t.div_ceil(self.config.downsample)
+    }
+
+    /// Frames padded (zeros, invalid) to a whole number of tokens.
+    fn pad_frames(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let t = x.dim(1)?;
+        let extra = self.tokens(t) * self.config.downsample - t;
+        if extra == 0 {
+            return Ok((x.clone(), valid.cloned()));
+        }
+        let x = x.pad_with_zeros(1, 0, extra)?;
+        let v = match valid {
+            Some(v) => v.pad_with_zeros(1, 0, extra)?,
+            None => Tensor::ones((x.dim(0)?, t), DType::F32, x.device())?.pad_with_zeros(1, 0, extra)?,
+        };
+        Ok((x, Some(v)))
+    }
+
+    /// The mask at `1/factor` of the frame rate: a slot is valid where any of its frames is.
+    fn pool(valid: Option<&Tensor>, factor: usize) -> Result<Option<Tensor>> {
+        Ok(match valid {
+            Some(v) if factor > 1 => {
+                let (b, t) = v.dims2()?;
+                Some(v.reshape((b, t / factor, factor))?.max(2)?)
+            }
+            other => other.cloned(),
+        })
+    }
+
+    /// `h` `[b, d, n]` with the slots `mask` `[b, n]` hides set to zero (so convolutions see
+    /// zeros past a clip's end whatever shares its batch).
+    fn hide(h: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        Ok(match mask {
+            Some(m) => h.broadcast_mul(&m.unsqueeze(1)?)?,
+            None => h,
+        })
+    }
+
     /// The posterior of z-normalised clips `x` `[b, t, 263]` whose frames are `valid` `[b, t]`
     /// (`None`: all of them).
     pub fn encode(&self, x: &Tensor, valid: Option<&Tensor>) -> Result<Posterior> {
+        self.check_frames(x.dim(1)?)?;
+        let (x, frame_valid) = self.pad_frames(x, valid)?;
         let (b, t, _) = x.dims3()?;
-        self.check_frames(t)?;
+        let t = t / self.config.downsample;
         let (l, d) = (self.config.latent_tokens, self.config.transformer.width);
-        let frames = self.frame_in.forward(x)?;
+        let mut frames = self.frame_in.forward(&x)?;
+        if !self.down.is_empty() {
+            let mut h = frames.transpose(1, 2)?;
+            for (i, c) in self.down.iter().enumerate() {
+                let m = Self::pool(frame_valid.as_ref(), 2 << i)?;
+                h = Self::hide(c.forward(&h)?.silu()?, m.as_ref())?;
+            }
+            frames = h.transpose(1, 2)?;
+        }
+        let valid = Self::pool(frame_valid.as_ref(), self.config.downsample)?;
+        let valid = valid.as_ref();
         let tokens = self.dist_tokens.unsqueeze(0)?.broadcast_as((b, 2 * l, d))?;
         let h = Tensor::cat(&[&tokens, &frames], 1)?;
         let h = h.broadcast_add(&positions(2 * l + t, d, x.device())?.unsqueeze(0)?)?;
@@ -181,8 +269,21 @@ impl MotionVae {
     /// z-normalised features `[b, frames, 263]` of latents `z` `[b, latent_tokens,
     /// latent_channels]`; `valid` `[b, frames]` marks each clip's own frames (`None`: all).
     pub fn decode(&self, z: &Tensor, frames: usize, valid: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t) = (z.dim(0)?, frames);
-        self.check_frames(t)?;
+        self.check_frames(frames)?;
+        let b = z.dim(0)?;
+        let k = self.config.downsample;
+        let t = self.tokens(frames);
+        // The frame mask over whole tokens: the frames past `frames` are hidden too.
+        let frame_valid = match valid {
+            Some(v) if t * k != frames => Some(v.pad_with_zeros(1, 0, t * k - frames)?),
+            None if t * k != frames => Some(
+                Tensor::ones((b, frames), DType::F32, z.device())?
+                    .pad_with_zeros(1, 0, t * k - frames)?,
+            ),
+            other => other.cloned(),
+        };
+        let valid = Self::pool(frame_valid.as_ref(), k)?;
+        let valid = valid.as_ref();
         let (l, d) = (self.config.latent_tokens, self.config.transformer.width);
         let lat = self.latent_in.forward(z)?;
         let queries = positions(t, d, z.device())?
@@ -192,7 +293,19 @@ impl MotionVae {
         let h = self
             .decoder
             .forward(&h, Self::with_tokens(valid, l)?.as_ref())?;
-        Ok(self.frame_out.forward(&h.narrow(1, l, t)?)?)
+        let mut h = h.narrow(1, l, t)?;
+        if !self.up.is_empty() {
+            let mut u = Self::hide(h.transpose(1, 2)?, valid)?;
+            for (i, c) in self.up.iter().enumerate() {
+                let (bb, dd, n) = u.dims3()?;
+                // Nearest doubling, then a convolution that smooths across the copies.
+                u = u.unsqueeze(3)?.broadcast_as((bb, dd, n, 2))?.reshape((bb, dd, 2 * n))?;
+                let m = Self::pool(frame_valid.as_ref(), k >> (i + 1))?;
+                u = Self::hide(c.forward(&u)?.silu()?, m.as_ref())?;
+            }
+            h = u.transpose(1, 2)?;
+        }
+        Ok(self.frame_out.forward(&h.narrow(1, 0, frames)?)?)
     }
 }
 
