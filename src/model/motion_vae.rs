@@ -207,7 +207,9 @@ impl MotionVae {
         let x = x.pad_with_zeros(1, 0, extra)?;
         let v = match valid {
             Some(v) => v.pad_with_zeros(1, 0, extra)?,
-            None => Tensor::ones((x.dim(0)?, t), DType::F32, x.device())?.pad_with_zeros(1, 0, extra)?,
+            None => {
+                Tensor::ones((x.dim(0)?, t), DType::F32, x.device())?.pad_with_zeros(1, 0, extra)?
+            }
         };
         Ok((x, Some(v)))
     }
@@ -277,8 +279,11 @@ impl MotionVae {
         let frame_valid = match valid {
             Some(v) if t * k != frames => Some(v.pad_with_zeros(1, 0, t * k - frames)?),
             None if t * k != frames => Some(
-                Tensor::ones((b, frames), DType::F32, z.device())?
-                    .pad_with_zeros(1, 0, t * k - frames)?,
+                Tensor::ones((b, frames), DType::F32, z.device())?.pad_with_zeros(
+                    1,
+                    0,
+                    t * k - frames,
+                )?,
             ),
             other => other.cloned(),
         };
@@ -299,7 +304,10 @@ impl MotionVae {
             for (i, c) in self.up.iter().enumerate() {
                 let (bb, dd, n) = u.dims3()?;
                 // Nearest doubling, then a convolution that smooths across the copies.
-                u = u.unsqueeze(3)?.broadcast_as((bb, dd, n, 2))?.reshape((bb, dd, 2 * n))?;
+                u = u
+                    .unsqueeze(3)?
+                    .broadcast_as((bb, dd, n, 2))?
+                    .reshape((bb, dd, 2 * n))?;
                 let m = Self::pool(frame_valid.as_ref(), k >> (i + 1))?;
                 u = Self::hide(c.forward(&u)?.silu()?, m.as_ref())?;
             }
