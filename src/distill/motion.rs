@@ -34,10 +34,7 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
             dir.display()
         )
     }
-    let data_dir = c
-        .data
-        .first()
-        .context("--data: the HumanML3D-layout folder")?;
+    let data_dir = &c.motion_data()?;
     let config = args.config(folder.scheduler.timestep_scaling.unwrap_or(10.0))?;
     let plan = c.plan(&DISTILL)?;
     let teacher_weights = crate::model::weights::tensors(&[folder.denoiser_weights()], &device)?;

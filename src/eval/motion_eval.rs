@@ -18,7 +18,8 @@ use super::motion::{CaptionTokenizer, MotionEvaluator};
 use super::motion_checks::{adheres, gesture_adheres, measure, plausibility};
 use super::motion_train::{motion_features, nearest_neighbour, prepare, score_motions, Prepared};
 use crate::data::motion::{Action, Program};
-use crate::motion::{features, joints_from_features, Pose, FEATURES};
+use crate::model::motion_vae::Normaliser;
+use crate::motion::{features, joints_from_features, Pose};
 use crate::pipeline::text2motion::{MotionFolder, MotionOptions, MotionPipeline};
 
 /// What a motion evaluation runs.
@@ -136,15 +137,8 @@ fn figures(
 }
 
 /// Normalised feature rows of joints, with the dataset's statistics.
-fn normalised(joints: &[Pose], mean: &[f32], std: &[f32]) -> Result<Vec<f32>> {
-    Ok(features(joints, &Default::default())?
-        .chunks(FEATURES)
-        .flat_map(|r| {
-            r.iter()
-                .zip(mean.iter().zip(std))
-                .map(|(x, (m, s))| (x - m) / s)
-        })
-        .collect())
+fn normalised(joints: &[Pose], norm: &Normaliser) -> Result<Vec<f32>> {
+    Ok(norm.normalise_rows(&features(joints, &Default::default())?))
 }
 
 pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
@@ -155,7 +149,10 @@ pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
     let pipe = MotionPipeline::open(MotionFolder::open(r.model)?, r.device)?;
     let stats = crate::data::humanml3d::load(r.data, "train", &Default::default())
         .context("the data folder's train split (its Mean/Std normalise the generated motions)")?;
-    let (mean, std) = (stats.mean.clone(), stats.std.clone());
+    let norm = Normaliser {
+        mean: stats.mean.clone(),
+        std: stats.std.clone(),
+    };
     let train = if r.baselines {
         Some(prepare(r.data, "train", &tok, r.device)?)
     } else {
@@ -226,7 +223,7 @@ pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
             let t1 = Instant::now();
             let m = pipe.generate_checked(&cond, &o)?.remove(0);
             gen_s += t1.elapsed().as_secs_f64();
-            motions.push(normalised(&m, &mean, &std)?);
+            motions.push(normalised(&m, &norm)?);
             joints.push(m);
             bar.inc(1);
         }
@@ -249,7 +246,7 @@ pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
                 let ms = pipe.generate_checked(&cond, &o)?;
                 let f = ms
                     .iter()
-                    .map(|m| normalised(m, &mean, &std))
+                    .map(|m| normalised(m, &norm))
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<&[f32]> = f.iter().map(Vec::as_slice).collect();
                 per.push(to_matrix(&motion_features(&evaluator, &refs, r.device)?)?);

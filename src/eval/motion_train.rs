@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor, D};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -351,11 +351,7 @@ pub fn score_motions(
 pub fn run(args: &MotionEvaluatorArgs) -> Result<()> {
     let c = &args.train;
     let (device, _) = c.runtime.resolve()?;
-    let dir = c
-        .data
-        .first()
-        .context("--data: the HumanML3D-layout folder")?
-        .clone();
+    let dir = c.motion_data()?.clone();
     let config = MotionEvalConfig::default();
     let stage = c.stage(config.max_frames, &PRETRAIN)?;
     let plan = c.plan(&PRETRAIN)?;

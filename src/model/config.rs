@@ -14,6 +14,16 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
 }
 
+/// Read, parse and check a config; every error names the file.
+pub fn load_checked<T: DeserializeOwned>(
+    path: &Path,
+    check: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let c: T = read_json(path)?;
+    check(&c).with_context(|| format!("{}", path.display()))?;
+    Ok(c)
+}
+
 /// A config value that diffusers allows as one number or as one number per block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -38,11 +38,7 @@ pub struct MotionDenoiserConfig {
 
 impl MotionDenoiserConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let c: Self = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        c.check().with_context(|| format!("{}", path.display()))?;
-        Ok(c)
+        crate::model::config::load_checked(path, Self::check)
     }
 
     pub fn check(&self) -> Result<()> {

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -62,11 +62,7 @@ fn is_one(x: &f64) -> bool {
 
 impl MotionVaeConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let c: Self = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        c.check().with_context(|| format!("{}", path.display()))?;
-        Ok(c)
+        crate::model::config::load_checked(path, Self::check)
     }
 
     pub fn check(&self) -> Result<()> {
@@ -358,6 +354,17 @@ impl Normaliser {
     pub fn save(&self, dir: &Path) -> Result<()> {
         crate::motion::npy::write(&dir.join("Mean.npy"), &self.mean, &[FEATURES])?;
         crate::motion::npy::write(&dir.join("Std.npy"), &self.std, &[FEATURES])
+    }
+
+    /// z-normalised copies of feature rows (`frames × 263`).
+    pub fn normalise_rows(&self, rows: &[f32]) -> Vec<f32> {
+        rows.chunks(FEATURES)
+            .flat_map(|r| {
+                r.iter()
+                    .zip(self.mean.iter().zip(&self.std))
+                    .map(|(x, (m, s))| (x - m) / s)
+            })
+            .collect()
     }
 
     /// `[1, 1, 263]` tensors (mean, std).

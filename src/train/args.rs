@@ -149,6 +149,17 @@ impl TrainArgs {
         })
     }
 
+    /// The one HumanML3D-layout folder a motion stage reads (`--data`); more are refused.
+    pub fn motion_data(&self) -> Result<PathBuf> {
+        match self.data.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => bail!(
+                "--data: give one HumanML3D-layout folder, got {}",
+                self.data.len()
+            ),
+        }
+    }
+
     /// The loop's plan: run folder, last step, cadences.
     pub fn plan(&self, d: &StageDefaults) -> Result<Plan> {
         Ok(Plan {

@@ -97,15 +97,6 @@ pub fn encode_split(
     if data.clips.is_empty() {
         bail!("{}: the {split} split has no clips", dir.display())
     }
-    let normalise = |rows: &[f32]| -> Vec<f32> {
-        rows.chunks(FEATURES)
-            .flat_map(|r| {
-                r.iter()
-                    .zip(norm.mean.iter().zip(&norm.std))
-                    .map(|(x, (m, s))| (x - m) / s)
-            })
-            .collect()
-    };
     let mut clips: Vec<Vec<f32>> = Vec::new();
     let mut captions: Vec<String> = Vec::new();
     let mut captions_of = Vec::new();
@@ -114,7 +105,10 @@ pub fn encode_split(
         let rows = &c.features[..c.features.len().min(max)];
         let joints = joints_from_features(&data.denormalise(rows))?;
         let mirrored = features(&crate::data::motion::mirror(&joints), &Default::default())?;
-        for (f, flip) in [(rows.to_vec(), false), (normalise(&mirrored), true)] {
+        for (f, flip) in [
+            (rows.to_vec(), false),
+            (norm.normalise_rows(&mirrored), true),
+        ] {
             let start = captions.len() as u32;
             for cap in &c.captions {
                 captions.push(if flip {
@@ -320,11 +314,7 @@ pub fn export_motion_model(
 pub fn run(args: &MotionTeacherArgs) -> Result<()> {
     let c = &args.train;
     let (device, _) = c.runtime.resolve()?;
-    let dir = c
-        .data
-        .first()
-        .context("--data: the HumanML3D-layout folder")?
-        .clone();
+    let dir = c.motion_data()?.clone();
     if !(0.0..=1.0).contains(&args.caption_dropout) {
         bail!("--caption-dropout must be in [0, 1]")
     }

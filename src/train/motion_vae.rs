@@ -92,16 +92,6 @@ pub fn pad(clips: &[Vec<f32>], device: &Device) -> Result<(Tensor, Tensor)> {
 }
 
 impl MotionVaeTask {
-    fn normalise(&self, rows: &[f32]) -> Vec<f32> {
-        rows.chunks(FEATURES)
-            .flat_map(|r| {
-                r.iter()
-                    .zip(self.norm.mean.iter().zip(&self.norm.std))
-                    .map(|(x, (m, s))| (x - m) / s)
-            })
-            .collect()
-    }
-
     /// (features loss, joints loss, KL, mean joint error in m) of a batch of equal-length clips.
     fn losses(&self, x: &Tensor, eps: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let valid = None;
@@ -158,7 +148,10 @@ impl Task for MotionVaeTask {
                 continue;
             }
             let start = rng.random_range(0..=n - t);
-            rows.extend(self.normalise(&f[start * FEATURES..(start + t) * FEATURES]));
+            rows.extend(
+                self.norm
+                    .normalise_rows(&f[start * FEATURES..(start + t) * FEATURES]),
+            );
         }
         let x = Tensor::from_vec(rows, (b, t, FEATURES), &self.device)?;
         let shape = (b, s.config.latent_tokens, s.config.latent_channels);
@@ -286,11 +279,7 @@ pub fn reconstruction(
 pub fn run(args: &MotionVaeArgs) -> Result<()> {
     let c = &args.train;
     let (device, _) = c.runtime.resolve()?;
-    let dir = c
-        .data
-        .first()
-        .context("--data: the HumanML3D-layout folder")?
-        .clone();
+    let dir = c.motion_data()?.clone();
     let config = MotionVaeConfig::load(&args.config)?;
     let opts = LoadOptions {
         min_frames: 2,

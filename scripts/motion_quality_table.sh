@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The motion models' quality table (docs/motion.md, the model card): `lcm eval` on the test,
+# compositional and paraphrase splits for ground truth and nearest-neighbour retrieval, the
+# teacher (DDIM 50, CFG 7.5) and the student (LCM 1, 2 and 4 steps, guidance 7.5), same seeds for
+# every row. Every number comes from the JSON and markdown files `lcm eval` writes.
+#
+#   scripts/motion_quality_table.sh DATA EVALUATOR TEACHER STUDENT [OUT_DIR]
+#   LCM=/path/to/lcm scripts/motion_quality_table.sh ...     (use that binary, build nothing)
+set -euo pipefail
+if [ -n "${LCM:-}" ]; then LCM=$(realpath "$LCM"); fi
+DATA=$(realpath "$1"); EVALUATOR=$(realpath "$2"); TEACHER=$3; STUDENT=$4; OUT=${5:-motion-eval}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+if [ -z "${LCM:-}" ]; then
+    cargo build --release
+    LCM=target/release/lcm
+fi
+row() { # name, model, then lcm eval flags
+    local name=$1 model=$2
+    shift 2
+    "$LCM" eval --model "$model" --data "$DATA" --evaluator "$EVALUATOR" --samples 300 \
+        --output "$OUT/$name.json" "$@" >/dev/null
+}
+row teacher-ddim50 "$TEACHER" --sampler ddim --steps 50 --guidance 7.5 --baselines
+for n in 1 2 4; do
+    row "student-$n" "$STUDENT" --sampler lcm --steps "$n" --guidance 7.5 --multimodality 20,10
+done
+# One table: the header once, then every row of every file.
+head -2 "$OUT/teacher-ddim50.md"
+for f in teacher-ddim50 student-1 student-2 student-4; do
+    tail -n +3 "$OUT/$f.md" | sed "s#| $STUDENT |#| student, $f |#; s#| $TEACHER |#| teacher, DDIM 50 |#"
+done | sort -s -t'|' -k2,2
