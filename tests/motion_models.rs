@@ -19,15 +19,6 @@ fn tiny_vae_config() -> MotionVaeConfig {
     .unwrap()
 }
 
-fn ok(out: std::process::Output) -> std::process::Output {
-    assert!(
-        out.status.success(),
-        "lcm failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// A small motion dataset built from the mocap excerpts in the fixtures.
 fn motion_data(root: &Path) -> PathBuf {
     let out = root.join("data");

@@ -7,15 +7,6 @@ use std::path::Path;
 
 use common::*;
 
-fn ok(out: std::process::Output) -> std::process::Output {
-    assert!(
-        out.status.success(),
-        "lcm failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 #[test]
 fn pretrain_vae_trains_checkpoints_resumes_and_exports() {
     setup();

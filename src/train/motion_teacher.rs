@@ -159,21 +159,30 @@ impl MotionLatents {
         Ok((mean + self.std.index_select(rows, 0)?.mul(&eps)?)?)
     }
 
-    /// For each row, one of its captions' conditions, or the empty one with probability `drop`.
+    /// For each row, one of its captions' conditions, or the empty one with probability `drop`:
+    /// one gather from the caption table, the dropped rows then swapped for the empty caption.
     pub fn captions(&self, rows: &[u32], drop: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-        let parts = rows
-            .iter()
-            .map(|&r| {
-                if drop > 0.0 && rng.random_bool(drop) {
-                    return Ok(self.uncond.clone());
-                }
+        let (mut pick, mut dropped) = (Vec::with_capacity(rows.len()), Vec::new());
+        for &r in rows {
+            if drop > 0.0 && rng.random_bool(drop) {
+                dropped.push(1u8);
+                pick.push(0u32);
+            } else {
                 let c = &self.captions_of[r as usize];
-                Ok(self
-                    .text
-                    .narrow(0, c[rng.random_range(0..c.len())] as usize, 1)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+                dropped.push(0);
+                pick.push(c[rng.random_range(0..c.len())]);
+            }
+        }
+        let device = self.text.device();
+        let text = self
+            .text
+            .index_select(&Tensor::new(pick.as_slice(), device)?, 0)?;
+        if !dropped.contains(&1) {
+            return Ok(text);
+        }
+        let mask =
+            Tensor::from_vec(dropped, (rows.len(), 1, 1), device)?.broadcast_as(text.shape())?;
+        Ok(mask.where_cond(&self.uncond.broadcast_as(text.shape())?, &text)?)
     }
 }
 

@@ -163,3 +163,13 @@ pub fn rendered(n: usize, seed: u64) -> (Vec<lcm::eval::EvalPrompt>, Vec<image::
         })
         .unzip()
 }
+
+/// `out` of an `lcm` run that must have succeeded (its stderr shown when it did not).
+pub fn ok(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "lcm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
