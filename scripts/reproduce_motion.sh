@@ -31,3 +31,13 @@ if [ ! -f "$WORK/mvae/motion_vae/config.json" ]; then
         --lr 4e-4 --warmup-steps 200 --decay-from 1500 --save-every 250 --sample-every 500 \
         $(resume_flag "$WORK/mvae")
 fi
+
+# Stage 2: the latent teacher (ε-prediction, CFG dropout 10 %). Run here as 1000 steps of an
+# 8000-step schedule (constant lr after the warm-up, so identical), then on to this schedule.
+TEACHER="$WORK/mteach/model"
+if [ ! -f "$TEACHER/model_index.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM pretrain motion-teacher --vae "$WORK/mvae/motion_vae" --data "$DATA" --output "$WORK/mteach" \
+        --max-steps 3000 --batch-size 64 --lr 2e-4 --warmup-steps 300 --decay-from 2200 \
+        --save-every 250 --sample-every 500 $(resume_flag "$WORK/mteach")
+fi

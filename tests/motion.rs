@@ -209,6 +209,27 @@ fn motion_cli_converts_and_renders() {
     assert_eq!(&gif[..6], b"GIF89a");
     let png = image::open(dir.join("walk.png")).unwrap();
     assert_eq!(png.height(), 192);
+    // Two clips in one GIF, one per row: each frame holds both, the shorter holding its last pose.
+    let o = common::lcm_bin(&[
+        "motion",
+        "render",
+        &out("walk.json"),
+        &out("walk.npy"),
+        "--cols",
+        "1",
+        "--output",
+        &out("grid.gif"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dec = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(dir.join("grid.gif")).unwrap(),
+    ))
+    .unwrap();
+    let frames = image::AnimationDecoder::into_frames(dec)
+        .collect_frames()
+        .unwrap();
+    assert_eq!(frames.len(), 26);
+    assert_eq!(frames[0].buffer().dimensions(), (384, 384));
     let o = common::lcm_bin(&["motion", "render", s, "--output", &out("walk.bmp")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(".gif or .png"), "{err}");

@@ -146,6 +146,32 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         report["test"]["mpjpe_cm"].as_f64().unwrap(),
     );
     assert!((x - y).abs() < 1e-3 * y.max(1.0), "{x} vs {y}");
+    // `lcm motion reconstruct` of one test clip reports the error the library measures for it.
+    let clip = data.join(format!("new_joint_vecs/{}.npy", test.clips[0].name));
+    let rec = root.join("rec.json");
+    let o = ok(lcm_bin(&[
+        "motion",
+        "reconstruct",
+        clip.to_str().unwrap(),
+        "--vae",
+        a.join("motion_vae").to_str().unwrap(),
+        "--output",
+        rec.to_str().unwrap(),
+    ]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let printed: f64 = text
+        .split("mean per-joint error ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    let one = lcm::train::motion_vae::reconstruction(&vae, &norm, &clips[..1], &Device::Cpu)
+        .unwrap()["mpjpe_cm"]
+        .as_f64()
+        .unwrap();
+    assert!((printed - one).abs() < 0.1, "{printed} vs {one}");
+    let (rec_joints, _) = lcm::motion::io::read_json(&rec).unwrap();
+    assert_eq!(rec_joints.len(), clips[0].len() / lcm::motion::FEATURES);
 
     // The teacher on the exported VAE: trains, resumes bit-exactly, exports a model folder the
     // motion pipeline opens and generates from.

@@ -65,6 +65,21 @@ pub fn plausibility(joints: &[Pose]) -> Plausibility {
     }
 }
 
+/// A reconstruction `b` of clip `a` (same length, same frame): the mean per-joint position error
+/// and the root's distance at the last frame (drift), both in metres.
+pub fn reconstruction_error(a: &[Pose], b: &[Pose]) -> (f64, f64) {
+    let n = a.len().min(b.len());
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let per_joint: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(p, q)| p.iter().zip(q).map(|(u, v)| (u - v).norm()).sum::<f64>() / p.len() as f64)
+        .sum();
+    (per_joint / n as f64, (a[n - 1][0] - b[n - 1][0]).norm())
+}
+
 /// Facts of a clip's root path and heading.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Measured {

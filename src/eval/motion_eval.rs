@@ -285,8 +285,8 @@ fn truncate(data: &mut Prepared, n: usize) -> Result<()> {
 /// The markdown table of a report: one row per (split, row).
 pub fn markdown(report: &serde_json::Value) -> String {
     let mut md = String::from(
-        "| split | row | R@1 | R@2 | R@3 | FID ↓ | MM-Dist ↓ | Diversity | MModality | direction | turn | hand | count | action | foot skating | jitter | ms/motion (with text) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| split | row | R@1 | R@2 | R@3 | FID ↓ | MM-Dist ↓ | Diversity | MModality | direction | turn | hand | count | speed | action | foot skating | jitter | ms/motion (with text) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let num = |v: &serde_json::Value, d: usize| {
         v.as_f64()
@@ -310,7 +310,7 @@ pub fn markdown(report: &serde_json::Value) -> String {
                     _ => "–".into(),
                 };
                 md.push_str(&format!(
-                    "| {split} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {ms} |\n",
+                    "| {split} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {ms} |\n",
                     num(&r[0], 3),
                     num(&r[1], 3),
                     num(&r[2], 3),
@@ -322,6 +322,7 @@ pub fn markdown(report: &serde_json::Value) -> String {
                     rate(&a["turn"]),
                     rate(&a["hand"]),
                     rate(&a["count"]),
+                    num(&f["head_accuracy"]["speed"], 2),
                     num(&f["head_accuracy"]["action"], 2),
                     num(&f["foot_skating"], 3),
                     num(&f["jitter"], 1),

@@ -97,21 +97,34 @@ fn draw(pose: &Pose, frame: &[(f64, f64, f64); 2]) -> RgbImage {
 
 /// An animated GIF of the clip at `fps`.
 pub fn write_gif(path: &Path, joints: &[Pose], fps: f64) -> Result<()> {
-    if joints.is_empty() {
+    write_gif_grid(path, std::slice::from_ref(&joints.to_vec()), 1, fps)
+}
+
+/// An animated GIF of several clips in a grid of `cols` columns, row by row (e.g. originals
+/// above their reconstructions), each framed on its own; a clip shorter than the longest holds
+/// its last pose.
+pub fn write_gif_grid(path: &Path, clips: &[Vec<Pose>], cols: usize, fps: f64) -> Result<()> {
+    if clips.is_empty() || clips.iter().any(|c| c.is_empty()) {
         bail!("no frames to render")
     }
-    let frame = framing(joints);
+    let frames: Vec<_> = clips.iter().map(|c| framing(c)).collect();
+    let n = clips.iter().map(Vec::len).max().unwrap_or(0);
     let delay = image::Delay::from_numer_denom_ms(1000, fps.round().max(1.0) as u32);
-    let frames = joints.iter().map(|p| {
-        let rgba = image::DynamicImage::ImageRgb8(draw(p, &frame)).into_rgba8();
-        image::Frame::from_parts(rgba, 0, 0, delay)
-    });
     let mut bytes = Vec::new();
     {
         let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut bytes, 10);
         enc.set_repeat(image::codecs::gif::Repeat::Infinite)?;
-        enc.encode_frames(frames)
-            .with_context(|| format!("encoding {}", path.display()))?;
+        for t in 0..n {
+            let tiles: Vec<RgbImage> = clips
+                .iter()
+                .zip(&frames)
+                .map(|(c, f)| draw(&c[t.min(c.len() - 1)], f))
+                .collect();
+            let img = crate::pipeline::image_io::grid(&tiles, cols.clamp(1, clips.len()))?;
+            let rgba = image::DynamicImage::ImageRgb8(img).into_rgba8();
+            enc.encode_frame(image::Frame::from_parts(rgba, 0, 0, delay))
+                .with_context(|| format!("encoding {}", path.display()))?;
+        }
     }
     crate::files::write_atomic(path, &bytes)
 }

@@ -12,12 +12,14 @@ use crate::motion::{self, deepmimic, npy, render, retarget, Pose, FPS, JOINTS};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum MotionCommand {
-    /// Draw a clip as a stick figure (front and side views): an animated GIF, or a PNG strip.
+    /// Draw clips as stick figures (front and side views): an animated GIF (several clips: a
+    /// grid), or a PNG strip (several clips: one strip per clip, one above the other).
     Render {
-        /// A clip: .json (joints), .npy (HumanML3D features or joints), .bvh (any skeleton with
+        /// Clips: .json (joints), .npy (HumanML3D features or joints), .bvh (any skeleton with
         /// recognisable joint names), .txt (DeepMimic humanoid).
-        input: PathBuf,
-        /// OUT.gif (animated) or OUT.png (a strip of --frames poses).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// OUT.gif (animated) or OUT.png (strips of --frames poses).
         #[arg(long)]
         output: PathBuf,
         #[arg(long, default_value_t = 8)]
@@ -25,6 +27,20 @@ pub enum MotionCommand {
         /// GIF: keep every Nth frame (at 20/N fps), for smaller files of long clips.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         every: u64,
+        /// GIF of several clips: clips per row of the grid (default: all in one row).
+        #[arg(long)]
+        cols: Option<usize>,
+    },
+    /// A clip through a motion VAE (encoded to its posterior mean, decoded), written in the
+    /// output's format, with the reconstruction error.
+    Reconstruct {
+        input: PathBuf,
+        /// A motion VAE folder (config.json, weights, Mean.npy/Std.npy), e.g. a motion model's
+        /// motion_vae/.
+        #[arg(long)]
+        vae: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Convert a clip: to .json (joints, metres, 20 fps), .npy (HumanML3D features) or .bvh (the
     /// 22-joint chain with local rotations).
@@ -192,6 +208,45 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
 }
 
 /// A source's joints moved onto the 22-joint chain: 20 fps, the reference skeleton, canonical.
+/// A clip's HumanML3D feature rows: a features `.npy` as stored (no round trip through joints,
+/// which drops a frame), any other clip's joints converted.
+pub fn clip_features(path: &Path) -> Result<Vec<f32>> {
+    if extension(path) == "npy" {
+        let a = npy::read(path)?;
+        if matches!(a.shape.as_slice(), [_, f] if *f == motion::FEATURES) {
+            return Ok(a.data);
+        }
+    }
+    motion::features(&read_clip(path)?, &Default::default())
+}
+
+/// Feature rows through the motion VAE in `dir`: normalised, encoded to the posterior mean,
+/// decoded at the clip's length. Returns the joints of the input rows (the reconstruction's
+/// reference, in the features' canonical frame) and of the reconstruction.
+pub fn reconstruct(dir: &Path, rows: &[f32]) -> Result<(Vec<Pose>, Vec<Pose>)> {
+    let device = candle_core::Device::Cpu;
+    let (vae, norm) = crate::model::motion_vae::open(dir, &device)
+        .with_context(|| format!("--vae {}", dir.display()))?;
+    let t = rows.len() / motion::FEATURES;
+    if t < 2 || t > vae.config.max_frames {
+        bail!(
+            "the clip has {t} feature rows; the motion VAE takes 2 to {}",
+            vae.config.max_frames
+        )
+    }
+    let x = candle_core::Tensor::from_vec(
+        norm.normalise_rows(rows),
+        (1, t, motion::FEATURES),
+        &device,
+    )?;
+    let z = vae.encode(&x, None)?.mean;
+    let xr = norm.denormalise(&vae.decode(&z, t, None)?)?;
+    Ok((
+        motion::joints_from_features(rows)?,
+        motion::joints_from_features(&xr.flatten_all()?.to_vec1::<f32>()?)?,
+    ))
+}
+
 fn retargeted(joints: &[Pose], fps: f64) -> Result<Vec<Pose>> {
     let at20 = retarget::resample(joints, fps, FPS)?;
     motion::features::canonicalise(&retarget::uniform_skeleton(&at20)?)
@@ -200,24 +255,46 @@ fn retargeted(joints: &[Pose], fps: f64) -> Result<Vec<Pose>> {
 pub fn run(cmd: &MotionCommand) -> Result<()> {
     match cmd {
         MotionCommand::Render {
-            input,
+            inputs,
             output,
             frames,
             every,
+            cols,
         } => {
-            let joints = read_clip(input)?;
+            let clips = inputs
+                .iter()
+                .map(|p| read_clip(p))
+                .collect::<Result<Vec<_>>>()?;
             match extension(output).as_str() {
                 "gif" => {
-                    let kept: Vec<Pose> = joints.iter().step_by(*every as usize).copied().collect();
-                    render::write_gif(output, &kept, FPS / *every as f64)?
+                    let kept: Vec<Vec<Pose>> = clips
+                        .iter()
+                        .map(|c| c.iter().step_by(*every as usize).copied().collect())
+                        .collect();
+                    let cols = cols.unwrap_or(kept.len());
+                    render::write_gif_grid(output, &kept, cols, FPS / *every as f64)?
                 }
-                "png" => render::write_strip(output, &joints, *frames)?,
+                "png" if clips.len() == 1 => render::write_strip(output, &clips[0], *frames)?,
+                "png" => render::write_pairs(output, &clips, *frames)?,
                 other => bail!("--output {}: .gif or .png, not {other:?}", output.display()),
             }
+            let longest = clips.iter().map(Vec::len).max().unwrap_or(0);
             println!(
-                "{} frames ({:.1} s) → {}",
-                joints.len(),
-                joints.len() as f64 / FPS,
+                "{} clip(s), up to {longest} frames ({:.1} s) → {}",
+                clips.len(),
+                longest as f64 / FPS,
+                output.display()
+            );
+        }
+        MotionCommand::Reconstruct { input, vae, output } => {
+            let (orig, rec) = reconstruct(vae, &clip_features(input)?)?;
+            write_clip(output, &rec)?;
+            let (mpjpe, drift) = crate::eval::motion_checks::reconstruction_error(&orig, &rec);
+            println!(
+                "{} frames; mean per-joint error {:.1} cm, root drift {:.1} cm → {}",
+                orig.len(),
+                100.0 * mpjpe,
+                100.0 * drift,
                 output.display()
             );
         }

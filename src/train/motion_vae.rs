@@ -259,10 +259,9 @@ pub fn reconstruction(
                     .flatten_all()?
                     .to_vec1::<f32>()?,
             )?;
-            for (p, q) in ja.iter().zip(&jb) {
-                mpjpe += p.iter().zip(q).map(|(u, v)| (u - v).norm()).sum::<f64>() / 22.0;
-            }
-            drift += (ja[t - 1][0] - jb[t - 1][0]).norm();
+            let (e, d) = crate::eval::motion_checks::reconstruction_error(&ja, &jb);
+            mpjpe += e * t as f64;
+            drift += d;
             frames += t;
         }
     }
