@@ -39,15 +39,28 @@ enum Command {
     /// Train a component from scratch (the project's own small model).
     #[command(subcommand)]
     Pretrain(PretrainCommand),
-    /// Copy a diffusers-layout folder with its weights converted (e.g. to f16 for shipping).
+    /// Copy a diffusers-layout folder with its weights converted (e.g. to f16 for shipping); or
+    /// convert a single-file SD1.x checkpoint (LDM layout) into a folder, or a folder into one.
     Convert {
+        /// A diffusers folder, or a single-file checkpoint (.safetensors).
         #[arg(long)]
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
-        /// f16, bf16 or f32.
-        #[arg(long, default_value = "f16")]
-        dtype: String,
+        /// Folder copies: f16 (default), bf16 or f32. Single-file conversions keep each
+        /// tensor's stored dtype.
+        #[arg(long)]
+        dtype: Option<String>,
+        /// `folder` (default) or `single-file` (one LDM-layout .safetensors from a folder).
+        #[arg(long, default_value = "folder")]
+        to: String,
+        /// Single file in: a separate VAE file to use instead of the checkpoint's own.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+        /// Single file in: a diffusers folder whose component configs (and tokenizer) replace
+        /// the inferred ones.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Generate images for the evaluation prompts and score them (FID, prompt accuracy, agreement).
     Eval(lcm::eval::run::EvalArgs),
@@ -201,8 +214,17 @@ fn main() -> ExitCode {
             input,
             output,
             dtype,
-        } => lcm::runtime::parse_dtype(&dtype)
-            .and_then(|dt| source::convert_folder(&input, &output, dt)),
+            to,
+            vae,
+            config,
+        } => convert(
+            &input,
+            &output,
+            dtype.as_deref(),
+            &to,
+            vae.as_deref(),
+            config.as_deref(),
+        ),
         Command::Pretrain(PretrainCommand::Vae(args)) => lcm::train::vae::run(&args),
         Command::Pretrain(PretrainCommand::Text(args)) => lcm::train::text_encoder::run(&args),
         Command::Pretrain(PretrainCommand::Unet(args)) => lcm::train::teacher::run(&args),
@@ -268,6 +290,60 @@ fn models() -> Result<()> {
     Ok(())
 }
 
+/// `lcm convert`: folder to folder (dtype), single file to folder, folder to single file.
+fn convert(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    dtype: Option<&str>,
+    to: &str,
+    vae: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
+    use lcm::pipeline::single_file;
+    if !input.exists() {
+        anyhow::bail!("--input {}: no such file or folder", input.display())
+    }
+    let single_in = !input.is_dir();
+    let single_out = match to {
+        "folder" => false,
+        "single-file" => true,
+        other => anyhow::bail!("--to {other:?}: folder or single-file"),
+    };
+    if (single_in || single_out) && dtype.is_some() {
+        anyhow::bail!("--dtype: single-file conversions keep each tensor's stored dtype")
+    }
+    if !single_in && (vae.is_some() || config.is_some()) {
+        anyhow::bail!("--vae and --config are for converting a single-file checkpoint")
+    }
+    match (single_in, single_out) {
+        (false, false) => {
+            let dt = lcm::runtime::parse_dtype(dtype.unwrap_or("f16"))?;
+            source::convert_folder(input, output, dt)
+        }
+        (true, false) => {
+            let s = single_file::to_folder(input, output, single_file::Options { vae, config })?;
+            println!(
+                "{} tensors{} → {} ({})",
+                s.tensors,
+                if s.ignored > 0 {
+                    format!(" ({} others, e.g. EMA copies, left out)", s.ignored)
+                } else {
+                    String::new()
+                },
+                output.display(),
+                if s.lcm { "an LCM" } else { "Stable Diffusion" }
+            );
+            Ok(())
+        }
+        (false, true) => {
+            let n = single_file::from_folder(input, output)?;
+            println!("{n} tensors → {}", output.display());
+            Ok(())
+        }
+        (true, true) => anyhow::bail!("--input {} is already a single file", input.display()),
+    }
+}
+
 /// `lcm generate` with a motion model.
 fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Result<()> {
     let unused = [
@@ -301,11 +377,7 @@ fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Re
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let spec = args
-        .model
-        .model
-        .clone()
-        .unwrap_or_else(|| source::DEFAULT_MODEL.to_string());
+    let spec = args.model.spec()?;
     if let Some(dir) = source::local_dir(&spec)? {
         if lcm::pipeline::text2motion::is_motion_folder(&dir) {
             return generate_motion(&args, &spec, &dir);

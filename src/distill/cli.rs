@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +29,12 @@ pub struct DistillArgs {
     /// Teacher: a diffusers-layout folder, a pipeline name or a hub id.
     #[arg(long)]
     pub teacher: String,
+    /// A single-file teacher: a separate VAE file instead of the checkpoint's own.
+    #[arg(long)]
+    pub teacher_vae: Option<PathBuf>,
+    /// A single-file teacher: a diffusers folder whose component configs replace the inferred.
+    #[arg(long)]
+    pub teacher_config: Option<PathBuf>,
     #[arg(long, default_value_t = 5.0)]
     pub w_min: f64,
     #[arg(long, default_value_t = 15.0)]
@@ -148,7 +154,13 @@ impl DistillArgs {
 /// The whole `lcm distill` run: a motion teacher's folder goes to the motion side
 /// ([`super::motion`]); everything else is a text-to-image teacher.
 pub fn run(args: &DistillArgs) -> Result<()> {
-    if let Some(dir) = crate::pipeline::source::local_dir(&args.teacher)? {
+    let spec = crate::pipeline::single_file::model_spec(
+        &args.teacher,
+        args.teacher_vae.as_deref(),
+        args.teacher_config.as_deref(),
+        "teacher-",
+    )?;
+    if let Some(dir) = crate::pipeline::source::local_dir(&spec)? {
         if crate::pipeline::text2motion::is_motion_folder(&dir) {
             return super::motion::run(args, &dir);
         }
@@ -157,7 +169,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     // --dtype sets the frozen teacher's precision (U-Net and text encoder; the VAE stays f32), as
     // the reference script's weight_dtype; the student and its EMA target keep f32 weights.
     let (device, teacher_dtype) = c.runtime.resolve()?;
-    let teacher = resolve(&args.teacher).context("--teacher")?.folder;
+    let teacher = resolve(&spec).context("--teacher")?.folder;
     let pipe = Pipeline::new(&teacher, &device, teacher_dtype)
         .with_context(|| format!("--teacher {}", teacher.root.display()))?;
     let f = pipe.vae_scale_factor();

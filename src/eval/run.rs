@@ -58,11 +58,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     use crate::pipeline::GenerateRequest;
     use crate::sample::noise::{NoiseSource, SeededNoise};
 
-    let spec = args
-        .model
-        .model
-        .clone()
-        .unwrap_or_else(|| crate::pipeline::source::DEFAULT_MODEL.to_string());
+    let spec = args.model.spec()?;
     if let Some(dir) = crate::pipeline::source::local_dir(&spec)? {
         if crate::pipeline::text2motion::is_motion_folder(&dir) {
             return run_motion(args, &spec, &dir);

@@ -2,7 +2,7 @@
 //! ([`clip`]), the latent [`unet`], the [`vae`], the CLIP-style pair [`contrastive`] and the
 //! pretrained [`sentence`] encoder for motion captions, the [`motion_vae`] and
 //! [`motion_denoiser`]; weight files ([`weights`]) and the model
-//! folder that holds them all ([`folder`]).
+//! folder that holds them all ([`folder`]), or one LDM-layout checkpoint file ([`single_file`]).
 
 pub mod clip;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod folder;
 pub mod motion_denoiser;
 pub mod motion_vae;
 pub mod sentence;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

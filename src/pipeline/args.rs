@@ -22,13 +22,30 @@ pub struct ModelArgs {
     pub lora: Option<PathBuf>,
     #[arg(long, default_value_t = 1.0)]
     pub lora_scale: f64,
+    /// With a single-file checkpoint: a separate VAE file instead of the checkpoint's own.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// With a single-file checkpoint: a diffusers folder whose component configs (and tokenizer)
+    /// replace what the tensors and SD1.5's conventions give.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 impl ModelArgs {
+    /// What `--model` names, as the rest of the program takes it: a single-file checkpoint is
+    /// replaced by its converted folder (converted on first use); no `--model`, the default.
+    pub fn spec(&self) -> Result<String> {
+        let model = self
+            .model
+            .as_deref()
+            .unwrap_or(super::source::DEFAULT_MODEL);
+        super::single_file::model_spec(model, self.vae.as_deref(), self.config.as_deref(), "")
+    }
+
     /// The model resolved, loaded and (with `--lora`) merged.
     pub fn open(&self, device: &Device, dtype: DType) -> Result<(ResolvedModel, Pipeline)> {
         let lora = self.lora.as_deref().map(|f| (f, self.lora_scale));
-        Pipeline::open(self.model.as_deref(), lora, device, dtype)
+        Pipeline::open(Some(&self.spec()?), lora, device, dtype)
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod image_io;
+pub mod single_file;
 pub mod source;
 pub mod text2image;
 pub mod text2motion;

@@ -92,9 +92,20 @@ pub struct ResolvedModel {
     pub defaults: Defaults,
 }
 
-/// Resolve `--model`: an existing folder, a built-in pipeline name, or a hub id (`org/name`).
+/// Resolve `--model`: an existing folder, a single-file checkpoint (converted once into the
+/// cache), a built-in pipeline name, or a hub id (`org/name`).
 pub fn resolve(model: &str) -> Result<ResolvedModel> {
     let path = Path::new(model);
+    if super::single_file::is_single_file(model) {
+        return Ok(ResolvedModel {
+            label: model.to_string(),
+            folder: ModelFolder::open(&super::single_file::cached_folder(
+                path,
+                Default::default(),
+            )?)?,
+            defaults: Defaults::default(),
+        });
+    }
     if path.is_dir() {
         return Ok(ResolvedModel {
             label: model.to_string(),
@@ -145,10 +156,17 @@ fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
     })
 }
 
-/// The local folder `model` names, without reading it: a folder path, or a pipeline definition
-/// with a `path` (`None` for hub ids and hub-backed pipelines).
+/// The local folder `model` names, without reading it: a folder path, a single-file checkpoint's
+/// converted folder, or a pipeline definition with a `path` (`None` for hub ids and hub-backed
+/// pipelines).
 pub fn local_dir(model: &str) -> Result<Option<PathBuf>> {
     let path = Path::new(model);
+    if super::single_file::is_single_file(model) {
+        return Ok(Some(super::single_file::cached_folder(
+            path,
+            Default::default(),
+        )?));
+    }
     if path.is_dir() {
         return Ok(Some(path.to_path_buf()));
     }
@@ -314,6 +332,12 @@ mod tests {
             // A shipped model's folder is in the repository, complete.
             if let Some(p) = &d.path {
                 let dir = repo_root().join(p);
+                assert_eq!(local_dir(&d.name).unwrap().as_ref(), Some(&dir));
+                if crate::pipeline::text2motion::is_motion_folder(&dir) {
+                    crate::pipeline::text2motion::MotionFolder::open(&dir)
+                        .unwrap_or_else(|e| panic!("{}: {e:#}", d.name));
+                    continue;
+                }
                 ModelFolder::open(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", d.name));
                 assert_eq!(resolve(&d.name).unwrap().folder.root, dir);
             }
