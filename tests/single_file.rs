@@ -385,6 +385,39 @@ fn bad_files_are_refused_in_one_line_naming_the_file_and_tensor() {
             config.to_str().unwrap(),
         ],
     ));
+    // EMA copies and schedule buffers beside the model are left out, and said so; a bf16 file
+    // converts with its dtype kept.
+    let mut extra: HashMap<String, Tensor> = all
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(candle_core::DType::BF16).unwrap()))
+        .collect();
+    for k in [
+        "model_ema.decay",
+        "model_ema.diffusion_modelinput_blocks00weight",
+        "alphas_cumprod",
+    ] {
+        extra.insert(
+            k.into(),
+            Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    let p = dir.join("ema.safetensors");
+    save(&extra, &p);
+    let text = ok(lcm(
+        &cache,
+        &[
+            "convert",
+            "--input",
+            p.to_str().unwrap(),
+            "--output",
+            dir.join("ema").to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    ));
+    assert!(text.contains("958 tensors (3 others"), "{text}");
+    let unet = load(&dir.join("ema/unet/diffusion_pytorch_model.safetensors"));
+    assert!(unet.values().all(|t| t.dtype() == candle_core::DType::BF16));
     // SDXL and SD 2.x, by their keys.
     let mut xl = all.clone();
     xl.insert(
