@@ -56,20 +56,58 @@ impl fmt::Display for SamplerKind {
 /// LCM/TCD inference grid: the distillation grid [k−1, 2k−1, …, T−1] with k = T / original_steps,
 /// reversed and sampled at floor(linspace(0, original_steps, n, endpoint=False)).
 pub fn lcm_timesteps(num_train: usize, original_steps: usize, n: usize) -> Result<Vec<usize>> {
+    lcm_timesteps_strength(num_train, original_steps, n, 1.0)
+}
+
+/// [`lcm_timesteps`] for image-to-image at `strength` (diffusers' `LCMScheduler.set_timesteps`
+/// with `strength`): only the first ⌊original_steps · strength⌋ points of the distillation grid,
+/// [k−1, …, m·k−1], reversed and sampled the same way.
+pub fn lcm_timesteps_strength(
+    num_train: usize,
+    original_steps: usize,
+    n: usize,
+    strength: f64,
+) -> Result<Vec<usize>> {
     if n == 0 {
         bail!("steps must be at least 1")
     }
     if original_steps == 0 || original_steps > num_train {
         bail!("original_inference_steps {original_steps} must be in 1..={num_train}")
     }
-    if n > original_steps {
-        bail!("steps {n} exceed original_inference_steps {original_steps}")
+    check_strength(strength)?;
+    let m = (original_steps as f64 * strength) as usize;
+    if n > m {
+        bail!(
+            "steps {n} exceed the {m} distillation timesteps that strength {strength} leaves of {original_steps}"
+        )
     }
     let k = num_train / original_steps;
-    let origin: Vec<usize> = (1..=original_steps).rev().map(|i| i * k - 1).collect();
+    let origin: Vec<usize> = (1..=m).rev().map(|i| i * k - 1).collect();
     Ok((0..n)
-        .map(|i| origin[(i as f64 * original_steps as f64 / n as f64).floor() as usize])
+        .map(|i| origin[(i as f64 * m as f64 / n as f64).floor() as usize])
         .collect())
+}
+
+fn check_strength(strength: f64) -> Result<()> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        bail!("strength must be in (0, 1], got {strength}")
+    }
+    Ok(())
+}
+
+/// The tail of a many-step grid that image-to-image runs at `strength` (diffusers'
+/// `StableDiffusionImg2ImgPipeline.get_timesteps`): the last ⌊n · strength⌋ of its n steps.
+pub fn strength_tail(grid: &[usize], strength: f64) -> Result<Vec<usize>> {
+    check_strength(strength)?;
+    let n = grid.len();
+    let keep = ((n as f64 * strength) as usize).min(n);
+    if keep == 0 {
+        bail!(
+            "strength {strength} of {n} steps leaves no step to run (needs at least {:.3})",
+            1.0 / n as f64
+        )
+    }
+    Ok(grid[n - keep..].to_vec())
 }
 
 /// DDIM grid for diffusers' `timestep_spacing` (leading / trailing / linspace) and `steps_offset`.
@@ -129,6 +167,10 @@ pub struct Sampler {
 pub struct SamplerOptions {
     pub original_inference_steps: usize,
     pub tcd_gamma: f64,
+    /// Image-to-image: how much of the schedule to run (1: all of it, text-to-image). LCM takes it
+    /// as `LatentConsistencyModelImg2ImgPipeline` does (a shorter distillation grid), DDIM and
+    /// TCD as `StableDiffusionImg2ImgPipeline` does (the tail of the full grid).
+    pub strength: f64,
 }
 
 impl Default for SamplerOptions {
@@ -136,6 +178,7 @@ impl Default for SamplerOptions {
         Self {
             original_inference_steps: 50,
             tcd_gamma: 0.3,
+            strength: 1.0,
         }
     }
 }
@@ -152,10 +195,14 @@ impl Sampler {
             .original_inference_steps
             .unwrap_or(opts.original_inference_steps);
         let timesteps = match kind {
-            SamplerKind::Lcm | SamplerKind::Tcd => {
-                lcm_timesteps(cfg.num_train_timesteps, original, steps)?
+            SamplerKind::Lcm => {
+                lcm_timesteps_strength(cfg.num_train_timesteps, original, steps, opts.strength)?
             }
-            SamplerKind::Ddim => ddim_timesteps(cfg, steps)?,
+            SamplerKind::Tcd => strength_tail(
+                &lcm_timesteps(cfg.num_train_timesteps, original, steps)?,
+                opts.strength,
+            )?,
+            SamplerKind::Ddim => strength_tail(&ddim_timesteps(cfg, steps)?, opts.strength)?,
         };
         if !(0.0..=1.0).contains(&opts.tcd_gamma) {
             bail!("TCD gamma must be in [0, 1], got {}", opts.tcd_gamma)
@@ -252,6 +299,43 @@ mod tests {
         );
         assert!(lcm_timesteps(1000, 50, 0).is_err());
         assert!(lcm_timesteps(1000, 50, 51).is_err());
+    }
+
+    /// Image-to-image grids, as diffusers 0.42.1 computes them (LCMScheduler.set_timesteps with
+    /// strength; StableDiffusionImg2ImgPipeline.get_timesteps over DDIM and TCD, SD1.5's schedule).
+    #[test]
+    fn strength_grids_match_diffusers() {
+        let cfg = SchedulerConfig {
+            steps_offset: 1,
+            ..Default::default()
+        };
+        let opts = |strength| SamplerOptions {
+            strength,
+            ..Default::default()
+        };
+        let grid = |kind, n, strength| {
+            Sampler::new(kind, &cfg, n, opts(strength))
+                .unwrap()
+                .timesteps
+        };
+        assert_eq!(grid(SamplerKind::Lcm, 4, 0.3), [299, 239, 159, 79]);
+        assert_eq!(grid(SamplerKind::Lcm, 4, 0.5), [499, 379, 259, 139]);
+        assert_eq!(grid(SamplerKind::Lcm, 4, 0.75), [739, 559, 379, 199]);
+        assert_eq!(grid(SamplerKind::Lcm, 4, 1.0), [999, 759, 499, 259]);
+        assert_eq!(
+            grid(SamplerKind::Ddim, 10, 0.75),
+            [601, 501, 401, 301, 201, 101, 1]
+        );
+        assert_eq!(grid(SamplerKind::Ddim, 10, 0.3), [201, 101, 1]);
+        assert_eq!(grid(SamplerKind::Ddim, 4, 0.5), [251, 1]);
+        assert_eq!(grid(SamplerKind::Tcd, 4, 0.5), [499, 259]);
+        assert_eq!(grid(SamplerKind::Tcd, 4, 0.8), [759, 499, 259]);
+        // Out of range, and too little left to run.
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(Sampler::new(SamplerKind::Lcm, &cfg, 4, opts(bad)).is_err());
+        }
+        assert!(Sampler::new(SamplerKind::Ddim, &cfg, 4, opts(0.2)).is_err());
+        assert!(Sampler::new(SamplerKind::Lcm, &cfg, 4, opts(0.05)).is_err());
     }
 
     #[test]
