@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -163,6 +163,16 @@ struct GenerateArgs {
     /// Initial latents: a safetensors file with a tensor `latents` of shape [n, c, h/f, w/f].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// Image-to-image: the image to start from (PNG or JPEG), resized to --width/--height if
+    /// given (else kept at its size, rounded down to the VAE's cell).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// Image-to-image: how much of the schedule runs, in (0, 1]; higher changes more (default 0.8).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Image-to-image: start from the VAE posterior's mean rather than a sample of it.
+    #[arg(long)]
+    init_mean: bool,
     /// Motion models: the motion's length in seconds (up to the model's window).
     #[arg(long)]
     seconds: Option<f64>,
@@ -396,18 +406,46 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let seed = args.seed.unwrap_or_else(rand::random);
+    let init_image = match &args.init_image {
+        Some(p) => {
+            let bytes =
+                std::fs::read(p).with_context(|| format!("--init-image {}", p.display()))?;
+            let img = lcm::pipeline::image_io::decode_rgb(
+                &bytes,
+                &format!("--init-image {}", p.display()),
+            )?;
+            Some(lcm::pipeline::image_io::init_image_tensor(
+                &img,
+                args.width,
+                args.height,
+                pipe.vae_scale_factor(),
+            )?)
+        }
+        None => None,
+    };
+    if init_image.is_none() && args.init_mean {
+        anyhow::bail!("--init-mean needs an --init-image")
+    }
+    // The init image fixes the size when --width/--height are not given.
+    let (width, height) = match &init_image {
+        Some(t) => (Some(t.dim(3)?), Some(t.dim(2)?)),
+        None => (args.width, args.height),
+    };
     let req = GenerateRequest {
         negative_prompt: args.negative_prompt.clone(),
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         n: args.n,
         latents,
+        init_image,
+        strength: args.strength,
+        init_mean: args.init_mean,
         ..args.sampling.request(&args.prompt, seed)
     };
     let settings = pipe.resolve(&req, defaults)?;
     let paths = lcm::pipeline::image_io::numbered_paths(&args.output, args.n);
 
-    let bar = ProgressBar::new(settings.steps as u64);
+    let bar = ProgressBar::new(settings.timesteps.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} step {pos}/{len} [{elapsed_precise}] {per_sec} ETA {eta} {msg}",
@@ -435,7 +473,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         load_time.as_secs_f64(),
         t.text_encode.as_secs_f64(),
         t.denoise.as_secs_f64(),
-        t.denoise.as_secs_f64() / s.steps as f64,
+        t.denoise.as_secs_f64() / s.timesteps.len() as f64,
         t.decode.as_secs_f64(),
         t.total.as_secs_f64()
     );

@@ -36,6 +36,51 @@ pub fn to_rgb8(unit_nhwc: &Tensor) -> Result<Vec<RgbImage>> {
         .collect()
 }
 
+/// An image-to-image input as diffusers' `VaeImageProcessor` prepares it: at `width`×`height`
+/// when given, else its own size rounded down to a multiple of `f`; resized (aspect not kept,
+/// Lanczos-3 where diffusers uses PIL's Lanczos) only when the size differs; `[1, 3, H, W]` in
+/// [−1, 1].
+pub fn init_image_tensor(
+    img: &RgbImage,
+    width: Option<usize>,
+    height: Option<usize>,
+    f: usize,
+) -> Result<Tensor> {
+    let (iw, ih) = (img.width() as usize, img.height() as usize);
+    let w = width.unwrap_or(iw / f * f);
+    let h = height.unwrap_or(ih / f * f);
+    if w == 0 || h == 0 {
+        bail!("the init image is {iw}x{ih}, smaller than the VAE's {f}-pixel cell")
+    }
+    let resized;
+    let img = if (w, h) == (iw, ih) {
+        img
+    } else {
+        resized = image::imageops::resize(
+            img,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        &resized
+    };
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(
+        Tensor::from_vec(data, (1, h, w, 3), &candle_core::Device::Cpu)?
+            .permute((0, 3, 1, 2))?
+            .affine(2.0, -1.0)?
+            .contiguous()?,
+    )
+}
+
+/// Decode image bytes (PNG, JPEG) to RGB, naming `what` (a file or a field) when they are not an
+/// image.
+pub fn decode_rgb(bytes: &[u8], what: &str) -> Result<RgbImage> {
+    Ok(image::load_from_memory(bytes)
+        .map_err(|e| anyhow::anyhow!("{what}: not a readable image ({e})"))?
+        .to_rgb8())
+}
+
 pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)?;

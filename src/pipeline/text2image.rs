@@ -53,7 +53,15 @@ pub struct GenerateRequest {
     pub seed: u64,
     pub tcd_gamma: Option<f64>,
     /// Initial latents `[n, c, h/f, w/f]` (e.g. from `--latents`); drawn from `seed` when absent.
+    /// With an init image they are the noise added to its latents.
     pub latents: Option<Tensor>,
+    /// Image-to-image: the init image `[1 or n, 3, height, width]` in [−1, 1], already at the
+    /// request's size.
+    pub init_image: Option<Tensor>,
+    /// Image-to-image: the share of the schedule to run, in (0, 1] (default 0.8, as diffusers').
+    pub strength: Option<f64>,
+    /// Image-to-image: start from the posterior's mean instead of a sample of it.
+    pub init_mean: bool,
 }
 
 /// The settings a request resolved to.
@@ -67,6 +75,8 @@ pub struct Resolved {
     pub tcd_gamma: f64,
     pub timesteps: Vec<usize>,
     pub cfg: bool,
+    /// Image-to-image strength (1 for text-to-image).
+    pub strength: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -185,6 +195,11 @@ impl Pipeline {
         let width = req.width.or(d.width).unwrap_or(native);
         let height = req.height.or(d.height).unwrap_or(native);
         let tcd_gamma = req.tcd_gamma.or(d.tcd_gamma).unwrap_or(0.3);
+        let strength = match (&req.init_image, req.strength) {
+            (Some(_), s) => s.unwrap_or(0.8),
+            (None, None) => 1.0,
+            (None, Some(_)) => bail!("--strength needs an --init-image"),
+        };
         if steps == 0 {
             bail!("--steps must be at least 1")
         }
@@ -203,10 +218,31 @@ impl Pipeline {
         }
         let opts = SamplerOptions {
             tcd_gamma,
+            strength,
             ..Default::default()
         };
-        let plan = Sampler::new(sampler, &self.scheduler_config, steps, opts)
-            .with_context(|| format!("--steps {steps} with --sampler {sampler}"))?;
+        let plan =
+            Sampler::new(sampler, &self.scheduler_config, steps, opts).with_context(|| {
+                if req.init_image.is_some() {
+                    format!("--steps {steps} with --sampler {sampler} at --strength {strength}")
+                } else {
+                    format!("--steps {steps} with --sampler {sampler}")
+                }
+            })?;
+        if let Some(img) = &req.init_image {
+            let d = img.dims();
+            if d.len() != 4
+                || d[1] != 3
+                || d[2] != height
+                || d[3] != width
+                || !(d[0] == 1 || d[0] == req.n)
+            {
+                bail!(
+                    "--init-image: shape {d:?}, expected [1 or {}, 3, {height}, {width}]",
+                    req.n
+                )
+            }
+        }
         let cfg = !self.unet.has_guidance_embedding() && guidance > 1.0;
         Ok(Resolved {
             sampler,
@@ -217,7 +253,29 @@ impl Pipeline {
             tcd_gamma,
             timesteps: plan.timesteps,
             cfg,
+            strength,
         })
+    }
+
+    /// An init image's latents in U-Net space, one row per image of the request: the VAE
+    /// posterior sampled with `noise` (or its mean with `init_mean`), times the scaling factor.
+    fn init_latents(
+        &self,
+        img: &Tensor,
+        r: &GenerateRequest,
+        shape: &candle_core::Shape,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let img = img.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let post = self.vae.encode(&img)?;
+        // One image for n outputs is encoded and sampled once, then repeated (diffusers).
+        let z = if r.init_mean {
+            post.mean.clone()
+        } else {
+            post.sample_with(&noise.sample(post.mean.shape(), &self.device)?)?
+        };
+        let z = z.broadcast_as(shape)?.contiguous()?;
+        Ok(self.vae.scale(&z)?)
     }
 
     /// `[1, tokens, hidden]` embedding of one prompt.
@@ -276,7 +334,8 @@ impl Pipeline {
         for o in &settings[1..] {
             let same = (o.width, o.height, o.steps, o.sampler, o.cfg, &o.timesteps)
                 == (s.width, s.height, s.steps, s.sampler, s.cfg, &s.timesteps)
-                && o.tcd_gamma == s.tcd_gamma;
+                && o.tcd_gamma == s.tcd_gamma
+                && o.strength == s.strength;
             if !same {
                 bail!("generate_batch: requests differ in size, steps, sampler or CFG")
             }
@@ -307,7 +366,12 @@ impl Pipeline {
         let mut initial = Vec::with_capacity(reqs.len());
         for (r, noise) in reqs.iter().zip(noises.iter_mut()) {
             let shape = (r.n, latent_shape.1, latent_shape.2, latent_shape.3);
-            initial.push(match &r.latents {
+            // Image-to-image draws the posterior sample first, then the noise, as diffusers.
+            let init = match &r.init_image {
+                Some(img) => Some(self.init_latents(img, r, &shape.into(), &mut **noise)?),
+                None => None,
+            };
+            let x = match &r.latents {
                 Some(l) => {
                     if l.dims() != [shape.0, shape.1, shape.2, shape.3] {
                         bail!(
@@ -322,6 +386,15 @@ impl Pipeline {
                     l.to_device(&self.device)?.to_dtype(DType::F32)?
                 }
                 None => noise.sample(&shape.into(), &self.device)?,
+            };
+            initial.push(match init {
+                Some(z0) => {
+                    let schedule = crate::sample::schedule::NoiseSchedule::from_config(
+                        &self.scheduler_config,
+                    )?;
+                    schedule.add_noise(&z0, &x, &vec![s.timesteps[0]; r.n])?
+                }
+                None => x,
             });
         }
         let latents = Tensor::cat(&initial, 0)?;
@@ -337,6 +410,7 @@ impl Pipeline {
             s.steps,
             SamplerOptions {
                 tcd_gamma: s.tcd_gamma,
+                strength: s.strength,
                 ..Default::default()
             },
         )?;

@@ -77,6 +77,9 @@ pub fn lcm_timesteps_strength(
     check_strength(strength)?;
     let m = (original_steps as f64 * strength) as usize;
     if n > m {
+        if m == original_steps {
+            bail!("steps {n} exceed original_inference_steps {original_steps}")
+        }
         bail!(
             "steps {n} exceed the {m} distillation timesteps that strength {strength} leaves of {original_steps}"
         )
@@ -160,6 +163,9 @@ pub struct Sampler {
     timestep_scaling: f64,
     /// TCD gamma (diffusers `eta`).
     gamma: f64,
+    /// The step count the grid was made for (image-to-image runs only its tail), which sets
+    /// DDIM's step size.
+    grid_steps: usize,
 }
 
 /// Knobs of a sampler beyond its kind and step count.
@@ -214,6 +220,7 @@ impl Sampler {
             num_train: cfg.num_train_timesteps,
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
             gamma: opts.tcd_gamma,
+            grid_steps: steps,
         })
     }
 
@@ -273,7 +280,7 @@ impl Sampler {
                 })
             }
             SamplerKind::Ddim => {
-                let prev_t = t as i64 - (self.num_train / self.timesteps.len()) as i64;
+                let prev_t = t as i64 - (self.num_train / self.grid_steps) as i64;
                 let a_prev = self.scalar(self.schedule.alpha_bar(prev_t), sample)?;
                 let x0 = x0_from_eps(sample, eps, &a_t)?;
                 let prev_sample = ddim_combine(&x0, eps, &a_prev)?;
