@@ -710,3 +710,102 @@ fn generate_batch_equals_each_request_alone() {
         assert!(err.to_string().contains("differ"), "{err}");
     }
 }
+
+/// AUTOMATIC1111's img2img: the image a request returns equals `lcm generate --init-image` with
+/// the same settings (same seed, same draws); every bad upload or field is a 400 naming it, and
+/// the server keeps serving.
+#[test]
+fn a1111_img2img_equals_the_cli_and_refuses_bad_uploads() {
+    let srv = server(cfg());
+    let init_path = fixtures().join("img2img/init.png");
+    let init_b64 =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&init_path).unwrap());
+    let body = json!({
+        "prompt": "a photo of a cat", "init_images": [format!("data:image/png;base64,{init_b64}")],
+        "denoising_strength": 0.5, "steps": 4, "cfg_scale": 8.5, "seed": 3, "sampler_name": "LCM",
+        "width": 32, "height": 32, "mask_blur": 4, "resize_mode": 0, "include_init_images": false,
+    });
+    let r = post_json(srv.addr(), "/sdapi/v1/img2img", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["parameters"]["denoising_strength"], 0.5);
+    let served = b64_png(v["images"][0].as_str().unwrap());
+    let dir = std::env::temp_dir().join(format!("lcm-serve-i2i-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("cli.png");
+    let o = common::lcm_bin(&[
+        "generate",
+        "--model",
+        fixtures().join("tiny-lcm").to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat",
+        "--init-image",
+        init_path.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--guidance",
+        "8.5",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli = image::open(&out).unwrap().to_rgb8();
+    assert!(
+        max_pixel_diff(&served, &cli) <= 1,
+        "served and CLI images differ by {}",
+        max_pixel_diff(&served, &cli)
+    );
+
+    // A PNG of more pixels than accepted (compressed, it is small).
+    let huge = {
+        let img = image::GrayImage::new(8192, 2049);
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
+    };
+    let with = |k: &str, v: Value| {
+        let mut b = body.clone();
+        b[k] = v;
+        b
+    };
+    for (bad, param) in [
+        (
+            with("init_images", json!(["%%% not base64"])),
+            "init_images",
+        ),
+        (
+            with(
+                "init_images",
+                json!([base64::engine::general_purpose::STANDARD.encode(b"not an image")]),
+            ),
+            "init_images",
+        ),
+        (with("init_images", json!([])), "init_images"),
+        (
+            with("init_images", json!([init_b64, init_b64])),
+            "init_images",
+        ),
+        (with("init_images", json!([huge])), "init_images"),
+        (with("mask", json!(init_b64)), "mask"),
+        (with("denoising_strength", json!(0.0)), "denoising_strength"),
+        (with("denoising_strength", json!(1.5)), "denoising_strength"),
+        (
+            with("denoising_strength", json!(0.05)),
+            "denoising_strength",
+        ),
+        (with("resize_mode", json!(2)), "resize_mode"),
+        (with("bogus", json!(1)), "bogus"),
+    ] {
+        let r = post_json(srv.addr(), "/sdapi/v1/img2img", &bad);
+        assert_eq!(r.status, 400, "{param}: {}", r.text());
+        let e = r.json();
+        assert_eq!(e["error"]["param"], param, "{}", r.text());
+    }
+    let r = post_json(srv.addr(), "/sdapi/v1/img2img", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -112,8 +112,53 @@ pub struct Ask<'a> {
     pub guidance: Option<f64>,
     pub sampler: Option<SamplerKind>,
     pub seed: Option<u64>,
+    /// Image-to-image: the uploaded image and its strength.
+    pub init: Option<InitAsk>,
     /// Field names in the caller's API, for error messages.
     pub names: FieldNames,
+}
+
+/// An image-to-image upload, decoded, and the strength asked for.
+pub struct InitAsk {
+    pub image: image::RgbImage,
+    pub strength: f64,
+    /// The API's names of the image and strength fields, for messages.
+    pub fields: (&'static str, &'static str),
+}
+
+/// Largest upload accepted, in pixels (width × height) and in bytes.
+pub const MAX_UPLOAD_PIXELS: u64 = 4096 * 4096;
+pub const MAX_UPLOAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Decode an uploaded image (PNG or JPEG), refusing oversized or unreadable ones with a 4xx that
+/// names `field`.
+pub fn decode_upload(bytes: &[u8], field: &str) -> Result<image::RgbImage, ApiError> {
+    if bytes.len() > MAX_UPLOAD_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{field} is {} bytes, at most {MAX_UPLOAD_BYTES} are accepted",
+                bytes.len()
+            ),
+        ));
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ApiError::invalid(field, format!("{field}: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_UPLOAD_PIXELS * 4);
+    reader.limits(limits);
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| ApiError::invalid(field, format!("{field} is not a readable image: {e}")))?;
+    if w as u64 * h as u64 > MAX_UPLOAD_PIXELS {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} is {w}x{h}, more than {MAX_UPLOAD_PIXELS} pixels"),
+        ));
+    }
+    crate::pipeline::image_io::decode_rgb(bytes, field)
+        .map_err(|e| ApiError::invalid(field, format!("{e:#}")))
 }
 
 #[derive(Clone, Copy)]
@@ -174,7 +219,7 @@ pub fn build_job(pipe: &Pipeline, ask: &Ask) -> Result<ImageJob, ApiError> {
             }
         }
     }
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         prompt: ask.prompt.to_string(),
         negative_prompt: ask.negative_prompt.map(str::to_string),
         sampler: ask.sampler,
@@ -185,9 +230,37 @@ pub fn build_job(pipe: &Pipeline, ask: &Ask) -> Result<ImageJob, ApiError> {
         n: 1,
         ..Default::default()
     };
-    let s = pipe
-        .resolve(&req, &Default::default())
-        .map_err(|e| ApiError::bad_request(format!("{e:#}").replace("--", "")))?;
+    let bad = |e: anyhow::Error| ApiError::bad_request(format!("{e:#}").replace("--", ""));
+    let mut s = pipe.resolve(&req, &Default::default()).map_err(bad)?;
+    // Image-to-image: the upload at the resolved size (A1111 and OpenAI resize it to the
+    // requested size), then the strength's timesteps checked.
+    let init = match &ask.init {
+        Some(init) => {
+            let (img_field, strength_field) = init.fields;
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return Err(ApiError::invalid(
+                    strength_field,
+                    format!("{strength_field} must be in (0, 1], got {}", init.strength),
+                ));
+            }
+            let t = crate::pipeline::image_io::init_image_tensor(
+                &init.image,
+                Some(s.width),
+                Some(s.height),
+                f,
+            )
+            .map_err(|e| ApiError::invalid(img_field, format!("{img_field}: {e:#}")))?;
+            req.init_image = Some(t.clone());
+            req.strength = Some(init.strength);
+            req.width = Some(s.width);
+            req.height = Some(s.height);
+            s = pipe.resolve(&req, &Default::default()).map_err(|e| {
+                ApiError::invalid(strength_field, format!("{e:#}").replace("--", ""))
+            })?;
+            Some(std::sync::Arc::new(t))
+        }
+        None => None,
+    };
     let seed = ask.seed.unwrap_or_else(random_seed);
     let items = (0..ask.images as u64)
         .map(|i| ImageItem {
@@ -197,6 +270,7 @@ pub fn build_job(pipe: &Pipeline, ask: &Ask) -> Result<ImageJob, ApiError> {
             // Image i of a request uses seed + i (as AUTOMATIC1111 does), so any one image can be
             // reproduced alone with n = 1.
             seed: seed.wrapping_add(i),
+            init_image: init.clone(),
         })
         .collect();
     Ok(ImageJob {
@@ -206,6 +280,7 @@ pub fn build_job(pipe: &Pipeline, ask: &Ask) -> Result<ImageJob, ApiError> {
             steps: s.steps,
             sampler: s.sampler,
             cfg: s.cfg,
+            strength: ask.init.as_ref().map(|_| s.strength.to_bits()),
         },
         items,
     })
@@ -335,6 +410,7 @@ impl OpenAiRequest {
                 guidance: self.guidance_scale,
                 sampler,
                 seed: self.seed,
+                init: None,
                 names: FieldNames {
                     images: "n",
                     size: ("size", "size"),
@@ -460,7 +536,8 @@ impl Txt2ImgRequest {
         Ok(req)
     }
 
-    pub fn to_job(&self, pipe: &Pipeline) -> Result<ImageJob, ApiError> {
+    /// The job of a txt2img body, or of an img2img body with its decoded `init` upload.
+    pub fn to_job(&self, pipe: &Pipeline, init: Option<InitAsk>) -> Result<ImageJob, ApiError> {
         let seed = match self.seed {
             None | Some(-1) => None,
             Some(s) if s >= 0 => Some(s as u64),
@@ -500,6 +577,7 @@ impl Txt2ImgRequest {
                 guidance: self.cfg_scale,
                 sampler,
                 seed,
+                init,
                 names: FieldNames {
                     images: "batch_size",
                     size: ("width", "height"),
@@ -508,6 +586,102 @@ impl Txt2ImgRequest {
                 },
             },
         )
+    }
+}
+
+/// AUTOMATIC1111's img2img fields beyond txt2img's that ask for inpainting or resizing choices;
+/// accepted (and changing nothing) only without a mask, refused otherwise.
+const A1111_INPAINT_FIELDS: &[&str] = &[
+    "mask_blur",
+    "mask_blur_x",
+    "mask_blur_y",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+    "initial_noise_multiplier",
+    "latent_mask",
+    "image_cfg_scale",
+];
+
+/// An AUTOMATIC1111 `/sdapi/v1/img2img` body: txt2img's fields, one init image (base64, with or
+/// without a `data:` prefix) and `denoising_strength` (default 0.75, as A1111).
+pub struct Img2ImgRequest {
+    pub txt: Txt2ImgRequest,
+    pub init: InitAsk,
+}
+
+impl Img2ImgRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let mut value: Value = parse_json(body)?;
+        let Some(obj) = value.as_object_mut() else {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        };
+        let images = obj.remove("init_images");
+        let strength = obj.remove("denoising_strength");
+        if obj.remove("mask").is_some_and(|m| !m.is_null()) {
+            return Err(ApiError::invalid(
+                "mask",
+                "inpainting (mask) is not supported yet; send no mask for img2img",
+            ));
+        }
+        for f in A1111_INPAINT_FIELDS {
+            obj.remove(*f);
+        }
+        if let Some(v) = obj.remove("resize_mode") {
+            if v.as_i64() != Some(0) {
+                return Err(ApiError::invalid(
+                    "resize_mode",
+                    "only resize_mode 0 (just resize) is supported",
+                ));
+            }
+        }
+        if let Some(v) = obj.remove("include_init_images") {
+            if v.as_bool() == Some(true) {
+                return Err(ApiError::invalid(
+                    "include_init_images",
+                    "include_init_images = true is not supported by this server",
+                ));
+            }
+        }
+        let b64 = match images.as_ref().and_then(Value::as_array).map(Vec::as_slice) {
+            Some([Value::String(s)]) => s.clone(),
+            Some([_]) => {
+                return Err(ApiError::invalid(
+                    "init_images",
+                    "init_images must hold a base64 string",
+                ))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "init_images",
+                    "init_images must be a list of exactly one base64 image",
+                ))
+            }
+        };
+        let strength = match strength {
+            None | Some(Value::Null) => 0.75,
+            Some(v) => v.as_f64().ok_or_else(|| {
+                ApiError::invalid("denoising_strength", "denoising_strength must be a number")
+            })?,
+        };
+        let data = b64.split_once(";base64,").map_or(b64.as_str(), |(_, d)| d);
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| {
+                ApiError::invalid("init_images", format!("init_images is not base64: {e}"))
+            })?;
+        let image = decode_upload(&bytes, "init_images")?;
+        let txt = Txt2ImgRequest::parse(&serde_json::to_vec(&value).expect("a JSON value"))?;
+        Ok(Self {
+            txt,
+            init: InitAsk {
+                image,
+                strength,
+                fields: ("init_images", "denoising_strength"),
+            },
+        })
     }
 }
 

@@ -21,6 +21,8 @@ pub struct ImageShape {
     pub sampler: SamplerKind,
     /// CFG doubles the batch with negative prompts; guidance itself may differ per image.
     pub cfg: bool,
+    /// Image-to-image strength as `f64::to_bits` (`None`: text-to-image); it sets the timesteps.
+    pub strength: Option<u64>,
 }
 
 /// One image to make (a request with n images is n items with seeds seed, seed+1, …).
@@ -30,6 +32,8 @@ pub struct ImageItem {
     pub negative_prompt: Option<String>,
     pub guidance: f64,
     pub seed: u64,
+    /// Image-to-image: the init image `[1, 3, height, width]` in [−1, 1].
+    pub init_image: Option<Arc<candle_core::Tensor>>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ impl ImageModel {
                     height: Some(shape.height),
                     n: 1,
                     seed: it.seed,
+                    init_image: it.init_image.as_deref().cloned(),
+                    strength: shape.strength.map(f64::from_bits),
                     ..Default::default()
                 })
                 .collect();

@@ -38,6 +38,8 @@ use metrics::Metrics;
 
 /// Largest request body accepted (413 above).
 pub const BODY_LIMIT: usize = 64 * 1024;
+/// Body limit of the routes that take an image: the largest upload, base64-encoded, and fields.
+pub const UPLOAD_BODY_LIMIT: usize = api::MAX_UPLOAD_BYTES * 4 / 3 + 64 * 1024;
 /// Most images kept for `response_format: "url"`.
 const URL_STORE_CAP: usize = 256;
 
@@ -322,6 +324,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/generations", post(openai_generations))
         .route("/v1/images/files/{id}", get(url_image))
         .route("/sdapi/v1/txt2img", post(txt2img))
+        .route(
+            "/sdapi/v1/img2img",
+            // Uploads need more than the JSON routes' body limit.
+            post(img2img).layer(DefaultBodyLimit::max(UPLOAD_BODY_LIMIT)),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -430,7 +437,7 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "created": st.created,
             "owned_by": "lcm",
             "kind": "text-to-image",
-            "endpoints": ["/v1/images/generations", "/sdapi/v1/txt2img"],
+            "endpoints": ["/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"],
             "defaults": defaults,
             "max_images": api::MAX_IMAGES,
             "max_side": api::max_side(&m.pipe),
@@ -587,12 +594,31 @@ async fn txt2img(
 ) -> Result<Json<api::Txt2ImgResponse>, ApiError> {
     let body = body.map_err(body_error)?;
     let req = Txt2ImgRequest::parse(&body)?;
+    a1111(&st, &req, None).await
+}
+
+async fn img2img(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::Txt2ImgResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let req = api::Img2ImgRequest::parse(&body)?;
+    a1111(&st, &req.txt, Some(req.init)).await
+}
+
+/// txt2img and img2img: the job, run, and A1111's response shape.
+async fn a1111(
+    st: &AppState,
+    req: &Txt2ImgRequest,
+    init: Option<api::InitAsk>,
+) -> Result<Json<api::Txt2ImgResponse>, ApiError> {
+    let strength = init.as_ref().map(|i| i.strength);
     let model = st.images.model();
-    let job = req.to_job(&model.pipe)?;
+    let job = req.to_job(&model.pipe, init)?;
     let shape = job.shape;
     let guidance = job.items[0].guidance;
     let seeds: Vec<u64> = job.items.iter().map(|i| i.seed).collect();
-    let images = run_job(&st, &st.images, job).await?;
+    let images = run_job(st, &st.images, job).await?;
     let send = req
         .ignored
         .get("send_images")
@@ -601,7 +627,7 @@ async fn txt2img(
     let sampler_name = shape.sampler.to_string().to_uppercase();
     let batch_size = req.batch_size.unwrap_or(1);
     let n_iter = req.n_iter.unwrap_or(1);
-    let parameters = json!({
+    let mut parameters = json!({
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt.clone().unwrap_or_default(),
         "steps": shape.steps,
@@ -613,6 +639,9 @@ async fn txt2img(
         "n_iter": n_iter,
         "sampler_name": sampler_name,
     });
+    if let Some(s) = strength {
+        parameters["denoising_strength"] = s.into();
+    }
     let info = json!({
         "prompt": req.prompt,
         "all_prompts": vec![&req.prompt; seeds.len()],
