@@ -809,3 +809,130 @@ fn a1111_img2img_equals_the_cli_and_refuses_bad_uploads() {
     assert_eq!(r.status, 200, "{}", r.text());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A multipart/form-data body of text fields and files (name, filename, bytes).
+fn multipart(texts: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "lcmtestboundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (k, v) in texts {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    for (k, name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// OpenAI's image edits as image-to-image: image i uses seed + i and equals `lcm generate
+/// --init-image` with that seed; a mask, a missing or corrupt image, a non-multipart body and bad
+/// fields are 400s naming the field.
+#[test]
+fn openai_edits_are_img2img_and_refuse_bad_forms() {
+    let srv = server(cfg());
+    let init_path = fixtures().join("img2img/init.png");
+    let png = std::fs::read(&init_path).unwrap();
+    let texts = [
+        ("prompt", "a photo of a cat"),
+        ("n", "2"),
+        ("size", "32x32"),
+        ("seed", "3"),
+        ("steps", "4"),
+        ("guidance_scale", "8.5"),
+        ("strength", "0.5"),
+        ("response_format", "b64_json"),
+    ];
+    let post = |texts: &[(&str, &str)], files: &[(&str, &str, &[u8])]| {
+        let (ct, body) = multipart(texts, files);
+        serve_common::request(
+            srv.addr(),
+            "POST",
+            "/v1/images/edits",
+            &[("Content-Type", &ct)],
+            &body,
+        )
+    };
+    let r = post(&texts, &[("image", "init.png", &png)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1]["seed"], 4);
+    let first = b64_png(data[0]["b64_json"].as_str().unwrap());
+    let dir = std::env::temp_dir().join(format!("lcm-serve-edits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("cli.png");
+    let o = common::lcm_bin(&[
+        "generate",
+        "--model",
+        fixtures().join("tiny-lcm").to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat",
+        "--init-image",
+        init_path.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--guidance",
+        "8.5",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(max_pixel_diff(&first, &image::open(&out).unwrap().to_rgb8()) <= 1);
+
+    let mut extra = texts.to_vec();
+    extra.push(("foo", "1"));
+    let mut bad_n = texts.to_vec();
+    bad_n[1] = ("n", "two");
+    for (r, param) in [
+        (
+            post(
+                &texts,
+                &[("image", "init.png", &png), ("mask", "m.png", &png)],
+            ),
+            Some("mask"),
+        ),
+        (post(&texts, &[]), Some("image")),
+        (
+            post(&texts, &[("image", "x.png", b"not an image")]),
+            Some("image"),
+        ),
+        (post(&extra, &[("image", "init.png", &png)]), Some("foo")),
+        (post(&bad_n, &[("image", "init.png", &png)]), Some("n")),
+        (
+            post_json(srv.addr(), "/v1/images/edits", &json!({"prompt": "x"})),
+            None,
+        ),
+    ] {
+        assert_eq!(r.status, 400, "{param:?}: {}", r.text());
+        let e = r.json();
+        if let Some(p) = param {
+            assert_eq!(e["error"]["param"], p, "{}", r.text());
+        }
+    }
+    // Strength belongs to edits.
+    let r = post_json(
+        srv.addr(),
+        "/v1/images/generations",
+        &json!({"prompt": "x", "strength": 0.5}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["param"], "strength");
+    let r = post(&texts, &[("image", "init.png", &png)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::fs::remove_dir_all(&dir).ok();
+}

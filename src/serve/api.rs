@@ -345,6 +345,9 @@ pub struct OpenAiRequest {
     pub seed: Option<u64>,
     pub sampler: Option<String>,
     pub negative_prompt: Option<String>,
+    /// Edits (image-to-image) only: the share of the schedule to run (default 0.8, as
+    /// `lcm generate --strength`).
+    pub strength: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,7 +368,45 @@ impl OpenAiRequest {
         }
     }
 
-    pub fn to_job(&self, pipe: &Pipeline, model_id: &str) -> Result<ImageJob, ApiError> {
+    /// The fields of a multipart `/v1/images/edits` form (all text; `n`, `steps`, `seed`,
+    /// `guidance_scale` and `strength` as numbers) as the JSON this type parses.
+    pub fn from_form(fields: Vec<(String, String)>) -> Result<Self, ApiError> {
+        let mut obj = serde_json::Map::new();
+        for (k, v) in fields {
+            let value = match k.as_str() {
+                "n" | "steps" | "seed" | "guidance_scale" | "strength" => {
+                    let n: serde_json::Number = v.trim().parse().map_err(|_| {
+                        ApiError::invalid(&k, format!("{k} must be a number, got {v:?}"))
+                    })?;
+                    Value::Number(n)
+                }
+                _ => Value::String(v),
+            };
+            obj.insert(k, value);
+        }
+        from_value(Value::Object(obj))
+    }
+
+    pub fn to_job(
+        &self,
+        pipe: &Pipeline,
+        model_id: &str,
+        init: Option<image::RgbImage>,
+    ) -> Result<ImageJob, ApiError> {
+        let init = match (init, self.strength) {
+            (Some(image), s) => Some(InitAsk {
+                image,
+                strength: s.unwrap_or(0.8),
+                fields: ("image", "strength"),
+            }),
+            (None, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "strength",
+                    "strength is for /v1/images/edits",
+                ))
+            }
+            (None, None) => None,
+        };
         if let Some(m) = &self.model {
             if m != model_id {
                 return Err(ApiError::invalid(
@@ -410,7 +451,7 @@ impl OpenAiRequest {
                 guidance: self.guidance_scale,
                 sampler,
                 seed: self.seed,
-                init: None,
+                init,
                 names: FieldNames {
                     images: "n",
                     size: ("size", "size"),

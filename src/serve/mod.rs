@@ -322,6 +322,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
         .route("/v1/images/generations", post(openai_generations))
+        .route(
+            "/v1/images/edits",
+            post(openai_edits).layer(DefaultBodyLimit::max(UPLOAD_BODY_LIMIT)),
+        )
         .route("/v1/images/files/{id}", get(url_image))
         .route("/sdapi/v1/txt2img", post(txt2img))
         .route(
@@ -437,7 +441,7 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "created": st.created,
             "owned_by": "lcm",
             "kind": "text-to-image",
-            "endpoints": ["/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"],
+            "endpoints": ["/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"],
             "defaults": defaults,
             "max_images": api::MAX_IMAGES,
             "max_side": api::max_side(&m.pipe),
@@ -531,10 +535,69 @@ async fn openai_generations(
 ) -> Result<Json<OpenAiResponse>, ApiError> {
     let body = body.map_err(body_error)?;
     let req: OpenAiRequest = api::parse_json(&body)?;
+    openai_images(&st, &headers, req, None).await
+}
+
+/// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, `n`, `size`,
+/// `response_format`, …) as image-to-image; a `mask` is refused until inpainting exists.
+async fn openai_edits(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Json<OpenAiResponse>, ApiError> {
+    let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", msg);
+    let mut form = form.map_err(|e| bad(format!("expected a multipart/form-data body: {e}")))?;
+    let (mut fields, mut image) = (Vec::new(), None);
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| bad(format!("unreadable multipart body: {e}")))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "image" | "image[]" => {
+                if image.is_some() {
+                    return Err(ApiError::invalid("image", "one image is supported"));
+                }
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::invalid("image", format!("image: {e}")))?;
+                image = Some(api::decode_upload(&bytes, "image")?);
+            }
+            "mask" => {
+                return Err(ApiError::invalid(
+                    "mask",
+                    "inpainting (mask) is not supported yet; send no mask for an edit",
+                ))
+            }
+            _ => {
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| ApiError::invalid(&name, format!("{name}: {e}")))?;
+                fields.push((name, text));
+            }
+        }
+    }
+    let Some(image) = image else {
+        return Err(ApiError::invalid("image", "the form has no image"));
+    };
+    let req = OpenAiRequest::from_form(fields)?;
+    openai_images(&st, &headers, req, Some(image)).await
+}
+
+/// Generations and edits: the job, run, and OpenAI's response shape.
+async fn openai_images(
+    st: &AppState,
+    headers: &HeaderMap,
+    req: OpenAiRequest,
+    init: Option<image::RgbImage>,
+) -> Result<Json<OpenAiResponse>, ApiError> {
     let format = req.response_format()?;
     let model = st.images.model();
-    let job = req.to_job(&model.pipe, &model.id)?;
-    let images = run_job(&st, &st.images, job).await?;
+    let job = req.to_job(&model.pipe, &model.id, init)?;
+    let images = run_job(st, &st.images, job).await?;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
