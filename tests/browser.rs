@@ -1,6 +1,7 @@
 //! End to end in a real browser: `lcm serve` with the tiny LCM fixture, headless Chromium at a
 //! phone-sized window driven over the DevTools protocol. It loads the page, types a prompt, clicks
-//! Generate, waits for the image and saves a screenshot (under the target dir's test tmp).
+//! Generate, waits for the image and saves a screenshot (under the target dir's test tmp); and in
+//! live sketch mode draws strokes with the mouse and sees img2img results follow them.
 //!
 //! Skipped, loudly, when no Chromium is installed, unless LCM_REQUIRE_BROWSER=1 (CI sets it).
 
@@ -96,20 +97,27 @@ impl Cdp {
     }
 }
 
-#[test]
-fn page_generates_an_image_in_headless_chromium() {
+/// A served fixture model and headless Chromium on its page at a phone-sized viewport, the model
+/// list loaded; `None` (said loudly) without Chromium unless LCM_REQUIRE_BROWSER=1.
+struct Session {
+    cdp: Cdp,
+    _browser: Browser,
+    _server: ServeProcess,
+}
+
+fn open_page(test: &str) -> Option<Session> {
     let Some(chromium) = find_chromium() else {
         if std::env::var("LCM_REQUIRE_BROWSER").as_deref() == Ok("1") {
             panic!("LCM_REQUIRE_BROWSER=1 but no chromium found (install Debian's `chromium`)");
         }
-        eprintln!("\n*** SKIPPED page_generates_an_image_in_headless_chromium: no chromium in PATH (apt-get install chromium; .ci/run does) ***\n");
-        return;
+        eprintln!("\n*** SKIPPED {test}: no chromium in PATH (apt-get install chromium; .ci/run does) ***\n");
+        return None;
     };
     let fx = common::fixtures().join("tiny-lcm");
     let server = ServeProcess::spawn(&["--model", fx.to_str().unwrap()]);
     assert_eq!(get(server.addr, "/healthz").status, 200);
 
-    let profile = std::env::temp_dir().join(format!("lcm-browser-test-{}", std::process::id()));
+    let profile = std::env::temp_dir().join(format!("lcm-browser-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&profile).unwrap();
     let mut child = Command::new(&chromium)
         .args([
@@ -188,6 +196,19 @@ fn page_generates_an_image_in_headless_chromium() {
         Duration::from_secs(30),
     );
     assert_eq!(model, "tiny-lcm");
+    Some(Session {
+        cdp,
+        _browser: browser,
+        _server: server,
+    })
+}
+
+#[test]
+fn page_generates_an_image_in_headless_chromium() {
+    let Some(mut session) = open_page("generate") else {
+        return;
+    };
+    let cdp = &mut session.cdp;
 
     // Type the prompt with keyboard input, then click Generate with the mouse.
     cdp.eval("document.getElementById('prompt').focus()");
@@ -266,5 +287,75 @@ fn page_generates_an_image_in_headless_chromium() {
         colours.len()
     );
     eprintln!("screenshot: {}", out.display());
-    drop(browser);
+    drop(session);
+}
+
+/// Live sketch mode: strokes drawn with the mouse on the canvas are sent as img2img while they
+/// change; at least two different images come back and never more than one request is in flight.
+#[test]
+fn live_sketch_mode_follows_the_strokes_with_one_request_in_flight() {
+    let Some(mut session) = open_page("live") else {
+        return;
+    };
+    let cdp = &mut session.cdp;
+    cdp.eval("document.getElementById('sketch-panel').open = true");
+    cdp.eval("document.getElementById('prompt').focus()");
+    cdp.call("Input.insertText", json!({"text": "a photo of a cat"}));
+    cdp.eval("document.getElementById('seed').value = '5'");
+    cdp.eval("document.getElementById('live').click()");
+    let stroke = |cdp: &mut Cdp, colour: &str, from: (f64, f64), to: (f64, f64)| {
+        cdp.eval(&format!(
+            "document.getElementById('brush-colour').value = '{colour}'"
+        ));
+        let r = cdp.eval(
+            "(() => { const c = document.getElementById('sketch'); c.scrollIntoView(); \
+             const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()",
+        );
+        let (x, y, w, h) = (
+            r[0].as_f64().unwrap(),
+            r[1].as_f64().unwrap(),
+            r[2].as_f64().unwrap(),
+            r[3].as_f64().unwrap(),
+        );
+        let at = |f: (f64, f64)| (x + f.0 * w, y + f.1 * h);
+        let mouse = |cdp: &mut Cdp, kind: &str, p: (f64, f64)| {
+            cdp.call(
+                "Input.dispatchMouseEvent",
+                json!({"type": kind, "x": p.0, "y": p.1, "button": "left", "buttons": 1, "clickCount": 1}),
+            );
+        };
+        mouse(cdp, "mousePressed", at(from));
+        for i in 1..=8 {
+            let t = i as f64 / 8.0;
+            let p = (from.0 + (to.0 - from.0) * t, from.1 + (to.1 - from.1) * t);
+            mouse(cdp, "mouseMoved", at(p));
+        }
+        mouse(cdp, "mouseReleased", at(to));
+    };
+    stroke(cdp, "#d02020", (0.2, 0.2), (0.8, 0.8));
+    cdp.wait_for(
+        "a first live image",
+        "window.lcmLive.shown >= 1",
+        Duration::from_secs(120),
+    );
+    stroke(cdp, "#2040e0", (0.8, 0.1), (0.1, 0.9));
+    stroke(cdp, "#20c040", (0.1, 0.5), (0.9, 0.5));
+    let n = cdp.wait_for(
+        "a second, different live image",
+        "window.lcmLive.images.size >= 2 && window.lcmLive.images.size",
+        Duration::from_secs(120),
+    );
+    assert!(n.as_u64().unwrap() >= 2);
+    let live = cdp.eval(
+        "({max: window.lcmLive.maxInFlight, sent: window.lcmLive.sent, shown: window.lcmLive.shown})",
+    );
+    assert_eq!(live["max"], 1, "{live}");
+    // The shown image is the model's size and the page says it is live.
+    let (w, caption) = (
+        cdp.eval("document.querySelector('#latest img').naturalWidth"),
+        cdp.eval("document.querySelector('#latest figcaption').textContent"),
+    );
+    assert_eq!(w, 32);
+    assert!(caption.as_str().unwrap().starts_with("live"), "{caption}");
+    eprintln!("live mode: {live}");
 }

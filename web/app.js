@@ -63,6 +63,118 @@ function figure(src, caption) {
   return fig;
 }
 
+// ---- Image-to-image: a drawing canvas (or an upload) sent to /sdapi/v1/img2img.
+const canvas = $("sketch");
+const ctx = canvas.getContext("2d");
+function clearCanvas() {
+  ctx.fillStyle = "#ffffff";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+}
+clearCanvas();
+let drawing = null;
+function canvasPoint(ev) {
+  const r = canvas.getBoundingClientRect();
+  return [(ev.clientX - r.left) * canvas.width / r.width, (ev.clientY - r.top) * canvas.height / r.height];
+}
+canvas.addEventListener("pointerdown", (ev) => {
+  drawing = canvasPoint(ev);
+  canvas.setPointerCapture(ev.pointerId);
+  ctx.fillStyle = $("brush-colour").value;
+  ctx.beginPath();
+  ctx.arc(drawing[0], drawing[1], (parseFloat($("brush-size").value) || 16) / 2, 0, 2 * Math.PI);
+  ctx.fill();
+});
+canvas.addEventListener("pointermove", (ev) => {
+  if (!drawing) return;
+  const p = canvasPoint(ev);
+  ctx.strokeStyle = $("brush-colour").value;
+  ctx.lineWidth = parseFloat($("brush-size").value) || 16;
+  ctx.lineCap = "round";
+  ctx.beginPath();
+  ctx.moveTo(drawing[0], drawing[1]);
+  ctx.lineTo(p[0], p[1]);
+  ctx.stroke();
+  drawing = p;
+  sketchChanged();
+});
+const endStroke = () => { if (drawing) { drawing = null; sketchChanged(); } };
+canvas.addEventListener("pointerup", endStroke);
+canvas.addEventListener("pointercancel", endStroke);
+$("clear").addEventListener("click", () => { clearCanvas(); sketchChanged(); });
+$("upload").addEventListener("change", () => {
+  const f = $("upload").files[0];
+  if (!f) return;
+  const img = new Image();
+  img.onload = () => {
+    ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+    $("use-sketch").checked = true;
+    sketchChanged();
+  };
+  img.src = URL.createObjectURL(f);
+});
+$("live").addEventListener("change", () => {
+  if ($("live").checked) { $("use-sketch").checked = true; sketchChanged(); }
+});
+
+// Live mode: each change schedules one request (debounced); at most one is in flight per page,
+// and a result is shown only if no newer change happened since it was sent.
+let version = 0, inFlight = 0, debounce = null, pendingAfterFlight = false;
+// Counters the browser test reads.
+window.lcmLive = { maxInFlight: 0, sent: 0, shown: 0, dropped: 0, images: new Set() };
+function sketchChanged() {
+  version += 1;
+  if (!$("live").checked) return;
+  clearTimeout(debounce);
+  debounce = setTimeout(liveRequest, 250);
+}
+function sketchB64() {
+  return canvas.toDataURL("image/png");
+}
+async function img2img(prompt, seed) {
+  const size = ($("size").value || "").split("x").map((v) => parseInt(v, 10));
+  const body = {
+    prompt, seed, init_images: [sketchB64()],
+    denoising_strength: parseFloat($("strength").value) || 0.6,
+    steps: parseInt($("steps").value, 10) || undefined,
+    cfg_scale: $("guidance").value === "" ? undefined : parseFloat($("guidance").value),
+    width: size[0] || undefined, height: size[1] || undefined,
+  };
+  if ($("negative").value) body.negative_prompt = $("negative").value;
+  if ($("sampler").value) body.sampler_name = $("sampler").value.toUpperCase();
+  const r = await fetch("sdapi/v1/img2img", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const out = await r.json();
+  if (!r.ok) throw new Error(out.error ? out.error.message : r.statusText);
+  return { src: "data:image/png;base64," + out.images[0], seed: out.parameters.seed };
+}
+async function liveRequest() {
+  if (inFlight > 0) { pendingAfterFlight = true; return; }
+  if (!$("prompt").value) { status("type a prompt for live mode", true); return; }
+  const sent = version;
+  inFlight += 1;
+  window.lcmLive.sent += 1;
+  window.lcmLive.maxInFlight = Math.max(window.lcmLive.maxInFlight, inFlight);
+  const seed = $("seed").value !== "" ? parseInt($("seed").value, 10) : 0;
+  const t0 = performance.now();
+  try {
+    const img = await img2img($("prompt").value, seed);
+    if (sent === version) {
+      const secs = ((performance.now() - t0) / 1000).toFixed(2);
+      $("latest").innerHTML = "";
+      $("latest").appendChild(figure(img.src, `live · seed ${img.seed} · ${secs} s`));
+      window.lcmLive.shown += 1;
+      window.lcmLive.images.add(img.src);
+      status(`live: ${secs} s`);
+    } else {
+      window.lcmLive.dropped += 1;
+    }
+  } catch (e) {
+    status("live: " + e.message, true);
+  } finally {
+    inFlight -= 1;
+  }
+  if (pendingAfterFlight || sent !== version) { pendingAfterFlight = false; liveRequest(); }
+}
+
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const n = Math.min(10, Math.max(1, parseInt($("n").value, 10) || 1));
@@ -88,17 +200,23 @@ $("form").addEventListener("submit", async (ev) => {
   await Promise.all(Array.from({ length: n }, async (_, i) => {
     const body = Object.assign({}, common, { seed: (base + i) % 4294967296 });
     try {
-      const r = await fetch("v1/images/generations", {
-        method: "POST", headers: headers(), body: JSON.stringify(body),
-      });
-      const out = await r.json();
-      if (!r.ok) throw new Error(out.error ? out.error.message : r.statusText);
+      let data;
+      if ($("use-sketch").checked) {
+        const img = await img2img(body.prompt, body.seed);
+        data = [{ src: img.src, seed: img.seed }];
+      } else {
+        const r = await fetch("v1/images/generations", {
+          method: "POST", headers: headers(), body: JSON.stringify(body),
+        });
+        const out = await r.json();
+        if (!r.ok) throw new Error(out.error ? out.error.message : r.statusText);
+        data = out.data.map((d) => ({ src: "data:image/png;base64," + d.b64_json, seed: d.seed }));
+      }
       const secs = ((performance.now() - t0) / 1000).toFixed(2);
-      for (const d of out.data) {
-        const src = "data:image/png;base64," + d.b64_json;
+      for (const d of data) {
         const caption = `seed ${d.seed} · ${secs} s · ${body.prompt}`;
-        $("latest").appendChild(figure(src, caption));
-        $("gallery").prepend(figure(src, caption));
+        $("latest").appendChild(figure(d.src, caption));
+        $("gallery").prepend(figure(d.src, caption));
       }
       done += 1;
       status(`${done} of ${n} image(s), ${secs} s`);
