@@ -15,9 +15,10 @@ if [ -z "${LCM:-}" ]; then
     cargo build --release
     LCM=target/release/lcm
 fi
-row() { # name, model, then lcm eval flags
+row() { # name, model, then lcm eval flags; a row whose JSON exists is kept (delete it to redo)
     local name=$1 model=$2
     shift 2
+    if [ -f "$OUT/$name.json" ]; then return; fi
     "$LCM" eval --model "$model" --data "$DATA" --evaluator "$EVALUATOR" --samples 300 \
         --output "$OUT/$name.json" "$@" >/dev/null
 }
@@ -28,5 +29,6 @@ done
 # One table: the header once, then every row of every file.
 head -2 "$OUT/teacher-ddim50.md"
 for f in teacher-ddim50 student-1 student-2 student-4; do
-    tail -n +3 "$OUT/$f.md" | sed "s#| $STUDENT |#| student, $f |#; s#| $TEACHER |#| teacher, DDIM 50 |#"
+    label=$(echo "$f" | sed 's/student-\([0-9]\)/student, LCM \1 step(s)/')
+    tail -n +3 "$OUT/$f.md" | sed "s#| $STUDENT |#| $label |#; s#| $TEACHER |#| teacher, DDIM 50 |#"
 done | sort -s -t'|' -k2,2

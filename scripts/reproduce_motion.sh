@@ -41,3 +41,23 @@ if [ ! -f "$TEACHER/model_index.json" ]; then
         --max-steps 3000 --batch-size 64 --lr 2e-4 --warmup-steps 300 --decay-from 2200 \
         --save-every 250 --sample-every 500 $(resume_flag "$WORK/mteach")
 fi
+
+# Stage 3: the LCM, distilled from the teacher through the same LCD step as images.
+if [ ! -f "$WORK/mlcm/model_index.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM distill --teacher "$TEACHER" --data "$DATA" --output "$WORK/mlcm" --max-steps 1500 \
+        --batch-size 32 --lr 2e-4 --warmup-steps 100 --decay-from 1000 --loss huber --ema 0.95 \
+        --w-min 5 --w-max 15 --ddim-steps 50 --save-every 250 --sample-every 500 --seed 0 \
+        $(resume_flag "$WORK/mlcm")
+fi
+
+# Ship: f16 copies in the layout of weights/ (the student reads its teacher's motion VAE through
+# a link), then the quality table and the model card's pictures.
+SHIP="$WORK/ship"
+rm -rf "$SHIP" && mkdir -p "$SHIP"
+$LCM convert --input "$TEACHER" --output "$SHIP/tiny-motion-teacher" --dtype f16
+$LCM convert --input "$WORK/mlcm" --output "$SHIP/tiny-motion" --dtype f16
+rm -rf "$SHIP/tiny-motion/motion_vae" && ln -s ../tiny-motion-teacher/motion_vae "$SHIP/tiny-motion/motion_vae"
+echo "copy $SHIP/* into weights/, then:"
+echo "  LCM=$LCM scripts/motion_quality_table.sh $DATA $WORK/meval/motion-evaluator weights/tiny-motion-teacher weights/tiny-motion"
+echo "  LCM=$LCM scripts/motion_card.sh $DATA"

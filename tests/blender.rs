@@ -90,3 +90,25 @@ fn blender_reads_our_bvh_as_we_do() {
     assert!(d < 0.018, "{d} units");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Must-show 3 of the motion model: a BVH that `lcm generate --model tiny-motion` writes imports
+/// in Blender with the joints where our reader puts them.
+#[test]
+fn blender_imports_a_generated_motion() {
+    let Some(blender) = blender() else { return };
+    let dir = std::env::temp_dir().join(format!("lcm-blender-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bvh = dir.join("walk.bvh");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
+        .args(["generate", "--model", "tiny-motion", "--prompt"])
+        .arg("a person walks forward and turns left")
+        .arg("--output")
+        .arg(&bvh)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = compare(&blender, &bvh, &dir.join("walk.json"));
+    println!("generated BVH: Blender vs our reader, max {d:.2e} m");
+    assert!(d < 1e-3, "{d} m");
+    std::fs::remove_dir_all(&dir).ok();
+}

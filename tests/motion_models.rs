@@ -321,6 +321,33 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     };
     let m = student.generate(&["a person walks forward"], &one).unwrap();
     assert_eq!(m[0].len(), 40);
+    // `lcm convert --dtype f16` (how models are shipped) keeps the whole motion folder, and the
+    // f16 copy generates within f16's rounding of the f32 one.
+    let half = root.join("d-f16");
+    ok(lcm_bin(&[
+        "convert",
+        "--input",
+        d.to_str().unwrap(),
+        "--output",
+        half.to_str().unwrap(),
+        "--dtype",
+        "f16",
+    ]));
+    let half_pipe = lcm::pipeline::text2motion::MotionPipeline::open(
+        lcm::pipeline::text2motion::MotionFolder::open(&half).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mh = half_pipe
+        .generate(&["a person walks forward"], &one)
+        .unwrap();
+    let worst = m[0]
+        .iter()
+        .zip(&mh[0])
+        .flat_map(|(p, q)| p.iter().zip(q).map(|(a, b)| (a - b).norm()))
+        .fold(0f64, f64::max);
+    assert!(worst < 0.05, "f16 copy moved a joint by {worst} m");
+    assert!(!half.join("checkpoints").exists() && !half.join("samples").exists());
     // `lcm generate` with the student folder writes every motion format.
     for ext in ["bvh", "json", "npy", "gif"] {
         let out = root.join(format!("gen.{ext}"));

@@ -19,7 +19,7 @@ use super::motion_checks::{adheres, gesture_adheres, measure, plausibility};
 use super::motion_train::{motion_features, nearest_neighbour, prepare, score_motions, Prepared};
 use crate::data::motion::{Action, Program};
 use crate::model::motion_vae::Normaliser;
-use crate::motion::{features, joints_from_features, Pose};
+use crate::motion::{joints_from_features, Pose};
 use crate::pipeline::text2motion::{MotionFolder, MotionOptions, MotionPipeline};
 
 /// What a motion evaluation runs.
@@ -136,9 +136,10 @@ fn figures(
     Ok(out)
 }
 
-/// Normalised feature rows of joints, with the dataset's statistics.
-fn normalised(joints: &[Pose], norm: &Normaliser) -> Result<Vec<f32>> {
-    Ok(norm.normalise_rows(&features(joints, &Default::default())?))
+/// The first `rows` feature rows of a generated motion, normalised with the dataset's statistics.
+fn normalised(features: &[f32], rows: usize, norm: &Normaliser) -> Vec<f32> {
+    let n = rows.min(features.len() / crate::motion::FEATURES);
+    norm.normalise_rows(&features[..n * crate::motion::FEATURES])
 }
 
 pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
@@ -221,9 +222,13 @@ pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
                 ..r.options
             };
             let t1 = Instant::now();
-            let m = pipe.generate_checked(&cond, &o)?.remove(0);
+            // The evaluator reads the decoder's own feature rows, as MLD's evaluation does; the
+            // joints (for the program checks) are recovered from them. Features recomputed from
+            // the joints would add the inverse kinematics' rotations, which for joints the data
+            // holds nearly still (std 0.01) land dozens of standard deviations off.
+            let (rows, m) = pipe.generate_features(&cond, &o)?.remove(0);
             gen_s += t1.elapsed().as_secs_f64();
-            motions.push(normalised(&m, &norm)?);
+            motions.push(normalised(&rows, c.frames, &norm));
             joints.push(m);
             bar.inc(1);
         }
@@ -243,11 +248,13 @@ pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
                     seed: r.options.seed + 1_000_000 + i as u64,
                     ..r.options
                 };
-                let ms = pipe.generate_checked(&cond, &o)?;
-                let f = ms
-                    .iter()
-                    .map(|m| normalised(m, &norm))
-                    .collect::<Result<Vec<_>>>()?;
+                let f: Vec<Vec<f32>> = pipe
+                    .generate_features(&cond, &o)?
+                    .into_iter()
+                    .map(|(rows, _)| {
+                        rows[..c.frames.min(o.frames) * crate::motion::FEATURES].to_vec()
+                    })
+                    .collect();
                 let refs: Vec<&[f32]> = f.iter().map(Vec::as_slice).collect();
                 per.push(to_matrix(&motion_features(&evaluator, &refs, r.device)?)?);
             }

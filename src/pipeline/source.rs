@@ -62,6 +62,14 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../pipelines/tiny-teacher.toml"),
     ),
     ("tiny", include_str!("../../pipelines/tiny.toml")),
+    (
+        "tiny-motion-teacher",
+        include_str!("../../pipelines/tiny-motion-teacher.toml"),
+    ),
+    (
+        "tiny-motion",
+        include_str!("../../pipelines/tiny-motion.toml"),
+    ),
 ];
 
 /// Every pipeline definition compiled into the binary.
@@ -264,6 +272,10 @@ pub fn convert_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> Resu
             .map(|o| o.keys().filter(|k| !k.starts_with('_')).cloned().collect())
             .unwrap_or_default();
         names.push("model_index.json".into());
+        // A motion model's index names its sentence encoder, not its components.
+        if super::text2motion::is_motion_folder(src) {
+            names.extend(super::text2motion::MOTION_COMPONENTS.map(String::from));
+        }
         Some(names)
     } else {
         None

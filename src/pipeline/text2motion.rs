@@ -29,6 +29,9 @@ pub struct MotionIndex {
 
 pub const MOTION_PIPELINE: &str = "MotionLatentConsistencyPipeline";
 
+/// The component folders of a motion model.
+pub const MOTION_COMPONENTS: [&str; 3] = ["denoiser", "motion_vae", "scheduler"];
+
 /// Whether `dir` holds a motion model (rather than an image one).
 pub fn is_motion_folder(dir: &Path) -> bool {
     dir.join("denoiser/config.json").is_file()
@@ -251,15 +254,45 @@ impl MotionPipeline {
 
     /// Motions from a prepared condition (so timings can leave the text encoding out).
     pub fn generate_from(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
+        decode(&self.vae, &self.norm, &self.latents(cond, o)?, o.frames)
+    }
+
+    fn latents(&self, cond: &Tensor, o: &MotionOptions) -> Result<Tensor> {
         let c = &self.folder.denoiser;
-        let z = sample_latents(
+        sample_latents(
             &self.denoiser,
             (c.latent_tokens, c.latent_channels),
             &self.folder.scheduler,
             cond,
             &self.uncond,
             o,
-        )?;
-        decode(&self.vae, &self.norm, &z, o.frames)
+        )
+    }
+
+    /// Motions within the VAE's window as the decoder gives them: its feature rows (in the
+    /// data's units, denormalised; what MLD's evaluator reads) and the joints recovered from them.
+    pub fn generate_features(
+        &self,
+        cond: &Tensor,
+        o: &MotionOptions,
+    ) -> Result<Vec<(Vec<f32>, Vec<Pose>)>> {
+        self.check_frames(o.frames)?;
+        if o.frames > self.vae.config.max_frames {
+            bail!(
+                "feature rows come from one window of at most {} frames",
+                self.vae.config.max_frames
+            )
+        }
+        let z = (self.latents(cond, o)?.to_dtype(DType::F32)? / self.vae.config.scaling_factor)?;
+        let x = self
+            .norm
+            .denormalise(&self.vae.decode(&z, o.frames, None)?)?;
+        (0..x.dim(0)?)
+            .map(|i| {
+                let rows = x.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+                let joints = joints_from_features(&rows)?;
+                Ok((rows, joints))
+            })
+            .collect()
     }
 }
