@@ -131,6 +131,33 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     resume.extend(["--resume", ck.to_str().unwrap()]);
     ok(run(&b, "4", &resume));
     assert_eq!(losses(&b.join("metrics.jsonl")), full[2..]);
+    // The root-relative joint loss is a setting of its own: a checkpoint made without it is
+    // refused by a run with it, and it changes the loss from the same draws.
+    let c = root.join("c");
+    let mut local = resume.clone();
+    local.extend(["--local-joint-weight", "1"]);
+    let e = run(&c, "4", &local);
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("different settings"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    ok(run(&c, "2", &["--local-joint-weight", "1"]));
+    let with_local = losses(&c.join("metrics.jsonl"));
+    assert!(with_local[0].1 > full[0].1, "{with_local:?} vs {full:?}");
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(a.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        line["local_joint_error_cm"].as_f64().unwrap() > 0.0,
+        "{line}"
+    );
 
     // The exported folder loads and reconstructs a held-out clip as the report says.
     let (vae, norm) = lcm::model::motion_vae::open(&a.join("motion_vae"), &Device::Cpu).unwrap();
@@ -146,6 +173,7 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         report["test"]["mpjpe_cm"].as_f64().unwrap(),
     );
     assert!((x - y).abs() < 1e-3 * y.max(1.0), "{x} vs {y}");
+    assert!(report["test"]["mpjpe_root_aligned_cm"].as_f64().unwrap() > 0.0);
     // `lcm motion reconstruct` of one test clip reports the error the library measures for it.
     let clip = data.join(format!("new_joint_vecs/{}.npy", test.clips[0].name));
     let rec = root.join("rec.json");

@@ -35,6 +35,11 @@ pub struct MotionVaeArgs {
     /// Weight of the loss on the decoded joints (metres), beside the features' (MLD: 1).
     #[arg(long, default_value_t = 1.0)]
     pub joint_weight: f64,
+    /// Weight of a loss on the joints relative to the root (pelvis) in each frame: the body's
+    /// pose without the root path, whose integrated error otherwise dominates the joint loss
+    /// (default 0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub local_joint_weight: f64,
     /// Train on the clips as they are (no mirror, warp or crop).
     #[arg(long)]
     pub no_augment: bool,
@@ -47,9 +52,16 @@ pub struct Settings {
     pub config: MotionVaeConfig,
     pub kl_weight: f64,
     pub joint_weight: f64,
+    /// Left out of the settings when 0, so runs made before it existed still resume.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub local_joint_weight: f64,
     pub augment: Augment,
     #[serde(flatten)]
     pub stage: StageSettings,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Training windows are this many frames or more (the length bounds of HumanML3D's loader)…
@@ -91,9 +103,20 @@ pub fn pad(clips: &[Vec<f32>], device: &Device) -> Result<(Tensor, Tensor)> {
     )
 }
 
+/// What one training batch measures.
+struct Losses {
+    feat: Tensor,
+    joints: Tensor,
+    local_joints: Tensor,
+    kl: Tensor,
+    err: Tensor,
+    local_err: Tensor,
+}
+
 impl MotionVaeTask {
-    /// (features loss, joints loss, KL, mean joint error in m) of a batch of equal-length clips.
-    fn losses(&self, x: &Tensor, eps: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    /// Losses of a batch of equal-length clips and the mean joint errors (m) with and without
+    /// the root path.
+    fn losses(&self, x: &Tensor, eps: &Tensor) -> Result<Losses> {
         let valid = None;
         let post = self.model.encode(x, valid)?;
         let z = post.sample(eps)?;
@@ -102,8 +125,20 @@ impl MotionVaeTask {
         let jr = crate::motion::tensor::joints_from_features(&self.norm.denormalise(&xr)?)?;
         let jx = crate::motion::tensor::joints_from_features(&self.norm.denormalise(x)?)?;
         let joints = masked_mean(&pseudo_huber(&jr, &jx, JOINT_C)?, valid)?;
-        let err = masked_mean(&(jr - jx)?.sqr()?.sum_keepdim(3)?.sqrt()?, valid)?;
-        Ok((feat, joints, post.kl()?, err))
+        let err = masked_mean(&(&jr - &jx)?.sqr()?.sum_keepdim(3)?.sqrt()?, valid)?;
+        // [b, t, 22, 3] relative to joint 0, the root, in the same frame.
+        let local = |j: &Tensor| j.broadcast_sub(&j.narrow(2, 0, 1)?);
+        let (lr, lx) = (local(&jr)?, local(&jx)?);
+        let local_joints = masked_mean(&pseudo_huber(&lr, &lx, JOINT_C)?, valid)?;
+        let local_err = masked_mean(&(lr - lx)?.sqr()?.sum_keepdim(3)?.sqrt()?, valid)?;
+        Ok(Losses {
+            feat,
+            joints,
+            local_joints,
+            kl: post.kl()?,
+            err,
+            local_err,
+        })
     }
 }
 
@@ -156,15 +191,22 @@ impl Task for MotionVaeTask {
         let x = Tensor::from_vec(rows, (b, t, FEATURES), &self.device)?;
         let shape = (b, s.config.latent_tokens, s.config.latent_channels);
         let eps = SeededNoise::new(rng.random()).sample(&shape.into(), &self.device)?;
-        let (feat, joints, kl, err) = self.losses(&x, &eps)?;
-        let loss = ((&feat + (&joints * s.joint_weight)?)? + (&kl * s.kl_weight)?)?;
+        let l = self.losses(&x, &eps)?;
+        let mut loss = ((&l.feat + (&l.joints * s.joint_weight)?)? + (&l.kl * s.kl_weight)?)?;
+        if s.local_joint_weight > 0.0 {
+            loss = (loss + (&l.local_joints * s.local_joint_weight)?)?;
+        }
         let mut m = Metrics::new();
-        m.insert("features".into(), feat.to_scalar::<f32>()?.into());
+        m.insert("features".into(), l.feat.to_scalar::<f32>()?.into());
         m.insert(
             "joint_error_cm".into(),
-            (err.to_scalar::<f32>()? * 100.0).into(),
+            (l.err.to_scalar::<f32>()? * 100.0).into(),
         );
-        m.insert("kl".into(), kl.to_scalar::<f32>()?.into());
+        m.insert(
+            "local_joint_error_cm".into(),
+            (l.local_err.to_scalar::<f32>()? * 100.0).into(),
+        );
+        m.insert("kl".into(), l.kl.to_scalar::<f32>()?.into());
         Ok((loss, m))
     }
 
@@ -230,7 +272,8 @@ impl Task for MotionVaeTask {
 }
 
 /// Reconstruction through the posterior mean of normalised clips: mean per-joint position error
-/// (cm), root drift at the last frame (cm) and the features' mean absolute error (z-units).
+/// (cm; also with each frame's root aligned, the pose alone), root drift at the last frame (cm)
+/// and the features' mean absolute error (z-units).
 pub fn reconstruction(
     vae: &MotionVae,
     norm: &Normaliser,
@@ -238,6 +281,7 @@ pub fn reconstruction(
     device: &Device,
 ) -> Result<serde_json::Value> {
     let (mut mpjpe, mut drift, mut feat, mut frames) = (0.0, 0.0, 0.0, 0usize);
+    let mut local = 0.0;
     for chunk in clips.chunks(32) {
         let (x, valid) = pad(chunk, device)?;
         let z = vae.encode(&x, Some(&valid))?.mean;
@@ -262,6 +306,12 @@ pub fn reconstruction(
             let (e, d) = crate::eval::motion_checks::reconstruction_error(&ja, &jb);
             mpjpe += e * t as f64;
             drift += d;
+            let rooted = |j: &[crate::motion::Pose]| -> Vec<crate::motion::Pose> {
+                j.iter().map(|p| p.map(|q| q - p[0])).collect()
+            };
+            let (e, _) =
+                crate::eval::motion_checks::reconstruction_error(&rooted(&ja), &rooted(&jb));
+            local += e * t as f64;
             frames += t;
         }
     }
@@ -269,6 +319,7 @@ pub fn reconstruction(
     Ok(serde_json::json!({
         "clips": clips.len(),
         "mpjpe_cm": 100.0 * mpjpe / frames.max(1) as f64,
+        "mpjpe_root_aligned_cm": 100.0 * local / frames.max(1) as f64,
         "root_drift_cm": 100.0 * drift / n,
         "feature_mae": feat / frames.max(1) as f64,
     }))
@@ -315,6 +366,7 @@ pub fn run(args: &MotionVaeArgs) -> Result<()> {
         config: config.clone(),
         kl_weight: args.kl_weight,
         joint_weight: args.joint_weight,
+        local_joint_weight: args.local_joint_weight,
         augment: if args.no_augment {
             Augment::NONE
         } else {
