@@ -711,6 +711,38 @@ fn generate_batch_equals_each_request_alone() {
     }
 }
 
+/// `lcm generate --init-image` of the img2img fixture on tiny-lcm: strength 0.5, 4 steps,
+/// guidance 8.5, seed 3 — what the HTTP img2img tests compare with.
+fn cli_img2img(tag: &str) -> image::RgbImage {
+    let dir = std::env::temp_dir().join(format!("lcm-serve-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("cli.png");
+    let init = fixtures().join("img2img/init.png");
+    let o = common::lcm_bin(&[
+        "generate",
+        "--model",
+        fixtures().join("tiny-lcm").to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--guidance",
+        "8.5",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&out).unwrap().to_rgb8();
+    std::fs::remove_dir_all(&dir).ok();
+    img
+}
+
 /// AUTOMATIC1111's img2img: the image a request returns equals `lcm generate --init-image` with
 /// the same settings (same seed, same draws); every bad upload or field is a 400 naming it, and
 /// the server keeps serving.
@@ -730,30 +762,7 @@ fn a1111_img2img_equals_the_cli_and_refuses_bad_uploads() {
     let v = r.json();
     assert_eq!(v["parameters"]["denoising_strength"], 0.5);
     let served = b64_png(v["images"][0].as_str().unwrap());
-    let dir = std::env::temp_dir().join(format!("lcm-serve-i2i-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("cli.png");
-    let o = common::lcm_bin(&[
-        "generate",
-        "--model",
-        fixtures().join("tiny-lcm").to_str().unwrap(),
-        "--prompt",
-        "a photo of a cat",
-        "--init-image",
-        init_path.to_str().unwrap(),
-        "--strength",
-        "0.5",
-        "--steps",
-        "4",
-        "--guidance",
-        "8.5",
-        "--seed",
-        "3",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cli = image::open(&out).unwrap().to_rgb8();
+    let cli = cli_img2img("i2i");
     assert!(
         max_pixel_diff(&served, &cli) <= 1,
         "served and CLI images differ by {}",
@@ -807,7 +816,6 @@ fn a1111_img2img_equals_the_cli_and_refuses_bad_uploads() {
     }
     let r = post_json(srv.addr(), "/sdapi/v1/img2img", &body);
     assert_eq!(r.status, 200, "{}", r.text());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A multipart/form-data body of text fields and files (name, filename, bytes).
@@ -869,30 +877,7 @@ fn openai_edits_are_img2img_and_refuse_bad_forms() {
     assert_eq!(data.len(), 2);
     assert_eq!(data[1]["seed"], 4);
     let first = b64_png(data[0]["b64_json"].as_str().unwrap());
-    let dir = std::env::temp_dir().join(format!("lcm-serve-edits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("cli.png");
-    let o = common::lcm_bin(&[
-        "generate",
-        "--model",
-        fixtures().join("tiny-lcm").to_str().unwrap(),
-        "--prompt",
-        "a photo of a cat",
-        "--init-image",
-        init_path.to_str().unwrap(),
-        "--strength",
-        "0.5",
-        "--steps",
-        "4",
-        "--guidance",
-        "8.5",
-        "--seed",
-        "3",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(max_pixel_diff(&first, &image::open(&out).unwrap().to_rgb8()) <= 1);
+    assert!(max_pixel_diff(&first, &cli_img2img("edits")) <= 1);
 
     let mut extra = texts.to_vec();
     extra.push(("foo", "1"));
@@ -934,5 +919,4 @@ fn openai_edits_are_img2img_and_refuse_bad_forms() {
     assert_eq!(r.json()["error"]["param"], "strength");
     let r = post(&texts, &[("image", "init.png", &png)]);
     assert_eq!(r.status, 200, "{}", r.text());
-    std::fs::remove_dir_all(&dir).ok();
 }
