@@ -444,6 +444,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let settings = pipe.resolve(&req, defaults)?;
     let paths = lcm::pipeline::image_io::numbered_paths(&args.output, args.n);
+    // Before the work, not after it.
+    for p in &paths {
+        lcm::files::check_output(p)?;
+    }
 
     let bar = ProgressBar::new(settings.timesteps.len() as u64);
     bar.set_style(

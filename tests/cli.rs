@@ -158,6 +158,37 @@ fn expect_error(args: &[&str], needles: &[&str]) {
 #[test]
 fn bad_input_fails_with_one_line_naming_the_problem() {
     let lcm_dir = fx("tiny-lcm");
+    // --output on a FIFO: refused in one line, the FIFO left a FIFO (the atomic rename would
+    // have turned it into a regular file).
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let fifo = std::env::temp_dir().join(format!("lcm-cli-fifo-{}.png", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        expect_error(
+            &[
+                "generate",
+                "--model",
+                lcm_dir.as_str(),
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+                "--output",
+                fifo.to_str().unwrap(),
+            ],
+            &["refusing to write", "not a regular file"],
+        );
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        std::fs::remove_file(&fifo).ok();
+    }
     let base = [
         "generate",
         "--model",

@@ -131,6 +131,11 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     resume.extend(["--resume", ck.to_str().unwrap()]);
     ok(run(&b, "4", &resume));
     assert_eq!(losses(&b.join("metrics.jsonl")), full[2..]);
+    // Resumed into its own folder (as after a crash), a run's log holds each step once.
+    let mut again = cadence.to_vec();
+    again.extend(["--resume", ck.to_str().unwrap()]);
+    ok(run(&a, "4", &again));
+    assert_eq!(losses(&a.join("metrics.jsonl")), full);
     // The root-relative joint loss is a setting of its own: a checkpoint made without it is
     // refused by a run with it, and it changes the loss from the same draws.
     let c = root.join("c");

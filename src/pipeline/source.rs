@@ -303,6 +303,7 @@ pub fn convert_folder(src: &Path, dst: &Path, dtype: candle_core::DType) -> Resu
                     Ok((k, t))
                 })
                 .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            crate::files::check_output(&target)?;
             let tmp = target.with_extension("tmp");
             candle_core::safetensors::save(&converted, &tmp)
                 .with_context(|| format!("cannot write {}", tmp.display()))?;

@@ -171,6 +171,10 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
         guidance: g.guidance.unwrap_or(7.5),
         seed: g.seed,
     };
+    let paths = crate::pipeline::image_io::numbered_paths(g.output, g.n);
+    for p in &paths {
+        crate::files::check_output(p)?;
+    }
     let t1 = Instant::now();
     let prompts = vec![g.prompt; g.n];
     let cond = pipe.condition(&prompts)?;
@@ -178,7 +182,6 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
     let t2 = Instant::now();
     let motions = pipe.generate_checked(&cond, &o)?;
     let gen = t2.elapsed();
-    let paths = crate::pipeline::image_io::numbered_paths(g.output, g.n);
     for (m, p) in motions.iter().zip(&paths) {
         write_clip(p, m)?;
     }

@@ -129,6 +129,23 @@ impl RunLog {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
         let path = run_dir.join("metrics.jsonl");
+        // A run resumed at `step` redoes the steps after it: their old lines go, so the log
+        // holds each step once.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept.len() != text.len() {
+                crate::files::write_atomic(&path, kept.as_bytes())?;
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
