@@ -352,9 +352,10 @@ impl VaeLayout {
     }
 }
 
-/// The CLIP text model: the names below `cond_stage_model.transformer.` are transformers' own
-/// (with or without `text_model.`, as the saving version had it), kept as they are.
-pub fn text_pairs() -> Pairs {
+/// Every name kept as it is: the CLIP text model (the names below
+/// `cond_stage_model.transformer.` are transformers' own, with or without `text_model.`, as the
+/// saving version had it), and a separate VAE file already in diffusers' names.
+pub fn identity_pairs() -> Pairs {
     vec![(String::new(), String::new(), Part::Same)]
 }
 

@@ -97,18 +97,24 @@ fn draw(pose: &Pose, frame: &[(f64, f64, f64); 2]) -> RgbImage {
 
 /// An animated GIF of the clip at `fps`.
 pub fn write_gif(path: &Path, joints: &[Pose], fps: f64) -> Result<()> {
-    write_gif_grid(path, std::slice::from_ref(&joints.to_vec()), 1, fps)
+    write_gif_grid(path, &[joints], 1, fps)
 }
 
 /// An animated GIF of several clips in a grid of `cols` columns, row by row (e.g. originals
 /// above their reconstructions), each framed on its own; a clip shorter than the longest holds
 /// its last pose.
-pub fn write_gif_grid(path: &Path, clips: &[Vec<Pose>], cols: usize, fps: f64) -> Result<()> {
+pub fn write_gif_grid<C: AsRef<[Pose]>>(
+    path: &Path,
+    clips: &[C],
+    cols: usize,
+    fps: f64,
+) -> Result<()> {
+    let clips: Vec<&[Pose]> = clips.iter().map(AsRef::as_ref).collect();
     if clips.is_empty() || clips.iter().any(|c| c.is_empty()) {
         bail!("no frames to render")
     }
     let frames: Vec<_> = clips.iter().map(|c| framing(c)).collect();
-    let n = clips.iter().map(Vec::len).max().unwrap_or(0);
+    let n = clips.iter().map(|c| c.len()).max().unwrap_or(0);
     let delay = image::Delay::from_numer_denom_ms(1000, fps.round().max(1.0) as u32);
     let mut bytes = Vec::new();
     {

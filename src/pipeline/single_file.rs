@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 
 use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::model::single_file::{
-    rename, text_config, text_pairs, unet_config, unet_layout_of, vae_config, Direction, Pairs,
+    identity_pairs, rename, text_config, unet_config, unet_layout_of, vae_config, Direction, Pairs,
     Shapes, UNetLayout, VaeLayout, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 
@@ -253,11 +253,7 @@ pub fn to_folder(file: &Path, out: &Path, opts: Options) -> Result<Summary> {
     let unet_t = to_diffusers(&f, UNET_PREFIX, &unet, &u_pairs)?;
 
     let (vae_json, vae_t, v_pairs) = if diffusers_vae {
-        let identity: Pairs = vec![(
-            String::new(),
-            String::new(),
-            crate::model::single_file::Part::Same,
-        )];
+        let identity = identity_pairs();
         let t = to_diffusers(vf, vae_prefix, &vae_names, &identity)?;
         let cfg = config_or(
             &vf.path,
@@ -285,7 +281,7 @@ pub fn to_folder(file: &Path, out: &Path, opts: Options) -> Result<Summary> {
             pairs,
         )
     };
-    let t_pairs = text_pairs();
+    let t_pairs = identity_pairs();
     let text_json = config_or(file, opts.config, "text_encoder", text_config(&text))?;
     let text_t = to_diffusers(&f, TEXT_PREFIX, &text, &t_pairs)?;
 
@@ -391,7 +387,7 @@ pub fn from_folder(dir: &Path, file: &Path) -> Result<usize> {
         (VAE_PREFIX, v_pairs, folder.vae.tensors(&Device::Cpu)?),
         (
             TEXT_PREFIX,
-            text_pairs(),
+            identity_pairs(),
             folder.text_encoder.tensors(&Device::Cpu)?,
         ),
     ] {
@@ -440,7 +436,6 @@ pub fn is_single_file(model: &str) -> bool {
 /// The folder a checkpoint file converts to, converted on first use (keyed by the file's
 /// absolute path, size and modification time, and the options).
 pub fn cached_folder(file: &Path, opts: Options) -> Result<PathBuf> {
-    refuse_pickle(file)?;
     let meta =
         std::fs::metadata(file).with_context(|| format!("{}: cannot read", file.display()))?;
     let abs = std::fs::canonicalize(file)?;

@@ -143,13 +143,23 @@ pub fn decode(
     z: &Tensor,
     frames: usize,
 ) -> Result<Vec<Vec<Pose>>> {
+    decode_rows(vae, norm, z, frames)?
+        .iter()
+        .map(|rows| joints_from_features(rows))
+        .collect()
+}
+
+/// The decoder's feature rows (`frames` × 263, in the data's units) of each scaled latent.
+pub fn decode_rows(
+    vae: &MotionVae,
+    norm: &Normaliser,
+    z: &Tensor,
+    frames: usize,
+) -> Result<Vec<Vec<f32>>> {
     let z = (z.to_dtype(DType::F32)? / vae.config.scaling_factor)?;
     let x = norm.denormalise(&vae.decode(&z, frames, None)?)?;
     (0..x.dim(0)?)
-        .map(|i| {
-            let rows = x.get(i)?.flatten_all()?.to_vec1::<f32>()?;
-            joints_from_features(&rows)
-        })
+        .map(|i| Ok(x.get(i)?.flatten_all()?.to_vec1::<f32>()?))
         .collect()
 }
 
@@ -283,13 +293,9 @@ impl MotionPipeline {
                 self.vae.config.max_frames
             )
         }
-        let z = (self.latents(cond, o)?.to_dtype(DType::F32)? / self.vae.config.scaling_factor)?;
-        let x = self
-            .norm
-            .denormalise(&self.vae.decode(&z, o.frames, None)?)?;
-        (0..x.dim(0)?)
-            .map(|i| {
-                let rows = x.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+        decode_rows(&self.vae, &self.norm, &self.latents(cond, o)?, o.frames)?
+            .into_iter()
+            .map(|rows| {
                 let joints = joints_from_features(&rows)?;
                 Ok((rows, joints))
             })
