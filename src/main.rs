@@ -360,7 +360,6 @@ fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Re
         ("--width", args.width.is_some()),
         ("--height", args.height.is_some()),
         ("--latents", args.latents.is_some()),
-        ("--negative-prompt", args.negative_prompt.is_some()),
         ("--lora", args.model.lora.is_some()),
         ("--tcd-gamma", args.sampling.tcd_gamma.is_some()),
     ];
@@ -375,6 +374,7 @@ fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Re
         label: spec,
         dir,
         prompt: &args.prompt,
+        negative_prompt: args.negative_prompt.as_deref(),
         sampler: args.sampling.sampler.or(defaults.sampler),
         steps: args.sampling.steps.or(defaults.steps),
         guidance: args.sampling.guidance.or(defaults.guidance),

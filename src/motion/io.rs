@@ -1,5 +1,6 @@
-//! Joint positions as JSON: `{"fps": 20, "joints": [frames][22][3]}` in metres, SMPL joint order,
-//! Y up — what `lcm` writes for tools outside the HumanML3D ecosystem.
+//! The forms a clip is written in: joint positions as JSON (`{"fps": 20, "joints":
+//! [frames][22][3]}` in metres, SMPL joint order, Y up — for tools outside the HumanML3D
+//! ecosystem), HumanML3D feature rows as `.npy`, BVH on the reference skeleton, an animated GIF.
 
 use std::path::Path;
 
@@ -9,22 +10,80 @@ use serde::{Deserialize, Serialize};
 
 use super::skeleton::{Pose, JOINTS};
 
-#[derive(Serialize, Deserialize)]
-struct JointsFile {
-    fps: f64,
-    joints: Vec<Vec<[f64; 3]>>,
+/// A clip's joints as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JointsFile {
+    pub fps: f64,
+    /// `[frames][22][3]`, metres.
+    pub joints: Vec<Vec<[f64; 3]>>,
+}
+
+impl JointsFile {
+    pub fn new(joints: &[Pose], fps: f64) -> Self {
+        Self {
+            fps,
+            joints: joints
+                .iter()
+                .map(|p| p.iter().map(|j| [j.x, j.y, j.z]).collect())
+                .collect(),
+        }
+    }
 }
 
 /// Write a clip's joints as JSON (atomically).
 pub fn write_json(path: &Path, joints: &[Pose], fps: f64) -> Result<()> {
-    let file = JointsFile {
-        fps,
-        joints: joints
-            .iter()
-            .map(|p| p.iter().map(|j| [j.x, j.y, j.z]).collect())
-            .collect(),
-    };
-    crate::files::write_atomic(path, &serde_json::to_vec(&file)?)
+    crate::files::write_atomic(path, &serde_json::to_vec(&JointsFile::new(joints, fps))?)
+}
+
+/// The forms a generated clip is delivered in (file extension or API `format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MotionFormat {
+    Json,
+    Npy,
+    Bvh,
+    Gif,
+}
+
+impl MotionFormat {
+    pub const ALL: [MotionFormat; 4] = [Self::Json, Self::Npy, Self::Bvh, Self::Gif];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Npy => "npy",
+            Self::Bvh => "bvh",
+            Self::Gif => "gif",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    /// Whether the bytes are text (JSON, BVH) rather than binary (npy, GIF).
+    pub fn is_text(self) -> bool {
+        matches!(self, Self::Json | Self::Bvh)
+    }
+
+    /// The clip (at `fps`) in this form. A BVH holds rotations of fixed bones, so the clip goes
+    /// onto the reference skeleton first (generated joints are not exactly rigid; JSON keeps
+    /// them as made).
+    pub fn encode(self, joints: &[Pose], fps: f64) -> Result<Vec<u8>> {
+        match self {
+            Self::Json => Ok(serde_json::to_vec(&JointsFile::new(joints, fps))?),
+            Self::Npy => {
+                let f = super::features(joints, &Default::default())?;
+                super::npy::to_bytes(&f, &[f.len() / super::FEATURES, super::FEATURES])
+            }
+            Self::Bvh => Ok(super::bvh::Bvh::from_joints(
+                &super::retarget::uniform_skeleton(joints)?,
+                fps,
+            )?
+            .to_text()
+            .into_bytes()),
+            Self::Gif => super::render::gif_grid_bytes(&[joints], 1, fps),
+        }
+    }
 }
 
 /// Read a clip written by [`write_json`]: its joints and frame rate.

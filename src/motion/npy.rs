@@ -37,12 +37,14 @@ pub fn read(path: &Path) -> Result<Array> {
 
 /// Write `data` with `shape` as an f4 `.npy` (atomically).
 pub fn write(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
+    let bytes = to_bytes(data, shape).with_context(|| path.display().to_string())?;
+    crate::files::write_atomic(path, &bytes)
+}
+
+/// `data` with `shape` as the bytes of an f4 `.npy` file.
+pub fn to_bytes(data: &[f32], shape: &[usize]) -> Result<Vec<u8>> {
     if shape.iter().product::<usize>() != data.len() {
-        bail!(
-            "{}: {} numbers do not fill shape {shape:?}",
-            path.display(),
-            data.len()
-        )
+        bail!("{} numbers do not fill shape {shape:?}", data.len())
     }
     let mut bytes = Vec::new();
     let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
@@ -53,7 +55,7 @@ pub fn write(path: &Path, data: &[f32], shape: &[usize]) -> Result<()> {
         .begin_nd()?;
     w.extend(data.iter().copied())?;
     w.finish()?;
-    crate::files::write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 #[cfg(test)]

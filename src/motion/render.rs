@@ -109,6 +109,12 @@ pub fn write_gif_grid<C: AsRef<[Pose]>>(
     cols: usize,
     fps: f64,
 ) -> Result<()> {
+    let bytes = gif_grid_bytes(clips, cols, fps).with_context(|| path.display().to_string())?;
+    crate::files::write_atomic(path, &bytes)
+}
+
+/// The bytes of [`write_gif_grid`]'s GIF.
+pub fn gif_grid_bytes<C: AsRef<[Pose]>>(clips: &[C], cols: usize, fps: f64) -> Result<Vec<u8>> {
     let clips: Vec<&[Pose]> = clips.iter().map(AsRef::as_ref).collect();
     if clips.is_empty() || clips.iter().any(|c| c.is_empty()) {
         bail!("no frames to render")
@@ -129,10 +135,10 @@ pub fn write_gif_grid<C: AsRef<[Pose]>>(
             let img = crate::pipeline::image_io::grid(&tiles, cols.clamp(1, clips.len()))?;
             let rgba = image::DynamicImage::ImageRgb8(img).into_rgba8();
             enc.encode_frame(image::Frame::from_parts(rgba, 0, 0, delay))
-                .with_context(|| format!("encoding {}", path.display()))?;
+                .context("encoding a GIF frame")?;
         }
     }
-    crate::files::write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 /// `count` evenly spaced poses side by side (each with both views) as a PNG.

@@ -24,7 +24,7 @@ use crate::pipeline::image_io;
 use crate::pipeline::source::{self, Defaults};
 use crate::sample::denoiser::StepEvent;
 use crate::sample::denoiser::{denoise, Conditioning};
-use crate::sample::noise::NoiseSource;
+use crate::sample::noise::{NoiseSource, SplitNoise};
 use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
 
 pub struct Pipeline {
@@ -472,32 +472,6 @@ impl Pipeline {
             offset += k;
         }
         Ok(out)
-    }
-}
-
-/// A batch's noise: each request's rows come from that request's own source, so a request draws
-/// the same numbers batched or alone. One source gets the whole shape, unchanged.
-struct SplitNoise<'a, 'b> {
-    counts: &'a [usize],
-    sources: &'a mut [&'b mut dyn NoiseSource],
-}
-
-impl NoiseSource for SplitNoise<'_, '_> {
-    fn sample(&mut self, shape: &candle_core::Shape, device: &Device) -> Result<Tensor> {
-        if self.sources.len() == 1 {
-            return self.sources[0].sample(shape, device);
-        }
-        let dims = shape.dims();
-        if dims.first() != Some(&self.counts.iter().sum()) {
-            bail!("batched noise of shape {dims:?} does not match the batch")
-        }
-        let mut parts = Vec::with_capacity(self.counts.len());
-        for (k, src) in self.counts.iter().zip(self.sources.iter_mut()) {
-            let mut d = dims.to_vec();
-            d[0] = *k;
-            parts.push(src.sample(&d.into(), device)?);
-        }
-        Ok(Tensor::cat(&parts, 0)?)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::model::motion_vae::{MotionVae, Normaliser};
 use crate::model::sentence::SentenceEncoder;
 use crate::motion::{joints_from_features, Pose};
 use crate::sample::denoiser::{denoise, Conditioning, Denoiser};
-use crate::sample::noise::{NoiseSource, SeededNoise};
+use crate::sample::noise::{NoiseSource, SeededNoise, SplitNoise};
 use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
 
 /// `model_index.json` of a motion model.
@@ -91,8 +91,53 @@ pub struct MotionOptions {
     pub seed: u64,
 }
 
-/// The latent sampling loop for any motion denoiser: `cond` `[n, text_tokens, dim]`, `uncond`
-/// `[1, …]` (the empty caption, for CFG). Returns scaled latents `[n, tokens, channels]`.
+impl MotionOptions {
+    pub fn shape(&self) -> MotionShape {
+        MotionShape {
+            frames: self.frames,
+            sampler: self.sampler,
+            steps: self.steps,
+        }
+    }
+}
+
+/// What every motion of one batch shares: length and sampling schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MotionShape {
+    pub frames: usize,
+    pub sampler: SamplerKind,
+    pub steps: usize,
+}
+
+/// One motion of a batch whose prompt, guidance and noise are its own.
+#[derive(Debug, Clone)]
+pub struct MotionItem {
+    pub prompt: String,
+    /// What CFG steers away from (a teacher only; the empty caption when `None`).
+    pub negative_prompt: Option<String>,
+    pub guidance: f64,
+    /// Seeds this motion's own noise stream.
+    pub seed: u64,
+}
+
+/// [`MotionItem`]s with their text encoded.
+pub struct PreparedItems {
+    pub cond: Tensor,
+    pub uncond: Tensor,
+    pub guidance: Vec<f64>,
+    pub seeds: Vec<u64>,
+}
+
+/// The text steering each of n samples: prompt rows `[n, text_tokens, dim]`, the rows CFG steers
+/// away from (`[n, …]`, or `[1, …]` shared), and each sample's guidance scale.
+pub struct MotionCondition<'a> {
+    pub cond: &'a Tensor,
+    pub uncond: &'a Tensor,
+    pub guidance: &'a [f64],
+}
+
+/// The latent sampling loop for any motion denoiser with one guidance scale and one noise stream
+/// (`o.seed`) for the batch. Returns scaled latents `[n, tokens, channels]`.
 pub fn sample_latents(
     net: &dyn Denoiser,
     shape: (usize, usize),
@@ -101,39 +146,79 @@ pub fn sample_latents(
     uncond: &Tensor,
     o: &MotionOptions,
 ) -> Result<Tensor> {
-    let n = cond.dim(0)?;
-    let device = cond.device();
-    let sampler = Sampler::new(o.sampler, scheduler, o.steps, SamplerOptions::default())?;
-    let mut noise = SeededNoise::new(o.seed);
+    let guidance = vec![o.guidance; cond.dim(0)?];
+    let c = MotionCondition {
+        cond,
+        uncond,
+        guidance: &guidance,
+    };
+    sample_latents_with(
+        net,
+        shape,
+        scheduler,
+        &c,
+        &o.shape(),
+        &mut SeededNoise::new(o.seed),
+    )
+}
+
+/// The latent sampling loop: CFG for a teacher when any guidance exceeds 1 (one scale per
+/// sample), the guidance embedding (w = guidance − 1) for a distilled student; initial noise and
+/// re-noising drawn from `noise`.
+pub fn sample_latents_with(
+    net: &dyn Denoiser,
+    shape: (usize, usize),
+    scheduler: &SchedulerConfig,
+    c: &MotionCondition,
+    s: &MotionShape,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor> {
+    let n = c.cond.dim(0)?;
+    if c.guidance.len() != n {
+        bail!("{} guidance scales for {n} motions", c.guidance.len())
+    }
+    let device = c.cond.device();
+    let sampler = Sampler::new(s.sampler, scheduler, s.steps, SamplerOptions::default())?;
     let latents = noise.sample(&(n, shape.0, shape.1).into(), device)?;
     let conditioning = match net.guidance_embedding_dim() {
-        Some(dim) => Conditioning {
-            context: cond.clone(),
-            cfg: None,
-            w_embedding: Some(crate::nn::guidance_embedding(
-                &Tensor::new(vec![(o.guidance - 1.0) as f32; n], device)?,
-                dim,
-            )?),
-        },
-        None if o.guidance > 1.0 => Conditioning {
-            context: Tensor::cat(&[&uncond.repeat((n, 1, 1))?, cond], 0)?,
-            cfg: Some((o.guidance, None)),
-            w_embedding: None,
-        },
+        Some(dim) => {
+            let w: Vec<f32> = c.guidance.iter().map(|g| (g - 1.0) as f32).collect();
+            Conditioning {
+                context: c.cond.clone(),
+                cfg: None,
+                w_embedding: Some(crate::nn::guidance_embedding(
+                    &Tensor::from_vec(w, n, device)?,
+                    dim,
+                )?),
+            }
+        }
+        None if c.guidance.iter().any(|&g| g > 1.0) => {
+            let uncond = if c.uncond.dim(0)? == n {
+                c.uncond.clone()
+            } else {
+                c.uncond.repeat((n, 1, 1))?
+            };
+            let g0 = c.guidance[0];
+            // One scalar when all agree keeps the single-request arithmetic exact.
+            let per_sample = if c.guidance.iter().all(|&g| g == g0) {
+                None
+            } else {
+                let g: Vec<f32> = c.guidance.iter().map(|&g| g as f32).collect();
+                Some(Tensor::from_vec(g, (n, 1, 1), device)?)
+            };
+            Conditioning {
+                context: Tensor::cat(&[&uncond, c.cond], 0)?,
+                cfg: Some((g0, per_sample)),
+                w_embedding: None,
+            }
+        }
         None => Conditioning {
-            context: cond.clone(),
+            context: c.cond.clone(),
             cfg: None,
             w_embedding: None,
         },
     };
-    denoise(
-        net,
-        &sampler,
-        latents,
-        &conditioning,
-        &mut noise,
-        &mut |_| {},
-    )
+    denoise(net, &sampler, latents, &conditioning, noise, &mut |_| {})
 }
 
 /// Joints of `frames` frames from scaled latents.
@@ -197,6 +282,23 @@ impl MotionPipeline {
         })
     }
 
+    /// What the model samples with unless told otherwise: a distilled student LCM 4 steps, a
+    /// teacher DDIM 50 steps with CFG; guidance 7.5, 4 s.
+    pub fn class_defaults(&self) -> crate::pipeline::source::Defaults {
+        let student = self.folder.denoiser.time_cond_proj_dim.is_some();
+        crate::pipeline::source::Defaults {
+            sampler: Some(if student {
+                SamplerKind::Lcm
+            } else {
+                SamplerKind::Ddim
+            }),
+            steps: Some(if student { 4 } else { 50 }),
+            guidance: Some(7.5),
+            seconds: Some(4.0),
+            ..Default::default()
+        }
+    }
+
     /// The denoiser's text input for `prompts`.
     pub fn condition(&self, prompts: &[&str]) -> Result<Tensor> {
         text_condition(
@@ -212,29 +314,97 @@ impl MotionPipeline {
         self.generate_checked(&cond, o)
     }
 
-    /// [`generate`](Self::generate) from a prepared condition. Lengths beyond the VAE's window
-    /// are made by chaining windows (seeds `seed`, `seed + 1`, …) whose feature rows overlap by
-    /// [`CHAIN_OVERLAP`] frames, cross-faded: each window continues from where the last ended,
-    /// and repeats the prompt rather than going on with it.
+    /// [`generate`](Self::generate) from a prepared condition (so timings can leave the text
+    /// encoding out), one noise stream (`o.seed`) for the batch.
     pub fn generate_checked(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
-        self.check_frames(o.frames)?;
-        let max = self.vae.config.max_frames;
-        if o.frames <= max {
-            return self.generate_from(cond, o);
+        let guidance = vec![o.guidance; cond.dim(0)?];
+        let c = MotionCondition {
+            cond,
+            uncond: &self.uncond,
+            guidance: &guidance,
+        };
+        self.generate_with(&c, &o.shape(), &mut SeededNoise::new(o.seed))
+    }
+
+    /// One motion per item, each drawn from its own noise stream (`SeededNoise(item.seed)`) with
+    /// its own prompt, negative prompt and guidance: a motion is the same batched or alone (up
+    /// to float reassociation in batched kernels). Items must share `shape`.
+    pub fn generate_items(&self, items: &[MotionItem], s: &MotionShape) -> Result<Vec<Vec<Pose>>> {
+        self.generate_prepared(&self.prepare(items)?, s)
+    }
+
+    /// The text encoding of [`generate_items`](Self::generate_items), apart so it can be timed.
+    pub fn prepare(&self, items: &[MotionItem]) -> Result<PreparedItems> {
+        if items.is_empty() {
+            bail!("no motions to make")
         }
-        let window = max;
-        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); cond.dim(0)?];
-        let mut k = 0u64;
+        let prompts: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
+        let cond = self.condition(&prompts)?;
+        let guidance: Vec<f64> = items.iter().map(|i| i.guidance).collect();
+        let teacher_cfg =
+            self.denoiser.guidance_embedding_dim().is_none() && guidance.iter().any(|&g| g > 1.0);
+        let uncond = if teacher_cfg && items.iter().any(|i| i.negative_prompt.is_some()) {
+            let negs: Vec<&str> = items
+                .iter()
+                .map(|i| i.negative_prompt.as_deref().unwrap_or(""))
+                .collect();
+            self.condition(&negs)?
+        } else {
+            self.uncond.clone()
+        };
+        Ok(PreparedItems {
+            cond,
+            uncond,
+            guidance,
+            seeds: items.iter().map(|i| i.seed).collect(),
+        })
+    }
+
+    pub fn generate_prepared(&self, p: &PreparedItems, s: &MotionShape) -> Result<Vec<Vec<Pose>>> {
+        let mut sources: Vec<SeededNoise> = p.seeds.iter().map(|&s| SeededNoise::new(s)).collect();
+        let mut refs: Vec<&mut dyn NoiseSource> = sources
+            .iter_mut()
+            .map(|s| s as &mut dyn NoiseSource)
+            .collect();
+        let counts = vec![1; p.seeds.len()];
+        let mut noise = SplitNoise {
+            counts: &counts,
+            sources: &mut refs,
+        };
+        let c = MotionCondition {
+            cond: &p.cond,
+            uncond: &p.uncond,
+            guidance: &p.guidance,
+        };
+        self.generate_with(&c, s, &mut noise)
+    }
+
+    /// Motions of `s.frames` frames. Lengths beyond the VAE's window are made by chaining
+    /// windows, each drawing on from `noise`, whose feature rows overlap by [`CHAIN_OVERLAP`]
+    /// frames, cross-faded: each window continues from where the last ended, and repeats the
+    /// prompt rather than going on with it.
+    pub fn generate_with(
+        &self,
+        c: &MotionCondition,
+        s: &MotionShape,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Vec<Vec<Pose>>> {
+        self.check_frames(s.frames)?;
+        let max = self.vae.config.max_frames;
+        if s.frames <= max {
+            return decode(
+                &self.vae,
+                &self.norm,
+                &self.latents_with(c, s, noise)?,
+                s.frames,
+            );
+        }
+        let window = MotionShape { frames: max, ..*s };
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); c.cond.dim(0)?];
         // Rows are one fewer than the frames they describe.
-        while rows[0].len() / crate::motion::FEATURES + 1 < o.frames {
-            let part = self.generate_from(
-                cond,
-                &MotionOptions {
-                    frames: window,
-                    seed: o.seed + k,
-                    ..*o
-                },
-            )?;
+        while rows[0].len() / crate::motion::FEATURES + 1 < s.frames {
+            let z = self.latents_with(c, &window, noise)?;
+            let part = decode(&self.vae, &self.norm, &z, max)?;
             for (r, joints) in rows.iter_mut().zip(&part) {
                 let f = crate::motion::features(joints, &Default::default())?;
                 *r = if r.is_empty() {
@@ -243,12 +413,11 @@ impl MotionPipeline {
                     crate::motion::features::concat_rows(r, &f, CHAIN_OVERLAP)
                 };
             }
-            k += 1;
         }
         rows.iter()
             .map(|r| {
                 let j = joints_from_features(r)?;
-                Ok(j[..o.frames.min(j.len())].to_vec())
+                Ok(j[..s.frames.min(j.len())].to_vec())
             })
             .collect()
     }
@@ -262,20 +431,30 @@ impl MotionPipeline {
         Ok(())
     }
 
-    /// Motions from a prepared condition (so timings can leave the text encoding out).
-    pub fn generate_from(&self, cond: &Tensor, o: &MotionOptions) -> Result<Vec<Vec<Pose>>> {
-        decode(&self.vae, &self.norm, &self.latents(cond, o)?, o.frames)
+    fn latents(&self, cond: &Tensor, o: &MotionOptions) -> Result<Tensor> {
+        let guidance = vec![o.guidance; cond.dim(0)?];
+        let c = MotionCondition {
+            cond,
+            uncond: &self.uncond,
+            guidance: &guidance,
+        };
+        self.latents_with(&c, &o.shape(), &mut SeededNoise::new(o.seed))
     }
 
-    fn latents(&self, cond: &Tensor, o: &MotionOptions) -> Result<Tensor> {
-        let c = &self.folder.denoiser;
-        sample_latents(
+    fn latents_with(
+        &self,
+        c: &MotionCondition,
+        s: &MotionShape,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let d = &self.folder.denoiser;
+        sample_latents_with(
             &self.denoiser,
-            (c.latent_tokens, c.latent_channels),
+            (d.latent_tokens, d.latent_channels),
             &self.folder.scheduler,
-            cond,
-            &self.uncond,
-            o,
+            c,
+            s,
+            noise,
         )
     }
 

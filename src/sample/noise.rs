@@ -51,3 +51,30 @@ impl NoiseSource for RecordedNoise {
         Ok(t.to_device(device)?)
     }
 }
+
+/// A batch's noise: each request's rows come from that request's own source, so a request draws
+/// the same numbers batched or alone. One source gets the whole shape, unchanged.
+pub struct SplitNoise<'a, 'b> {
+    /// Rows (samples) per source, in batch order.
+    pub counts: &'a [usize],
+    pub sources: &'a mut [&'b mut dyn NoiseSource],
+}
+
+impl NoiseSource for SplitNoise<'_, '_> {
+    fn sample(&mut self, shape: &Shape, device: &Device) -> Result<Tensor> {
+        if self.sources.len() == 1 {
+            return self.sources[0].sample(shape, device);
+        }
+        let dims = shape.dims();
+        if dims.first() != Some(&self.counts.iter().sum()) {
+            bail!("batched noise of shape {dims:?} does not match the batch")
+        }
+        let mut parts = Vec::with_capacity(self.counts.len());
+        for (k, src) in self.counts.iter().zip(self.sources.iter_mut()) {
+            let mut d = dims.to_vec();
+            d[0] = *k;
+            parts.push(src.sample(&d.into(), device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}

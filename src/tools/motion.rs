@@ -110,22 +110,20 @@ pub fn read_clip(path: &Path) -> Result<Vec<Pose>> {
 /// skeleton), `.gif` (animated stick
 /// figure) or `.png` (a strip of 8 poses).
 pub fn write_clip(path: &Path, joints: &[Pose]) -> Result<()> {
-    match extension(path).as_str() {
-        "json" => motion::io::write_json(path, joints, FPS),
-        "npy" => {
-            let f = motion::features(joints, &Default::default())?;
-            npy::write(path, &f, &[f.len() / motion::FEATURES, motion::FEATURES])
-        }
-        // A BVH holds rotations of fixed bones: the clip goes onto the reference skeleton first
-        // (generated joints are not exactly rigid; the JSON keeps them as made).
-        "bvh" => Bvh::from_joints(&retarget::uniform_skeleton(joints)?, FPS)?.write(path),
-        "gif" => render::write_gif(path, joints, FPS),
-        "png" => render::write_strip(path, joints, 8),
-        other => bail!(
-            "{}: unknown motion output {other:?} (expected .bvh, .json, .npy, .gif or .png)",
-            path.display()
-        ),
+    let ext = extension(path);
+    if ext == "png" {
+        return render::write_strip(path, joints, 8);
     }
+    let Some(format) = motion::io::MotionFormat::parse(&ext) else {
+        bail!(
+            "{}: unknown motion output {ext:?} (expected .bvh, .json, .npy, .gif or .png)",
+            path.display()
+        )
+    };
+    let bytes = format
+        .encode(joints, FPS)
+        .with_context(|| path.display().to_string())?;
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// `lcm generate` with a motion model: what to make and where.
@@ -133,6 +131,8 @@ pub struct GenerateMotion<'a> {
     pub label: &'a str,
     pub dir: &'a Path,
     pub prompt: &'a str,
+    /// What CFG steers away from (a teacher; a student has no CFG and ignores it).
+    pub negative_prompt: Option<&'a str>,
     pub sampler: Option<crate::sample::sampler::SamplerKind>,
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
@@ -143,10 +143,10 @@ pub struct GenerateMotion<'a> {
     pub device: &'a candle_core::Device,
 }
 
-/// Generate `n` motions of a prompt and write them in the output's format, with timings.
-/// A teacher samples DDIM 50 with CFG 7.5 unless told otherwise; a student LCM 4 steps.
+/// Generate `n` motions of a prompt and write them in the output's format, with timings; what
+/// is not given takes the model's class defaults.
 pub fn generate(g: &GenerateMotion) -> Result<()> {
-    use crate::pipeline::text2motion::{MotionFolder, MotionOptions, MotionPipeline};
+    use crate::pipeline::text2motion::{MotionFolder, MotionItem, MotionOptions, MotionPipeline};
     use crate::sample::sampler::SamplerKind;
     use std::time::Instant;
     if g.n == 0 {
@@ -160,27 +160,35 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
     let student = folder.denoiser.time_cond_proj_dim.is_some();
     let pipe = MotionPipeline::open(folder, g.device)?;
     let load = t0.elapsed();
+    let d = pipe.class_defaults();
     let o = MotionOptions {
         frames: (g.seconds * FPS).round() as usize,
-        sampler: g.sampler.unwrap_or(if student {
-            SamplerKind::Lcm
-        } else {
-            SamplerKind::Ddim
-        }),
-        steps: g.steps.unwrap_or(if student { 4 } else { 50 }),
-        guidance: g.guidance.unwrap_or(7.5),
+        sampler: g.sampler.or(d.sampler).unwrap_or(SamplerKind::Lcm),
+        steps: g.steps.or(d.steps).unwrap_or(4),
+        guidance: g.guidance.or(d.guidance).unwrap_or(7.5),
         seed: g.seed,
     };
+    if student && g.negative_prompt.is_some_and(|p| !p.is_empty()) {
+        eprintln!("warning: the negative prompt is ignored by a distilled student (no CFG)");
+    }
     let paths = crate::pipeline::image_io::numbered_paths(g.output, g.n);
     for p in &paths {
         crate::files::check_output(p)?;
     }
+    // Motion i uses seed + i, as over HTTP: any one can be made again alone.
+    let items: Vec<MotionItem> = (0..g.n as u64)
+        .map(|i| MotionItem {
+            prompt: g.prompt.to_string(),
+            negative_prompt: g.negative_prompt.map(str::to_string),
+            guidance: o.guidance,
+            seed: g.seed.wrapping_add(i),
+        })
+        .collect();
     let t1 = Instant::now();
-    let prompts = vec![g.prompt; g.n];
-    let cond = pipe.condition(&prompts)?;
+    let prepared = pipe.prepare(&items)?;
     let text = t1.elapsed();
     let t2 = Instant::now();
-    let motions = pipe.generate_checked(&cond, &o)?;
+    let motions = pipe.generate_prepared(&prepared, &o.shape())?;
     let gen = t2.elapsed();
     for (m, p) in motions.iter().zip(&paths) {
         write_clip(p, m)?;
