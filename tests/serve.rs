@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use common::fixtures;
 use lcm::pipeline::{GenerateRequest, Pipeline};
 use lcm::sample::noise::{NoiseSource, SeededNoise};
-use lcm::serve::{ServeConfig, ServerHandle};
+use lcm::serve::{ImageSpec, Models, ServeConfig, ServerHandle};
 use serve_common::*;
 
 fn pipeline(name: &str) -> Arc<Pipeline> {
@@ -40,7 +40,15 @@ fn cfg() -> ServeConfig {
 
 fn server(cfg: ServeConfig) -> ServerHandle {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    lcm::serve::start(listener, pipeline("tiny-lcm"), "tiny-lcm".into(), cfg).unwrap()
+    let models = Models {
+        image: Some(ImageSpec {
+            pipe: pipeline("tiny-lcm"),
+            id: "tiny-lcm".into(),
+            examples: vec!["a red circle".into()],
+        }),
+        motion: None,
+    };
+    lcm::serve::start(listener, models, cfg).unwrap()
 }
 
 fn b64_png(s: &str) -> image::RgbImage {
@@ -196,6 +204,13 @@ fn models_health_metrics_and_page_routes() {
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], "tiny-lcm");
     assert_eq!(m["data"][0]["defaults"]["steps"], 4);
+    assert_eq!(m["data"][0]["kind"], "text-to-image");
+    assert_eq!(m["data"][0]["examples"][0], "a red circle");
+    assert_eq!(
+        m["data"].as_array().unwrap().len(),
+        1,
+        "no motion model here"
+    );
     assert_eq!(get(srv.addr(), "/healthz").json()["status"], "ok");
     let page = get(srv.addr(), "/");
     assert_eq!(page.status, 200);
@@ -216,18 +231,15 @@ fn models_health_metrics_and_page_routes() {
     assert_eq!(r.status, 200);
     let text = metrics(srv.addr());
     for series in [
-        "lcm_http_requests_total{route=\"/v1/models\",status=\"200\"}",
-        "lcm_http_requests_total{route=\"/v1/images/generations\",status=\"200\"}",
-        "lcm_http_request_duration_seconds_count{route=\"/v1/images/generations\"}",
-        "lcm_images_generated_total{model=\"image\"}",
+        "lcm_http_requests_total{route=\"/v1/models\",model=\"none\",status=\"200\"}",
+        "lcm_http_requests_total{route=\"/v1/images/generations\",model=\"image\",status=\"200\"}",
+        "lcm_http_request_duration_seconds_count{route=\"/v1/images/generations\",model=\"image\"}",
+        "lcm_generated_total{model=\"image\"}",
         "lcm_batch_size_count{model=\"image\"}",
     ] {
         assert!(metric(&text, series) >= 1.0, "{series} missing in\n{text}");
     }
-    assert_eq!(
-        metric(&text, "lcm_images_generated_total{model=\"image\"}"),
-        3.0
-    );
+    assert_eq!(metric(&text, "lcm_generated_total{model=\"image\"}"), 3.0);
     assert!(text.contains("lcm_queue_depth{model=\"image\"} 0"));
 }
 
@@ -396,7 +408,7 @@ fn bad_input_gets_a_json_4xx_and_the_server_keeps_serving() {
     assert!(
         metric(
             &text,
-            "lcm_http_requests_total{route=\"/v1/images/generations\",status=\"400\"}"
+            "lcm_http_requests_total{route=\"/v1/images/generations\",model=\"image\",status=\"400\"}"
         ) >= 20.0
     );
 }
@@ -535,10 +547,7 @@ fn a_passed_deadline_answers_504() {
     // The expired job never ran.
     std::thread::sleep(Duration::from_millis(200));
     let text = metrics(srv.addr());
-    assert_eq!(
-        metric(&text, "lcm_images_generated_total{model=\"image\"}"),
-        0.0
-    );
+    assert_eq!(metric(&text, "lcm_generated_total{model=\"image\"}"), 0.0);
     assert_eq!(
         metric(
             &text,
@@ -589,10 +598,7 @@ fn a_client_that_disconnects_stops_its_queued_work() {
     }
     assert_eq!(metric(&text, dropped), 1.0, "{text}");
     // Only the slow request's image was made.
-    assert_eq!(
-        metric(&text, "lcm_images_generated_total{model=\"image\"}"),
-        1.0
-    );
+    assert_eq!(metric(&text, "lcm_generated_total{model=\"image\"}"), 1.0);
 }
 
 #[test]

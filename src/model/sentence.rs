@@ -40,6 +40,8 @@ pub struct SentenceEncoder {
     tokenizer: Tokenizer,
     /// Width of the states and the sentence vector.
     pub dim: usize,
+    /// Most tokens a sentence keeps (special tokens included); the rest is cut.
+    pub max_len: usize,
     device: Device,
 }
 
@@ -77,6 +79,7 @@ impl SentenceEncoder {
             bert,
             tokenizer,
             dim: config.hidden_size,
+            max_len,
             device: device.clone(),
         })
     }
@@ -94,6 +97,15 @@ impl SentenceEncoder {
             bail!("sentence encoder {spec:?} is neither a folder, `minilm` nor a hub id (org/name)")
         };
         Self::load(&dir, device)
+    }
+
+    /// Whether `sentence` is longer than [`max_len`](Self::max_len) tokens (and would be cut).
+    pub fn truncates(&self, sentence: &str) -> Result<bool> {
+        let enc = self
+            .tokenizer
+            .encode(sentence, true)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(!enc.get_overflowing().is_empty())
     }
 
     /// Encode a batch of sentences.

@@ -23,6 +23,9 @@ pub struct PipelineDef {
     pub path: Option<String>,
     #[serde(default)]
     pub defaults: Defaults,
+    /// Prompts the model can follow (the server offers them as examples).
+    #[serde(default)]
+    pub examples: Vec<String>,
 }
 
 /// Generation defaults a pipeline definition (or a folder's model_index.json) suggests.
@@ -98,6 +101,8 @@ pub struct ResolvedModel {
     pub folder: ModelFolder,
     /// What its pipeline definition suggests (none for a folder or hub id).
     pub defaults: Defaults,
+    /// The definition's example prompts (none for a folder or hub id).
+    pub examples: Vec<String>,
 }
 
 /// Resolve `--model`: an existing folder, a single-file checkpoint (converted once into the
@@ -112,6 +117,7 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
                 Default::default(),
             )?)?,
             defaults: Defaults::default(),
+            examples: Vec::new(),
         });
     }
     if path.is_dir() {
@@ -119,6 +125,7 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
             label: model.to_string(),
             folder: ModelFolder::open(path)?,
             defaults: Defaults::default(),
+            examples: Vec::new(),
         });
     }
     if let Some(def) = find_pipeline(model)? {
@@ -129,6 +136,7 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
             label: model.to_string(),
             folder: hub_snapshot(model, None)?,
             defaults: Defaults::default(),
+            examples: Vec::new(),
         });
     }
     let names: Vec<String> = builtin_pipelines()?.into_iter().map(|p| p.name).collect();
@@ -161,6 +169,7 @@ fn resolve_def(def: &PipelineDef) -> Result<ResolvedModel> {
         label: def.name.clone(),
         folder: folder.with_context(|| format!("pipeline {:?}", def.name))?,
         defaults: def.defaults.clone(),
+        examples: def.examples.clone(),
     })
 }
 

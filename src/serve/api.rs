@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::images::{ImageItem, ImageJob, ImageShape};
 use crate::pipeline::{GenerateRequest, Pipeline};
@@ -19,6 +20,73 @@ pub const MAX_STEPS: usize = 50;
 pub const MAX_GUIDANCE: f64 = 30.0;
 /// Prompt cap before tokenizing (OpenAI's character limit); the token limit applies after.
 pub const MAX_PROMPT_BYTES: usize = 4000;
+
+/// The body of every error response (for the OpenAPI document; [`ApiError`] writes it).
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, `rate_limit_error`, `timeout_error` or
+    /// `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// A served model, its defaults and limits.
+#[derive(Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// `text-to-image` or `text-to-motion`.
+    pub kind: &'static str,
+    pub endpoints: Vec<&'static str>,
+    pub defaults: Option<ModelDefaults>,
+    /// Prompts the model can follow.
+    pub examples: Vec<String>,
+    /// Most images or motions per request (`n`).
+    pub max_outputs: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_side: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_multiple: Option<usize>,
+    /// Motion: frames per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fps: Option<f64>,
+    /// Motion: the longest motion served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_seconds: Option<f64>,
+    /// Motion: the longest made in one window; longer ones are chained windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelDefaults {
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Image: "WxH".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// Motion: length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}
 
 /// `{"error": {"message", "type", "param"}}` with a status (and Retry-After for 429).
 #[derive(Debug)]
@@ -325,7 +393,7 @@ fn check_prompt(pipe: &Pipeline, param: &str, prompt: &str) -> Result<(), ApiErr
 
 // ---------------------------------------------------------------- OpenAI images API
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiRequest {
     pub prompt: String,
@@ -463,13 +531,13 @@ impl OpenAiRequest {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OpenAiResponse {
     pub created: u64,
     pub data: Vec<OpenAiImage>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OpenAiImage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub b64_json: Option<String>,
@@ -483,7 +551,7 @@ pub struct OpenAiImage {
 
 // ---------------------------------------------------------------- AUTOMATIC1111 txt2img
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Txt2ImgRequest {
     #[serde(default)]
@@ -726,9 +794,11 @@ impl Img2ImgRequest {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Txt2ImgResponse {
+    /// PNGs, base64.
     pub images: Vec<String>,
+    #[schema(value_type = Object)]
     pub parameters: Value,
     /// A JSON document in a string, as A1111 returns it.
     pub info: String,

@@ -254,7 +254,7 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
                     .filter(|(r, _)| r.is_ok())
                     .map(|(_, n)| n)
                     .sum();
-                s.metrics.images(kind, made);
+                s.metrics.generated(kind, made);
                 for (tx, r) in txs.into_iter().zip(results) {
                     let _ = tx.send(r.map_err(|e| JobError::Failed(format!("{e:#}"))));
                 }

@@ -52,6 +52,8 @@ pub struct ImageModel {
     pub pipe: Arc<Pipeline>,
     /// The name clients see (`/v1/models`, OpenAI's `model`).
     pub id: String,
+    /// Prompts the model can follow, for clients to offer.
+    pub examples: Vec<String>,
     /// Most images per U-Net call: a job bigger than this runs in several calls.
     pub max_batch: usize,
 }

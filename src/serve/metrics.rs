@@ -9,7 +9,7 @@ use std::sync::Mutex;
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
-/// Upper bounds of the batch-size histogram, images per U-Net batch.
+/// Upper bounds of the batch-size histogram, outputs per model batch.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 #[derive(Clone, Debug, Default)]
@@ -62,12 +62,14 @@ impl Histogram {
 
 #[derive(Default)]
 struct Inner {
-    requests: BTreeMap<(String, u16), u64>,
-    latency: BTreeMap<String, Histogram>,
+    /// (route, model kind, status).
+    requests: BTreeMap<(String, String, u16), u64>,
+    /// (route, model kind).
+    latency: BTreeMap<(String, String), Histogram>,
     queue_depth: BTreeMap<String, i64>,
     batch_size: BTreeMap<String, Histogram>,
     batch_seconds: BTreeMap<String, Histogram>,
-    images: BTreeMap<String, u64>,
+    generated: BTreeMap<String, u64>,
     dropped: BTreeMap<(String, &'static str), u64>,
 }
 
@@ -84,11 +86,14 @@ impl Metrics {
         f(&mut g)
     }
 
-    pub fn request(&self, route: &str, status: u16, seconds: f64) {
+    /// A response on `route`, which serves the model of kind `model` (`none`: the server's own).
+    pub fn request(&self, route: &str, model: &str, status: u16, seconds: f64) {
         self.with(|m| {
-            *m.requests.entry((route.to_string(), status)).or_default() += 1;
+            *m.requests
+                .entry((route.to_string(), model.to_string(), status))
+                .or_default() += 1;
             m.latency
-                .entry(route.to_string())
+                .entry((route.to_string(), model.to_string()))
                 .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
                 .observe(seconds);
         })
@@ -113,8 +118,9 @@ impl Metrics {
         })
     }
 
-    pub fn images(&self, model: &str, count: usize) {
-        self.with(|m| *m.images.entry(model.to_string()).or_default() += count as u64)
+    /// Outputs (images, motions) a model made.
+    pub fn generated(&self, model: &str, count: usize) {
+        self.with(|m| *m.generated.entry(model.to_string()).or_default() += count as u64)
     }
 
     /// A queued job that never ran: `reason` is `disconnected` or `deadline`.
@@ -126,9 +132,9 @@ impl Metrics {
         let model = |m: &String| format!("model=\"{m}\"");
         self.with(|m| {
             let mut out = String::new();
-            let requests = m.requests.iter().map(|((route, status), n)| {
+            let requests = m.requests.iter().map(|((route, kind, status), n)| {
                 (
-                    format!("route=\"{route}\",status=\"{status}\""),
+                    format!("route=\"{route}\",model=\"{kind}\",status=\"{status}\""),
                     n.to_string(),
                 )
             });
@@ -136,17 +142,17 @@ impl Metrics {
                 &mut out,
                 "lcm_http_requests_total",
                 "counter",
-                "HTTP requests by route and status.",
+                "HTTP requests by route, model kind and status.",
                 requests,
             );
             let latency = m
                 .latency
                 .iter()
-                .map(|(route, h)| (format!("route=\"{route}\""), h));
+                .map(|((route, kind), h)| (format!("route=\"{route}\",model=\"{kind}\""), h));
             histograms(
                 &mut out,
                 "lcm_http_request_duration_seconds",
-                "Request latency by route.",
+                "Request latency by route and model kind.",
                 latency,
             );
             let depth = m.queue_depth.iter().map(|(k, d)| (model(k), d.to_string()));
@@ -158,7 +164,8 @@ impl Metrics {
                 depth,
             );
             let sizes = m.batch_size.iter().map(|(k, h)| (model(k), h));
-            histograms(&mut out, "lcm_batch_size", "Images per model batch.", sizes);
+            let what = "Outputs (images or motions) per model batch.";
+            histograms(&mut out, "lcm_batch_size", what, sizes);
             let seconds = m.batch_seconds.iter().map(|(k, h)| (model(k), h));
             histograms(
                 &mut out,
@@ -166,13 +173,13 @@ impl Metrics {
                 "Time to run one model batch.",
                 seconds,
             );
-            let images = m.images.iter().map(|(k, n)| (model(k), n.to_string()));
+            let made = m.generated.iter().map(|(k, n)| (model(k), n.to_string()));
             family(
                 &mut out,
-                "lcm_images_generated_total",
+                "lcm_generated_total",
                 "counter",
-                "Images generated.",
-                images,
+                "Outputs generated (images or motions, by model kind).",
+                made,
             );
             let dropped = m.dropped.iter().map(|((k, reason), n)| {
                 (format!("model=\"{k}\",reason=\"{reason}\""), n.to_string())

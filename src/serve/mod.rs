@@ -1,16 +1,20 @@
-//! `lcm serve`: an HTTP server over one loaded pipeline. OpenAI's images API, AUTOMATIC1111's
-//! txt2img, model list, health, Prometheus metrics and a browser page, on axum.
+//! `lcm serve`: an HTTP server over a text-to-image and a text-to-motion model (either may be
+//! left out). OpenAI's images API and AUTOMATIC1111's txt2img/img2img, the motion API in the
+//! images API's shape, model list, health, Prometheus metrics, the OpenAPI document and a
+//! browser page, on axum.
 //!
 //! Requests are validated on the async runtime, then queued as jobs to a [`batcher::Batcher`]
-//! whose single worker runs compatible jobs together as one U-Net batch on a blocking thread. A
-//! second kind of model (e.g. text-to-motion) plugs in as another [`batcher::BatchModel`]: its
-//! own batcher in [`AppState`] and routes whose handlers validate, then call the generic
-//! `run_job` (queue, deadline, error mapping are written once).
+//! whose single worker runs compatible jobs together as one model batch on a blocking thread.
+//! Each kind of model is a [`batcher::BatchModel`] with its own batcher in [`AppState`]; its
+//! routes validate, then call the generic `run_job` (queue, deadline, error mapping are
+//! written once).
 
 pub mod api;
 pub mod batcher;
 pub mod images;
 pub mod metrics;
+pub mod motions;
+pub mod openapi;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,11 +34,14 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::json;
 
+use crate::pipeline::source::Defaults;
+use crate::pipeline::text2motion::MotionPipeline;
 use crate::pipeline::Pipeline;
 use api::{ApiError, OpenAiImage, OpenAiRequest, OpenAiResponse, ResponseFormat, Txt2ImgRequest};
 use batcher::{BatchConfig, BatchModel, Batcher, JobError, SubmitError};
 use images::{ImageModel, UrlStore};
 use metrics::Metrics;
+use motions::{MotionModel, MotionRequest, MotionResponse};
 
 /// Largest request body accepted (413 above).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -49,7 +56,7 @@ const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Most images per U-Net batch; 1 turns batching off.
+    /// Most images (or motions) per model batch; 1 turns batching off.
     pub max_batch: usize,
     /// Most requests waiting for the model; more get 429.
     pub max_queue: usize,
@@ -79,12 +86,16 @@ impl Default for ServeConfig {
 /// `lcm serve` flags.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// The image model: as `lcm generate --model` (default: the shipped `tiny`), or `none`.
     #[command(flatten)]
     pub model: crate::pipeline::args::ModelArgs,
+    /// The motion model: a pipeline name or a motion model folder, or `none`.
+    #[arg(long, default_value = "tiny-motion")]
+    pub motion_model: String,
     /// Address to listen on (port 0: any free port, printed on start).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
-    /// Most images per U-Net batch (1 turns batching off).
+    /// Most images (or motions) per model batch (1 turns batching off).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_batch: u64,
     /// Most requests waiting for the model; more are answered 429 with Retry-After.
@@ -115,12 +126,37 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
         anyhow::bail!("--api-key must not be empty")
     }
     let (device, dtype) = args.runtime.resolve()?;
-    let (resolved, pipe) = args.model.open(&device, dtype)?;
-    // A local folder is known by its name, not its path (which would leak into /v1/models).
-    let model_id = match resolved.folder.root.file_name() {
-        Some(name) if Path::new(&resolved.label).is_dir() => name.to_string_lossy().into_owned(),
-        _ => resolved.label.clone(),
+    let image = if args.model.model.as_deref() == Some("none") {
+        None
+    } else {
+        let spec = args.model.spec()?;
+        if let Some(dir) = crate::pipeline::source::local_dir(&spec)? {
+            if crate::pipeline::text2motion::is_motion_folder(&dir) {
+                anyhow::bail!("--model {spec} is a motion model: serve it with --motion-model")
+            }
+        }
+        let (resolved, pipe) = args.model.open(&device, dtype)?;
+        Some(ImageSpec {
+            id: model_id(&resolved.folder.root, &resolved.label),
+            examples: resolved.examples,
+            pipe: Arc::new(pipe),
+        })
     };
+    let motion = match args.motion_model.as_str() {
+        "none" => None,
+        spec => Some(MotionSpec::open(spec, &device)?),
+    };
+    if image.is_none() && motion.is_none() {
+        anyhow::bail!("--model none and --motion-model none leave nothing to serve")
+    }
+    let label = [
+        image.as_ref().map(|m| m.id.clone()),
+        motion.as_ref().map(|m| m.id.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" and ");
     let listener = std::net::TcpListener::bind(&args.addr)
         .with_context(|| format!("--addr {}: cannot listen", args.addr))?;
     let cfg = ServeConfig {
@@ -133,8 +169,7 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
     };
     let addr = listener.local_addr()?;
     println!(
-        "serving {} on http://{addr} (max batch {}, max queue {}, timeout {}s{})",
-        resolved.label,
+        "serving {label} on http://{addr} (max batch {}, max queue {}, timeout {}s{})",
         cfg.max_batch,
         cfg.max_queue,
         args.timeout_s,
@@ -149,13 +184,69 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
         .build()?;
     runtime.block_on(serve(
         listener,
-        Arc::new(pipe),
-        model_id,
+        Models { image, motion },
         cfg,
         shutdown_signal(),
     ))?;
     println!("stopped");
     Ok(())
+}
+
+/// The name clients see for a model: a local folder by its name, not its path (which would leak
+/// into /v1/models); anything else as given.
+fn model_id(root: &Path, label: &str) -> String {
+    match root.file_name() {
+        Some(name) if Path::new(label).is_dir() => name.to_string_lossy().into_owned(),
+        _ => label.to_string(),
+    }
+}
+
+/// What one server serves: an image model, a motion model, or both.
+pub struct Models {
+    pub image: Option<ImageSpec>,
+    pub motion: Option<MotionSpec>,
+}
+
+/// A loaded text-to-image pipeline and what clients see of it.
+pub struct ImageSpec {
+    pub pipe: Arc<Pipeline>,
+    pub id: String,
+    /// Prompts the model can follow (the pipeline definition's `examples`).
+    pub examples: Vec<String>,
+}
+
+/// A loaded text-to-motion pipeline and what clients see of it.
+pub struct MotionSpec {
+    pub pipe: Arc<MotionPipeline>,
+    pub id: String,
+    /// The pipeline definition's defaults (the class's fill the gaps).
+    pub defaults: Defaults,
+    pub examples: Vec<String>,
+}
+
+impl MotionSpec {
+    /// Load a motion model named by a pipeline name or a folder.
+    pub fn open(spec: &str, device: &candle_core::Device) -> Result<Self> {
+        use crate::pipeline::text2motion::{is_motion_folder, MotionFolder};
+        let Some(dir) = crate::pipeline::source::local_dir(spec)? else {
+            anyhow::bail!("--motion-model {spec:?} is neither a pipeline name nor a folder")
+        };
+        if !is_motion_folder(&dir) {
+            anyhow::bail!(
+                "--motion-model {spec}: {} is not a motion model (no denoiser/config.json)",
+                dir.display()
+            )
+        }
+        let def = crate::pipeline::source::find_pipeline(spec)?;
+        let pipe = MotionPipeline::open(MotionFolder::open(&dir)?, device)
+            .with_context(|| format!("--motion-model {spec}"))?;
+        Ok(Self {
+            pipe: Arc::new(pipe),
+            id: model_id(&dir, spec),
+            defaults: def.as_ref().map(|d| d.defaults.clone()).unwrap_or_default(),
+            examples: def.map(|d| d.examples).unwrap_or_default(),
+        })
+    }
 }
 
 async fn shutdown_signal() {
@@ -216,11 +307,10 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Serve `pipe` on `listener` from a new thread; returns once the server accepts connections.
+/// Serve `models` on `listener` from a new thread; returns once the server accepts connections.
 pub fn start(
     listener: std::net::TcpListener,
-    pipe: Arc<Pipeline>,
-    model_id: String,
+    models: Models,
     cfg: ServeConfig,
 ) -> Result<ServerHandle> {
     let addr = listener.local_addr()?;
@@ -232,7 +322,7 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("lcm-serve".into())
         .spawn(move || {
-            runtime.block_on(serve(listener, pipe, model_id, cfg, async {
+            runtime.block_on(serve(listener, models, cfg, async {
                 let _ = stopped.await;
             }))
         })?;
@@ -246,30 +336,34 @@ pub fn start(
 /// Serve until `shutdown` completes, then finish in-flight requests and queued jobs.
 pub async fn serve(
     listener: std::net::TcpListener,
-    pipe: Arc<Pipeline>,
-    model_id: String,
+    models: Models,
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let metrics = Arc::new(Metrics::default());
-    let model = ImageModel {
-        pipe,
-        id: model_id,
+    let batch_cfg = BatchConfig {
         max_batch: cfg.max_batch,
+        max_queue: cfg.max_queue,
+        window: cfg.batch_window,
     };
-    let images = Batcher::start(
-        Arc::new(model),
-        BatchConfig {
+    let images = models.image.map(|m| {
+        let model = ImageModel {
+            pipe: m.pipe,
+            id: m.id,
+            examples: m.examples,
             max_batch: cfg.max_batch,
-            max_queue: cfg.max_queue,
-            window: cfg.batch_window,
-        },
-        metrics.clone(),
-    );
+        };
+        Batcher::start(Arc::new(model), batch_cfg, metrics.clone())
+    });
+    let motions = models.motion.map(|m| {
+        let model = MotionModel::new(m.pipe, m.id, &m.defaults, m.examples, cfg.max_batch);
+        Batcher::start(Arc::new(model), batch_cfg, metrics.clone())
+    });
     let state = Arc::new(AppState {
         images,
+        motions,
         metrics,
         urls: UrlStore::new(cfg.url_ttl, URL_STORE_CAP),
         created: unix_now(),
@@ -279,33 +373,67 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .context("server failed")?;
-    state.images.shutdown().await;
+    if let Some(b) = &state.images {
+        b.shutdown().await;
+    }
+    if let Some(b) = &state.motions {
+        b.shutdown().await;
+    }
     Ok(())
 }
 
 pub struct AppState {
-    images: Batcher<ImageModel>,
+    images: Option<Batcher<ImageModel>>,
+    motions: Option<Batcher<MotionModel>>,
     metrics: Arc<Metrics>,
     urls: UrlStore,
     cfg: ServeConfig,
     created: u64,
 }
 
+impl AppState {
+    fn images(&self) -> Result<&Batcher<ImageModel>, ApiError> {
+        self.images.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no image model is served here (lcm serve --model none)",
+            )
+        })
+    }
+
+    fn motions(&self) -> Result<&Batcher<MotionModel>, ApiError> {
+        self.motions.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "no motion model is served here (lcm serve --motion-model none)",
+            )
+        })
+    }
+}
+
 /// The routes a label may name in metrics (anything else is `other`, so that clients cannot grow
-/// the label set).
-const ROUTES: &[&str] = &[
-    "/",
-    "/app.js",
-    "/style.css",
-    "/healthz",
-    "/metrics",
-    "/v1/models",
-    "/v1/images/generations",
-    "/sdapi/v1/txt2img",
+/// the label set), with the kind of model each serves (`none`: the server itself).
+const ROUTES: &[(&str, &str)] = &[
+    ("/", "none"),
+    ("/app.js", "none"),
+    ("/style.css", "none"),
+    ("/healthz", "none"),
+    ("/metrics", "none"),
+    ("/openapi.json", "none"),
+    ("/v1/models", "none"),
+    ("/v1/images/generations", "image"),
+    ("/v1/images/edits", "image"),
+    ("/v1/images/files/{id}", "image"),
+    ("/sdapi/v1/txt2img", "image"),
+    ("/sdapi/v1/img2img", "image"),
+    ("/v1/motions/generations", "motion"),
 ];
 
-/// Paths open without the API key: health checks and the page itself (which asks for the key).
-const OPEN_PATHS: &[&str] = &["/", "/app.js", "/style.css", "/healthz"];
+/// Paths open without the API key: health checks, the page itself (which asks for the key) and
+/// the API's description.
+const OPEN_PATHS: &[&str] = &["/", "/app.js", "/style.css", "/healthz", "/openapi.json"];
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -321,6 +449,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
+        .route("/openapi.json", get(openapi::document))
+        .route("/v1/motions/generations", post(motion_generations))
         .route("/v1/images/generations", post(openai_generations))
         .route(
             "/v1/images/edits",
@@ -360,19 +490,24 @@ async fn page(text: &'static str, content_type: &'static str) -> Response {
 /// Count every response by route and status, and time it.
 async fn record(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let route = if path.starts_with("/v1/images/files/") {
+    let path = if path.starts_with("/v1/images/files/") {
         "/v1/images/files/{id}"
     } else {
-        ROUTES
-            .iter()
-            .find(|r| **r == path)
-            .copied()
-            .unwrap_or("other")
+        path
     };
+    let (route, kind) = ROUTES
+        .iter()
+        .find(|r| r.0 == path)
+        .copied()
+        .unwrap_or(("other", "none"));
     let t = Instant::now();
     let resp = next.run(req).await;
-    st.metrics
-        .request(route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    st.metrics.request(
+        route,
+        kind,
+        resp.status().as_u16(),
+        t.elapsed().as_secs_f64(),
+    );
     resp
 }
 
@@ -420,34 +555,81 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let m = st.images.model();
-    let s = m.pipe.resolve(
-        &crate::pipeline::GenerateRequest {
-            n: 1,
-            ..Default::default()
-        },
-        &Default::default(),
-    );
-    let defaults = s.ok().map(|s| {
-        json!({"sampler": s.sampler, "steps": s.steps, "guidance_scale": s.guidance,
-               "size": format!("{}x{}", s.width, s.height)})
-    });
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": m.id,
-            "object": "model",
-            "created": st.created,
-            "owned_by": "lcm",
-            "kind": "text-to-image",
-            "endpoints": ["/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"],
-            "defaults": defaults,
-            "max_images": api::MAX_IMAGES,
-            "max_side": api::max_side(&m.pipe),
-            "size_multiple": m.pipe.vae_scale_factor(),
-        }]
-    }))
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses((status = 200, description = "The served models", body = api::ModelList)))]
+async fn models(State(st): State<Arc<AppState>>) -> Json<api::ModelList> {
+    let mut data = Vec::new();
+    if let Some(b) = &st.images {
+        let m = b.model();
+        let s = m.pipe.resolve(
+            &crate::pipeline::GenerateRequest {
+                n: 1,
+                ..Default::default()
+            },
+            &Default::default(),
+        );
+        data.push(api::ModelCard {
+            id: m.id.clone(),
+            object: "model",
+            created: st.created,
+            owned_by: "lcm",
+            kind: "text-to-image",
+            endpoints: vec![
+                "/v1/images/generations",
+                "/v1/images/edits",
+                "/sdapi/v1/txt2img",
+                "/sdapi/v1/img2img",
+            ],
+            defaults: s.ok().map(|s| api::ModelDefaults {
+                sampler: s.sampler.to_string(),
+                steps: s.steps,
+                guidance_scale: s.guidance,
+                size: Some(format!("{}x{}", s.width, s.height)),
+                seconds: None,
+            }),
+            examples: m.examples.clone(),
+            max_outputs: api::MAX_IMAGES,
+            max_side: Some(api::max_side(&m.pipe)),
+            size_multiple: Some(m.pipe.vae_scale_factor()),
+            fps: None,
+            max_seconds: None,
+            window_seconds: None,
+        });
+    }
+    if let Some(b) = &st.motions {
+        let m = b.model();
+        let d = &m.defaults;
+        let fps = crate::motion::FPS;
+        data.push(api::ModelCard {
+            id: m.id.clone(),
+            object: "model",
+            created: st.created,
+            owned_by: "lcm",
+            kind: "text-to-motion",
+            endpoints: vec!["/v1/motions/generations"],
+            defaults: Some(api::ModelDefaults {
+                sampler: d
+                    .sampler
+                    .unwrap_or(crate::sample::sampler::SamplerKind::Lcm)
+                    .to_string(),
+                steps: d.steps.unwrap_or(4),
+                guidance_scale: d.guidance.unwrap_or(7.5),
+                size: None,
+                seconds: d.seconds,
+            }),
+            examples: m.examples.clone(),
+            max_outputs: api::MAX_IMAGES,
+            max_side: None,
+            size_multiple: None,
+            fps: Some(fps),
+            max_seconds: Some(motions::MAX_FRAMES as f64 / fps),
+            window_seconds: Some(m.pipe.vae.config.max_frames as f64 / fps),
+        });
+    }
+    Json(api::ModelList {
+        object: "list",
+        data,
+    })
 }
 
 fn body_error(e: BytesRejection) -> ApiError {
@@ -528,6 +710,16 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// OpenAI's images API, with `steps`, `guidance_scale`, `seed`, `sampler` and `negative_prompt`
+/// as extensions.
+#[utoipa::path(post, path = "/v1/images/generations", tag = "images",
+    request_body = OpenAiRequest,
+    responses(
+        (status = 200, description = "The images", body = OpenAiResponse),
+        (status = 400, description = "A bad field, named in `param`", body = api::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = api::ErrorBody),
+        (status = 429, description = "The queue is full; see Retry-After", body = api::ErrorBody),
+    ))]
 async fn openai_generations(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -540,6 +732,16 @@ async fn openai_generations(
 
 /// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, `n`, `size`,
 /// `response_format`, …) as image-to-image; a `mask` is refused until inpainting exists.
+#[utoipa::path(post, path = "/v1/images/edits", tag = "images",
+    request_body(content = inline(Object), content_type = "multipart/form-data",
+        description = "`image` (PNG or JPEG) and the generations fields as form fields, plus \
+                       `strength` (default 0.8)"),
+    responses(
+        (status = 200, description = "The images", body = OpenAiResponse),
+        (status = 400, description = "A bad field, named in `param`", body = api::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = api::ErrorBody),
+        (status = 429, description = "The queue is full; see Retry-After", body = api::ErrorBody),
+    ))]
 async fn openai_edits(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -595,9 +797,10 @@ async fn openai_images(
     init: Option<image::RgbImage>,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
     let format = req.response_format()?;
-    let model = st.images.model();
+    let batcher = st.images()?;
+    let model = batcher.model();
     let job = req.to_job(&model.pipe, &model.id, init)?;
-    let images = run_job(st, &st.images, job).await?;
+    let images = run_job(st, batcher, job).await?;
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -651,6 +854,15 @@ async fn url_image(
     }
 }
 
+/// AUTOMATIC1111's txt2img.
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111",
+    request_body = Txt2ImgRequest,
+    responses(
+        (status = 200, description = "The images", body = api::Txt2ImgResponse),
+        (status = 400, description = "A bad field, named in `param`", body = api::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = api::ErrorBody),
+        (status = 429, description = "The queue is full; see Retry-After", body = api::ErrorBody),
+    ))]
 async fn txt2img(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -660,6 +872,17 @@ async fn txt2img(
     a1111(&st, &req, None).await
 }
 
+/// AUTOMATIC1111's img2img.
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "a1111",
+    request_body(content = inline(Object),
+        description = "txt2img's fields plus `init_images` (one base64 PNG or JPEG) and \
+                       `denoising_strength` (default 0.75)"),
+    responses(
+        (status = 200, description = "The images", body = api::Txt2ImgResponse),
+        (status = 400, description = "A bad field, named in `param`", body = api::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = api::ErrorBody),
+        (status = 429, description = "The queue is full; see Retry-After", body = api::ErrorBody),
+    ))]
 async fn img2img(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -676,12 +899,13 @@ async fn a1111(
     init: Option<api::InitAsk>,
 ) -> Result<Json<api::Txt2ImgResponse>, ApiError> {
     let strength = init.as_ref().map(|i| i.strength);
-    let model = st.images.model();
+    let batcher = st.images()?;
+    let model = batcher.model();
     let job = req.to_job(&model.pipe, init)?;
     let shape = job.shape;
     let guidance = job.items[0].guidance;
     let seeds: Vec<u64> = job.items.iter().map(|i| i.seed).collect();
-    let images = run_job(st, &st.images, job).await?;
+    let images = run_job(st, batcher, job).await?;
     let send = req
         .ignored
         .get("send_images")
@@ -728,5 +952,47 @@ async fn a1111(
         },
         parameters,
         info: info.to_string(),
+    }))
+}
+
+/// `POST /v1/motions/generations`: validate, queue on the motion batcher, encode each motion in
+/// the asked format off the async runtime.
+#[utoipa::path(post, path = "/v1/motions/generations", tag = "motions",
+    request_body = MotionRequest,
+    responses(
+        (status = 200, description = "The motions", body = MotionResponse),
+        (status = 400, description = "A bad field, named in `param`", body = api::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = api::ErrorBody),
+        (status = 429, description = "The queue is full; see Retry-After", body = api::ErrorBody),
+    ))]
+async fn motion_generations(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<MotionResponse>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let req: MotionRequest = api::parse_json(&body)?;
+    let batcher = st.motions()?;
+    let format = req.format()?;
+    let job = req.to_job(batcher.model())?;
+    let motions = run_job(&st, batcher, job).await?;
+    let data = tokio::task::spawn_blocking(move || {
+        motions
+            .iter()
+            .map(|m| motions::encode(m, format))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .and_then(|r| r)
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("encoding the motions failed: {e:#}"),
+        )
+    })?;
+    Ok(Json(MotionResponse {
+        created: unix_now(),
+        data,
     }))
 }
