@@ -1,7 +1,9 @@
-//! End to end in a real browser: `lcm serve` with the tiny LCM fixture, headless Chromium at a
-//! phone-sized window driven over the DevTools protocol. It loads the page, types a prompt, clicks
-//! Generate, waits for the image and saves a screenshot (under the target dir's test tmp); and in
-//! live sketch mode draws strokes with the mouse and sees img2img results follow them.
+//! End to end in a real browser: `lcm serve` with the tiny LCM fixture and the shipped motion
+//! model, headless Chromium at a phone-sized window driven over the DevTools protocol. It loads
+//! the page, types a prompt, clicks Generate, waits for the image and saves a screenshot (under
+//! the target dir's test tmp); in live sketch mode draws strokes with the mouse and sees img2img
+//! results follow them; in motion mode, at a phone and a desktop viewport, gets motions, sees the
+//! player animate and stop, and downloads a BVH that parses.
 //!
 //! Skipped, loudly, when no Chromium is installed, unless LCM_REQUIRE_BROWSER=1 (CI sets it).
 
@@ -91,10 +93,63 @@ impl Cdp {
             if !(v.is_null() || v == json!(false) || v == json!(0)) {
                 return v;
             }
-            assert!(t.elapsed() < limit, "timed out waiting for {what}");
+            if t.elapsed() >= limit {
+                let said = self.eval("document.getElementById('status').textContent");
+                panic!("timed out waiting for {what}; the page says {said}");
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// (width, height, mobile) of the viewports the page is tested at.
+const PHONE: (u32, u32, bool) = (390, 844, true);
+const DESKTOP: (u32, u32, bool) = (1280, 900, false);
+
+fn viewport(cdp: &mut Cdp, (width, height, mobile): (u32, u32, bool)) {
+    cdp.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+    );
+}
+
+/// Click the centre of the element `id` with the mouse.
+fn click(cdp: &mut Cdp, id: &str) {
+    let rect = cdp.eval(&format!(
+        "(() => {{ const b = document.getElementById('{id}'); b.scrollIntoView(); \
+         const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+    ));
+    let (x, y) = (rect[0].as_f64().unwrap(), rect[1].as_f64().unwrap());
+    for kind in ["mousePressed", "mouseReleased"] {
+        cdp.call(
+            "Input.dispatchMouseEvent",
+            json!({"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}),
+        );
+    }
+}
+
+/// A PNG screenshot of the viewport, saved as `name` under the test tmp dir; checked not blank.
+fn screenshot(cdp: &mut Cdp, name: &str, size: (u32, u32)) -> PathBuf {
+    let shot = cdp.call("Page.captureScreenshot", json!({"format": "png"}));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&out, &png).unwrap();
+    let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+        .expect("the screenshot is a PNG")
+        .to_rgb8();
+    assert_eq!(img.dimensions(), size);
+    let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    colours.sort_unstable();
+    colours.dedup();
+    assert!(
+        colours.len() > 50,
+        "blank screenshot ({} colours)",
+        colours.len()
+    );
+    eprintln!("screenshot: {}", out.display());
+    out
 }
 
 /// A served fixture model and headless Chromium on its page at a phone-sized viewport, the model
@@ -179,10 +234,7 @@ fn open_page(test: &str) -> Option<Session> {
 
     cdp.call("Page.enable", json!({}));
     // A phone: 390 CSS pixels wide, mobile viewport rules.
-    cdp.call(
-        "Emulation.setDeviceMetricsOverride",
-        json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true}),
-    );
+    viewport(&mut cdp, PHONE);
     cdp.call(
         "Page.navigate",
         json!({"url": format!("http://{}/", server.addr)}),
@@ -220,17 +272,7 @@ fn page_generates_an_image_in_headless_chromium() {
     cdp.eval("document.getElementById('random-seed').click()");
     // Two images: the page sends one request each and shows them as they arrive.
     cdp.eval("document.getElementById('n').value = '2'");
-    let rect = cdp.eval(
-        "(() => { const b = document.getElementById('generate'); b.scrollIntoView(); \
-         const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
-    );
-    let (x, y) = (rect[0].as_f64().unwrap(), rect[1].as_f64().unwrap());
-    for kind in ["mousePressed", "mouseReleased"] {
-        cdp.call(
-            "Input.dispatchMouseEvent",
-            json!({"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}),
-        );
-    }
+    click(cdp, "generate");
 
     let widths = cdp.wait_for(
         "the generated images",
@@ -268,25 +310,7 @@ fn page_generates_an_image_in_headless_chromium() {
         true
     );
 
-    let shot = cdp.call("Page.captureScreenshot", json!({"format": "png"}));
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(shot["data"].as_str().unwrap())
-        .unwrap();
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser-e2e.png");
-    std::fs::write(&out, &png).unwrap();
-    let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
-        .expect("the screenshot is a PNG")
-        .to_rgb8();
-    assert_eq!(img.dimensions(), (390, 844));
-    let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
-    colours.sort_unstable();
-    colours.dedup();
-    assert!(
-        colours.len() > 50,
-        "blank screenshot ({} colours)",
-        colours.len()
-    );
-    eprintln!("screenshot: {}", out.display());
+    screenshot(cdp, "browser-e2e.png", (390, 844));
     drop(session);
 }
 
@@ -358,4 +382,124 @@ fn live_sketch_mode_follows_the_strokes_with_one_request_in_flight() {
     assert_eq!(w, 32);
     assert!(caption.as_str().unwrap().starts_with("live"), "{caption}");
     eprintln!("live mode: {live}");
+}
+
+/// Motion mode at a phone and a desktop viewport: the tab switches to the motion model's own
+/// defaults and example prompts; a typed prompt gives motions whose player animates (the canvas
+/// changes between frames, the scrubber moves) and stops when paused; the BVH link downloads a
+/// file that parses to the asked length.
+#[test]
+fn motion_mode_plays_pauses_and_downloads_a_bvh() {
+    let Some(mut session) = open_page("motion") else {
+        return;
+    };
+    let cdp = &mut session.cdp;
+    let downloads = std::env::temp_dir().join(format!("lcm-browser-dl-{}", std::process::id()));
+    std::fs::create_dir_all(&downloads).unwrap();
+    cdp.call(
+        "Browser.setDownloadBehavior",
+        json!({"behavior": "allow", "downloadPath": downloads.to_str().unwrap()}),
+    );
+    let passes = [
+        (PHONE, 1, 2, "a person walks forward", "motion-phone.png"),
+        (
+            DESKTOP,
+            3,
+            4,
+            "a person walks forward and turns left",
+            "motion-desktop.png",
+        ),
+    ];
+    for (view, n, seconds, prompt, shot) in passes {
+        viewport(cdp, view);
+        click(cdp, "mode-motion");
+        // The motion model's defaults (pipelines/tiny-motion.toml) and its example prompts.
+        let (model, steps, guidance, default_seconds) = (
+            cdp.eval("document.getElementById('model').textContent"),
+            cdp.eval("document.getElementById('steps').value"),
+            cdp.eval("document.getElementById('guidance').value"),
+            cdp.eval("document.getElementById('seconds').value"),
+        );
+        assert_eq!(
+            (model, steps, guidance, default_seconds),
+            (json!("tiny-motion"), json!("4"), json!("7.5"), json!("4"))
+        );
+        let chips =
+            cdp.eval("[...document.querySelectorAll('#examples .chip')].map(c => c.textContent)");
+        assert!(chips.as_array().unwrap().len() >= 3, "{chips}");
+        assert_eq!(
+            cdp.eval("document.getElementById('size').offsetParent === null"),
+            true,
+            "the image size menu shows in motion mode"
+        );
+        // Type the prompt; the length, n motions, a fixed seed.
+        cdp.eval("document.getElementById('prompt').value = ''");
+        cdp.eval("document.getElementById('prompt').focus()");
+        cdp.call("Input.insertText", json!({ "text": prompt }));
+        cdp.eval(&format!(
+            "document.getElementById('seconds').value = '{seconds}'"
+        ));
+        cdp.eval(&format!("document.getElementById('n').value = '{n}'"));
+        cdp.eval("document.getElementById('seed').value = '9'");
+        cdp.eval("window.lcmMotion.players.length = 0");
+        click(cdp, "generate");
+        cdp.wait_for(
+            "the motions",
+            &format!("window.lcmMotion.players.length === {n} && window.lcmMotion.draws > 0"),
+            Duration::from_secs(120),
+        );
+        assert_eq!(
+            cdp.eval("window.lcmMotion.players.map(p => p.joints.length)"),
+            json!(vec![20 * seconds; n])
+        );
+        // Playing: frames differ and the scrubber moves.
+        let frame = "document.querySelector('#motions canvas').toDataURL()";
+        let scrub = "parseInt(document.getElementById('scrub').value, 10)";
+        let (a, s0) = (cdp.eval(frame), cdp.eval(scrub));
+        std::thread::sleep(Duration::from_millis(400));
+        let (b, s1) = (cdp.eval(frame), cdp.eval(scrub));
+        assert_ne!(a, b, "the canvas did not change while playing");
+        assert_ne!(s0, s1, "the scrubber did not move while playing");
+        // Paused: nothing changes.
+        click(cdp, "play");
+        assert_eq!(cdp.eval("window.lcmMotion.clock.playing"), false);
+        std::thread::sleep(Duration::from_millis(100));
+        let c = cdp.eval(frame);
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(c, cdp.eval(frame), "the canvas changed while paused");
+        // Side by side at desktop width, stacked on a phone; nothing overflows sideways.
+        let tops = cdp.eval(
+            "[...document.querySelectorAll('#motions canvas')].map(c => Math.round(c.getBoundingClientRect().top))",
+        );
+        if view == DESKTOP {
+            assert_eq!(tops[0], tops[1], "motions not side by side: {tops}");
+        }
+        assert_eq!(
+            cdp.eval("document.documentElement.scrollWidth <= window.innerWidth"),
+            true
+        );
+        // The last frame, with the whole path, for the picture.
+        cdp.eval(
+            "(() => { const s = document.getElementById('scrub'); s.value = s.max; \
+             s.dispatchEvent(new Event('input')); })()",
+        );
+        screenshot(cdp, shot, (view.0, view.1));
+    }
+    // The first motion's BVH link: a file that parses, 4 s at 20 fps.
+    cdp.eval("document.querySelector('#motions .download-bvh').click()");
+    let file = downloads.join("motion-9.bvh");
+    let t = Instant::now();
+    while !file.is_file() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no BVH download in {}",
+            downloads.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let bvh = lcm::motion::bvh::Bvh::parse(&text).expect("the downloaded BVH parses");
+    let (clip, fps) = bvh.to_joints().unwrap();
+    assert_eq!((clip.len(), fps), (80, 20.0));
+    std::fs::remove_dir_all(&downloads).ok();
 }

@@ -1,4 +1,5 @@
-// The lcm browser page: talks to /v1/images/generations with the server's own extensions.
+// The lcm browser page: talks to /v1/images/generations with the server's own extensions (and,
+// in motion mode, to /v1/motions/generations through motion.js).
 "use strict";
 const $ = (id) => document.getElementById(id);
 const keyInput = $("key");
@@ -16,23 +17,33 @@ function status(text, error) {
   $("status").className = error ? "error" : "";
 }
 
-// Sizes and defaults come from the model (/v1/models).
-async function loadModel() {
-  let native = 512, multiple = 8, max = 2048;
+// The served models by kind (/v1/models): their defaults, limits and example prompts.
+const models = {};
+let mode = "image";
+
+async function loadModels() {
   try {
     const r = await fetch("v1/models", { headers: headers() });
     const body = await r.json();
     if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
-    const m = body.data[0];
-    $("model").textContent = m.id;
-    if (m.defaults) {
-      $("steps").value = m.defaults.steps;
-      $("guidance").value = m.defaults.guidance_scale;
-      native = parseInt(m.defaults.size, 10);
+    for (const m of body.data) {
+      if (m.kind === "text-to-image") models.image = m;
+      if (m.kind === "text-to-motion") models.motion = m;
     }
-    multiple = m.size_multiple; max = m.max_side;
   } catch (e) {
     status("cannot read the model list: " + e.message, true);
+  }
+  $("mode-image").hidden = !models.image;
+  $("mode-motion").hidden = !models.motion;
+  buildSizes(models.image);
+  setMode(models.image || !models.motion ? "image" : "motion");
+}
+
+function buildSizes(m) {
+  let native = 512, multiple = 8, max = 2048;
+  if (m) {
+    if (m.defaults) native = parseInt(m.defaults.size, 10);
+    multiple = m.size_multiple; max = m.max_side;
   }
   const sizes = new Set();
   for (const f of [0.5, 0.75, 1, 1.5, 2]) {
@@ -47,6 +58,37 @@ async function loadModel() {
     if (s === native) o.selected = true;
     sel.appendChild(o);
   }
+}
+
+// Switch between image and motion: the model's own defaults and example prompts.
+function setMode(next) {
+  mode = next;
+  document.body.dataset.mode = mode;
+  for (const id of ["mode-image", "mode-motion"]) {
+    $(id).setAttribute("aria-selected", String($(id).dataset.mode === mode));
+  }
+  const m = models[mode];
+  $("model").textContent = m ? m.id : "(no " + mode + " model)";
+  if (m && m.defaults) {
+    $("steps").value = m.defaults.steps;
+    $("guidance").value = m.defaults.guidance_scale;
+    if (m.defaults.seconds) $("seconds").value = m.defaults.seconds;
+  }
+  if (m && m.max_seconds) $("seconds").max = m.max_seconds;
+  $("generate").textContent = mode === "motion" ? "Generate motion" : "Generate";
+  const chips = $("examples");
+  chips.innerHTML = "";
+  const examples = (m && m.examples) || [];
+  $("prompt").placeholder = examples[0] || "";
+  for (const text of examples) {
+    const b = document.createElement("button");
+    b.type = "button"; b.className = "chip"; b.textContent = text;
+    b.addEventListener("click", () => { $("prompt").value = text; $("prompt").focus(); });
+    chips.appendChild(b);
+  }
+}
+for (const id of ["mode-image", "mode-motion"]) {
+  $(id).addEventListener("click", () => setMode($(id).dataset.mode));
 }
 
 $("random-seed").addEventListener("click", () => {
@@ -177,6 +219,7 @@ async function liveRequest() {
 
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
+  if (mode === "motion") { generateMotions(); return; }
   const n = Math.min(10, Math.max(1, parseInt($("n").value, 10) || 1));
   // One request per image, so each shows as soon as it is ready (the server batches them anyway);
   // image i uses seed + i, as the server itself numbers a request's images.
@@ -230,4 +273,4 @@ $("form").addEventListener("submit", async (ev) => {
   $("generate").disabled = false;
 });
 
-loadModel();
+loadModels();

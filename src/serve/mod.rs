@@ -52,6 +52,7 @@ const URL_STORE_CAP: usize = 256;
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
+const MOTION_JS: &str = include_str!("../../web/motion.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
 
 #[derive(Debug, Clone)]
@@ -418,6 +419,7 @@ impl AppState {
 const ROUTES: &[(&str, &str)] = &[
     ("/", "none"),
     ("/app.js", "none"),
+    ("/motion.js", "none"),
     ("/style.css", "none"),
     ("/healthz", "none"),
     ("/metrics", "none"),
@@ -433,7 +435,14 @@ const ROUTES: &[(&str, &str)] = &[
 
 /// Paths open without the API key: health checks, the page itself (which asks for the key) and
 /// the API's description.
-const OPEN_PATHS: &[&str] = &["/", "/app.js", "/style.css", "/healthz", "/openapi.json"];
+const OPEN_PATHS: &[&str] = &[
+    "/",
+    "/app.js",
+    "/motion.js",
+    "/style.css",
+    "/healthz",
+    "/openapi.json",
+];
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -441,6 +450,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/app.js",
             get(|| page(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/motion.js",
+            get(|| page(MOTION_JS, "text/javascript; charset=utf-8")),
         )
         .route(
             "/style.css",
