@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Load benchmark for `lcm serve`: N concurrent clients for T seconds on loopback.
 
-For each --max-batch value it starts `lcm serve` (ephemeral port), lets N client threads post
-OpenAI-style requests back to back for T seconds (no new request after T; in-flight ones get
+For each --max-batch value it starts `lcm serve` (ephemeral port) with one model, lets N client
+threads post requests back to back for T seconds (no new request after T; in-flight ones get
 --grace seconds), then reads /metrics and stops the server with SIGTERM. Reports throughput,
 p50/p99 latency of successful requests, error counts by status and the mean batch size.
+--kind image posts OpenAI-style image requests; --kind motion posts /v1/motions/generations.
 
     python3 scripts/bench_serve.py --lcm target/release/lcm --model tests/fixtures/tiny-lcm \
         --clients 16 --seconds 30 --max-batch 1 8 --out docs/bench-results/serve_fixture.json
+    python3 scripts/bench_serve.py --kind motion --model tiny-motion --seconds-per-motion 4 \
+        --clients 16 --seconds 30 --max-batch 1 8 --out docs/bench-results/serve_motion.json
 
 Standard library only.
 """
@@ -39,7 +42,10 @@ def metric(text, series):
 
 
 def start_server(args, max_batch):
-    cmd = [args.lcm, "serve", "--model", args.model, "--addr", "127.0.0.1:0",
+    # One model per server: the other kind is not loaded.
+    models = (["--model", args.model, "--motion-model", "none"] if args.kind == "image"
+              else ["--model", "none", "--motion-model", args.model])
+    cmd = [args.lcm, "serve", *models, "--addr", "127.0.0.1:0",
            "--max-batch", str(max_batch), "--max-queue", str(args.max_queue),
            "--batch-window-ms", str(args.window_ms)]
     env = dict(os.environ)
@@ -53,7 +59,13 @@ def start_server(args, max_batch):
 
 
 def run_load(base, args):
-    body = {"prompt": "a photo of a cat", "steps": args.steps, "size": args.size, "n": 1}
+    if args.kind == "image":
+        route = "/v1/images/generations"
+        body = {"prompt": "a photo of a cat", "steps": args.steps, "size": args.size, "n": 1}
+    else:
+        route = "/v1/motions/generations"
+        body = {"prompt": "a person walks forward", "steps": args.steps,
+                "seconds": args.seconds_per_motion, "n": 1, "format": "json"}
     results = []  # (status, seconds)
     lock = threading.Lock()
     stop_at = time.monotonic() + args.seconds
@@ -63,7 +75,7 @@ def run_load(base, args):
         while time.monotonic() < stop_at:
             seed += 1
             data = json.dumps(dict(body, seed=seed)).encode()
-            req = urllib.request.Request(base + "/v1/images/generations", data=data,
+            req = urllib.request.Request(base + route, data=data,
                                          headers={"Content-Type": "application/json"})
             t = time.monotonic()
             try:
@@ -97,7 +109,10 @@ def run_load(base, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lcm", default="target/release/lcm")
-    ap.add_argument("--model", default="tests/fixtures/tiny-lcm")
+    ap.add_argument("--kind", choices=["image", "motion"], default="image")
+    ap.add_argument("--model", default=None,
+                    help="default: tests/fixtures/tiny-lcm (image), tiny-motion (motion)")
+    ap.add_argument("--seconds-per-motion", type=float, default=4.0)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--grace", type=float, default=60, help="wait for in-flight requests")
@@ -110,6 +125,8 @@ def main():
                     help="alternate the --max-batch values this many times (a shared machine's load varies)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.model is None:
+        args.model = "tests/fixtures/tiny-lcm" if args.kind == "image" else "tiny-motion"
 
     runs = []
     for mb in [mb for _ in range(args.rounds) for mb in args.max_batch]:
@@ -126,17 +143,17 @@ def main():
         for st, _ in results:
             if st != 200:
                 errors[str(st)] = errors.get(str(st), 0) + 1
-        batches = metric(metrics, 'lcm_batch_size_count{model="image"}')
-        images = metric(metrics, 'lcm_batch_size_sum{model="image"}')
+        batches = metric(metrics, f'lcm_batch_size_count{{model="{args.kind}"}}')
+        outputs = metric(metrics, f'lcm_batch_size_sum{{model="{args.kind}"}}')
         run = {
             "max_batch": mb,
             "requests_ok": len(ok),
-            "throughput_img_per_s": len(ok) / wall,
+            "throughput_per_s": len(ok) / wall,
             "p50_s": percentile(ok, 0.50),
             "p99_s": percentile(ok, 0.99),
             "errors": errors,
             "non_429_errors": sum(n for k, n in errors.items() if k != "429"),
-            "mean_batch_images": images / batches if batches else None,
+            "mean_batch": outputs / batches if batches else None,
             "wall_s": wall,
             "clients_hung": hung,
             "loadavg_1m_before": load_before,
@@ -146,16 +163,18 @@ def main():
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "kind": args.kind,
         "model": args.model,
         "clients": args.clients,
         "seconds": args.seconds,
         "steps": args.steps,
-        "size": args.size,
+        "size": args.size if args.kind == "image" else None,
+        "seconds_per_motion": args.seconds_per_motion if args.kind == "motion" else None,
         "window_ms": args.window_ms,
         "candle_num_threads": os.environ.get("CANDLE_NUM_THREADS", "unset (all cores)"),
         "runs": runs,
-        "median_throughput_img_per_s": {
-            str(mb): sorted(r["throughput_img_per_s"] for r in runs if r["max_batch"] == mb)[
+        "median_throughput_per_s": {
+            str(mb): sorted(r["throughput_per_s"] for r in runs if r["max_batch"] == mb)[
                 len([r for r in runs if r["max_batch"] == mb]) // 2]
             for mb in args.max_batch
         },

@@ -623,6 +623,135 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     );
 }
 
+/// A request that runs for minutes alone (10 CFG images at 64² × 50 DDIM steps on the fixture:
+/// ≈ 2 min on 2 cores) once its batch has started.
+fn expensive() -> Value {
+    json!({"prompt": "a", "n": 10, "size": "64x64", "steps": 50, "sampler": "ddim",
+           "guidance_scale": 30, "negative_prompt": "b"})
+}
+
+/// Wait (up to a minute) until the server reports a job stopped mid-run, and return /metrics.
+fn await_cancelled(addr: SocketAddr) -> String {
+    let series = "lcm_jobs_dropped_total{model=\"image\",reason=\"cancelled\"}";
+    let t = Instant::now();
+    loop {
+        let text = metrics(addr);
+        if metric(&text, series) >= 1.0 {
+            return text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the running batch was never cancelled\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_running_batch_stops_at_its_deadline() {
+    let srv = server(ServeConfig {
+        timeout: Duration::from_millis(1500),
+        ..cfg()
+    });
+    let addr = srv.addr();
+    let r = post_json(addr, "/v1/images/generations", &expensive());
+    assert_eq!(r.status, 504, "{}", r.text());
+    let text = await_cancelled(addr);
+    // It stopped at a step boundary soon after the deadline instead of running to its end.
+    let ran = metric(&text, "lcm_batch_duration_seconds_sum{model=\"image\"}");
+    assert!(ran < 30.0, "the batch ran {ran} s");
+    assert_eq!(metric(&text, "lcm_generated_total{model=\"image\"}"), 0.0);
+    let r = post_json(
+        addr,
+        "/v1/images/generations",
+        &json!({"prompt": "x", "steps": 1}),
+    );
+    assert_eq!(r.status, 200, "the server is still busy: {}", r.text());
+}
+
+#[test]
+fn a_running_batch_stops_when_its_client_leaves() {
+    use std::io::Write;
+    let srv = server(cfg());
+    let addr = srv.addr();
+    let body = expensive().to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Hang up once its batch runs.
+    let t = Instant::now();
+    while metric(&metrics(addr), "lcm_queue_depth{model=\"image\"}") > 0.0
+        || t.elapsed() < Duration::from_millis(500)
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(s);
+    let text = await_cancelled(addr);
+    let ran = metric(&text, "lcm_batch_duration_seconds_sum{model=\"image\"}");
+    assert!(ran < 30.0, "the batch ran {ran} s");
+}
+
+#[test]
+fn sigterm_cancels_work_left_after_the_grace_period() {
+    use std::io::Write;
+    let fx = fixtures().join("tiny-lcm");
+    let mut p = ServeProcess::spawn(&[
+        "--model",
+        fx.to_str().unwrap(),
+        "--motion-model",
+        "none",
+        "--shutdown-grace-s",
+        "1",
+    ]);
+    let addr = p.addr;
+    // An expensive request, read raw: after the grace period the server may close its
+    // connection without an answer.
+    let inflight = std::thread::spawn(move || {
+        use std::io::Read;
+        let body = expensive().to_string();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    // A client that sends half its headers and then nothing.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let t = Instant::now();
+    p.signal("TERM");
+    let status = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit {status}");
+    // The in-flight request was answered 503 or its connection closed; it did not hang.
+    let answer = inflight.join().unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+        "{answer}"
+    );
+    drop(slow);
+}
+
 #[test]
 fn serve_flags_are_checked_before_binding() {
     for (args, needle) in [
@@ -632,6 +761,11 @@ fn serve_flags_are_checked_before_binding() {
             vec!["serve", "--timeout-s=-1", "--model", "x"],
             "--timeout-s",
         ),
+        (
+            vec!["serve", "--batch-window-ms", "18446744073709551615"],
+            "--batch-window-ms",
+        ),
+        (vec!["serve", "--url-ttl-s", "99999999999"], "--url-ttl-s"),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
             .args(&args)

@@ -23,7 +23,7 @@ use crate::model::vae::AutoencoderKL;
 use crate::pipeline::image_io;
 use crate::pipeline::source::{self, Defaults};
 use crate::sample::denoiser::StepEvent;
-use crate::sample::denoiser::{denoise, Conditioning};
+use crate::sample::denoiser::{denoise_until, Conditioning};
 use crate::sample::noise::{NoiseSource, SplitNoise};
 use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
 
@@ -318,6 +318,19 @@ impl Pipeline {
         noises: &mut [&mut dyn NoiseSource],
         on_step: &mut dyn FnMut(StepEvent),
     ) -> Result<Vec<Generation>> {
+        self.generate_batch_until(reqs, extra, noises, on_step, &|| false)
+    }
+
+    /// [`generate_batch`](Self::generate_batch) that stops with
+    /// [`Cancelled`](crate::sample::denoiser::Cancelled) before any U-Net call once `stop` says so.
+    pub fn generate_batch_until(
+        &self,
+        reqs: &[GenerateRequest],
+        extra: &Defaults,
+        noises: &mut [&mut dyn NoiseSource],
+        on_step: &mut dyn FnMut(StepEvent),
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Generation>> {
         let start = Instant::now();
         if reqs.is_empty() || reqs.len() != noises.len() {
             bail!(
@@ -445,7 +458,9 @@ impl Pipeline {
             cfg,
             w_embedding,
         };
-        let latents = denoise(&self.unet, &sampler, latents, &cond, &mut noise, on_step)?;
+        let latents = denoise_until(
+            &self.unet, &sampler, latents, &cond, &mut noise, on_step, stop,
+        )?;
         let denoise_time = t1.elapsed();
 
         let t2 = Instant::now();

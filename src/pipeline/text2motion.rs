@@ -14,7 +14,7 @@ use crate::model::motion_denoiser::{text_condition, MotionDenoiser, MotionDenois
 use crate::model::motion_vae::{MotionVae, Normaliser};
 use crate::model::sentence::SentenceEncoder;
 use crate::motion::{joints_from_features, Pose};
-use crate::sample::denoiser::{denoise, Conditioning, Denoiser};
+use crate::sample::denoiser::{denoise_until, Conditioning, Denoiser};
 use crate::sample::noise::{NoiseSource, SeededNoise, SplitNoise};
 use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
 
@@ -159,6 +159,7 @@ pub fn sample_latents(
         &c,
         &o.shape(),
         &mut SeededNoise::new(o.seed),
+        &|| false,
     )
 }
 
@@ -172,6 +173,7 @@ pub fn sample_latents_with(
     c: &MotionCondition,
     s: &MotionShape,
     noise: &mut dyn NoiseSource,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Tensor> {
     let n = c.cond.dim(0)?;
     if c.guidance.len() != n {
@@ -218,7 +220,15 @@ pub fn sample_latents_with(
             w_embedding: None,
         },
     };
-    denoise(net, &sampler, latents, &conditioning, noise, &mut |_| {})
+    denoise_until(
+        net,
+        &sampler,
+        latents,
+        &conditioning,
+        noise,
+        &mut |_| {},
+        stop,
+    )
 }
 
 /// Joints of `frames` frames from scaled latents.
@@ -323,14 +333,14 @@ impl MotionPipeline {
             uncond: &self.uncond,
             guidance: &guidance,
         };
-        self.generate_with(&c, &o.shape(), &mut SeededNoise::new(o.seed))
+        self.generate_with(&c, &o.shape(), &mut SeededNoise::new(o.seed), &|| false)
     }
 
     /// One motion per item, each drawn from its own noise stream (`SeededNoise(item.seed)`) with
     /// its own prompt, negative prompt and guidance: a motion is the same batched or alone (up
     /// to float reassociation in batched kernels). Items must share `shape`.
     pub fn generate_items(&self, items: &[MotionItem], s: &MotionShape) -> Result<Vec<Vec<Pose>>> {
-        self.generate_prepared(&self.prepare(items)?, s)
+        self.generate_prepared(&self.prepare(items)?, s, &|| false)
     }
 
     /// The text encoding of [`generate_items`](Self::generate_items), apart so it can be timed.
@@ -360,7 +370,14 @@ impl MotionPipeline {
         })
     }
 
-    pub fn generate_prepared(&self, p: &PreparedItems, s: &MotionShape) -> Result<Vec<Vec<Pose>>> {
+    /// Motions of prepared items; stops with [`Cancelled`](crate::sample::denoiser::Cancelled)
+    /// before any denoiser call once `stop` says so.
+    pub fn generate_prepared(
+        &self,
+        p: &PreparedItems,
+        s: &MotionShape,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<Pose>>> {
         let mut sources: Vec<SeededNoise> = p.seeds.iter().map(|&s| SeededNoise::new(s)).collect();
         let mut refs: Vec<&mut dyn NoiseSource> = sources
             .iter_mut()
@@ -376,7 +393,7 @@ impl MotionPipeline {
             uncond: &p.uncond,
             guidance: &p.guidance,
         };
-        self.generate_with(&c, s, &mut noise)
+        self.generate_with(&c, s, &mut noise, stop)
     }
 
     /// Motions of `s.frames` frames. Lengths beyond the VAE's window are made by chaining
@@ -388,6 +405,7 @@ impl MotionPipeline {
         c: &MotionCondition,
         s: &MotionShape,
         noise: &mut dyn NoiseSource,
+        stop: &dyn Fn() -> bool,
     ) -> Result<Vec<Vec<Pose>>> {
         self.check_frames(s.frames)?;
         let max = self.vae.config.max_frames;
@@ -395,7 +413,7 @@ impl MotionPipeline {
             return decode(
                 &self.vae,
                 &self.norm,
-                &self.latents_with(c, s, noise)?,
+                &self.latents_with(c, s, noise, stop)?,
                 s.frames,
             );
         }
@@ -403,7 +421,7 @@ impl MotionPipeline {
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); c.cond.dim(0)?];
         // Rows are one fewer than the frames they describe.
         while rows[0].len() / crate::motion::FEATURES + 1 < s.frames {
-            let z = self.latents_with(c, &window, noise)?;
+            let z = self.latents_with(c, &window, noise, stop)?;
             let part = decode(&self.vae, &self.norm, &z, max)?;
             for (r, joints) in rows.iter_mut().zip(&part) {
                 let f = crate::motion::features(joints, &Default::default())?;
@@ -438,7 +456,7 @@ impl MotionPipeline {
             uncond: &self.uncond,
             guidance: &guidance,
         };
-        self.latents_with(&c, &o.shape(), &mut SeededNoise::new(o.seed))
+        self.latents_with(&c, &o.shape(), &mut SeededNoise::new(o.seed), &|| false)
     }
 
     fn latents_with(
@@ -446,6 +464,7 @@ impl MotionPipeline {
         c: &MotionCondition,
         s: &MotionShape,
         noise: &mut dyn NoiseSource,
+        stop: &dyn Fn() -> bool,
     ) -> Result<Tensor> {
         let d = &self.folder.denoiser;
         sample_latents_with(
@@ -455,6 +474,7 @@ impl MotionPipeline {
             c,
             s,
             noise,
+            stop,
         )
     }
 

@@ -87,14 +87,37 @@ pub struct StepEvent<'a> {
 pub fn denoise(
     net: &dyn Denoiser,
     sampler: &Sampler,
-    mut latents: Tensor,
+    latents: Tensor,
     cond: &Conditioning,
     noise: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(StepEvent),
 ) -> Result<Tensor> {
+    denoise_until(net, sampler, latents, cond, noise, on_step, &|| false)
+}
+
+/// Why work stopped early: whoever asked for it no longer wants it (a server request past its
+/// deadline, a client gone, a shutdown).
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// [`denoise`], checking `stop` before each network call: once it says yes, the loop ends with
+/// [`Cancelled`] (so a long batch nobody waits for does not run to its end).
+pub fn denoise_until(
+    net: &dyn Denoiser,
+    sampler: &Sampler,
+    mut latents: Tensor,
+    cond: &Conditioning,
+    noise: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(StepEvent),
+    stop: &dyn Fn() -> bool,
+) -> Result<Tensor> {
     let n = latents.dim(0)?;
     let batch = if cond.cfg.is_some() { 2 * n } else { n };
     for (i, &t) in sampler.timesteps.iter().enumerate() {
+        if stop() {
+            return Err(Cancelled.into());
+        }
         let model_in = if cond.cfg.is_some() {
             Tensor::cat(&[&latents, &latents], 0)?
         } else {

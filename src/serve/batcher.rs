@@ -1,7 +1,8 @@
 //! Dynamic batching, independent of what the model is: requests become jobs in a bounded queue; one
 //! worker takes the oldest job, waits a short window for more, and runs every queued job with the
 //! same compatibility key together (up to `max_batch` units, e.g. images) on a blocking thread.
-//! Jobs whose client went away or whose deadline passed are skipped, never run.
+//! Jobs whose client went away or whose deadline passed are skipped, never run; a running batch
+//! is told which of its jobs are still wanted, so a model can stop work nobody waits for.
 //!
 //! A model plugs in by implementing [`BatchModel`]; each model gets its own [`Batcher`].
 
@@ -26,8 +27,65 @@ pub trait BatchModel: Send + Sync + 'static {
     fn key(&self, job: &Self::Job) -> Self::Key;
     /// The job's share of a batch (images for a text-to-image model).
     fn units(&self, job: &Self::Job) -> usize;
-    /// One result per job, in order.
-    fn run(&self, jobs: Vec<Self::Job>) -> Vec<anyhow::Result<Self::Output>>;
+    /// One result per job, in order. `wanted(i)` says whether job i's client still waits (within
+    /// its deadline, the server not aborting): a model checks it between steps and stops work
+    /// that no job wants (the result of an unwanted job is never read).
+    fn run(
+        &self,
+        jobs: Vec<Self::Job>,
+        wanted: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<anyhow::Result<Self::Output>>;
+}
+
+/// The common shape of a model's `run`: every job is a list of items (images, motions); the items
+/// of all jobs run in chunks of at most `max` through `run_chunk`, which gets a `stop` check
+/// saying that no job with an item in the chunk is wanted any more. A chunk no job wants is
+/// skipped. Outputs are regrouped per job; a job with a failed chunk fails with its error.
+pub fn run_in_chunks<I, O>(
+    jobs: &[Vec<I>],
+    max: usize,
+    wanted: &(dyn Fn(usize) -> bool + Sync),
+    run_chunk: impl Fn(&[&I], &dyn Fn() -> bool) -> anyhow::Result<Vec<O>>,
+) -> Vec<anyhow::Result<Vec<O>>> {
+    let items: Vec<(usize, &I)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, items)| items.iter().map(move |it| (j, it)))
+        .collect();
+    let mut out: Vec<anyhow::Result<Vec<O>>> = jobs.iter().map(|_| Ok(Vec::new())).collect();
+    for chunk in items.chunks(max.max(1)) {
+        let mut owners: Vec<usize> = chunk.iter().map(|(j, _)| *j).collect();
+        owners.dedup();
+        let live = || owners.iter().any(|&j| wanted(j));
+        if !live() {
+            for &j in &owners {
+                out[j] = Err(crate::sample::denoiser::Cancelled.into());
+            }
+            continue;
+        }
+        let chunk_items: Vec<&I> = chunk.iter().map(|(_, it)| *it).collect();
+        match run_chunk(&chunk_items, &|| !live()) {
+            Ok(made) => {
+                for ((j, _), o) in chunk.iter().zip(made) {
+                    if let Ok(v) = &mut out[*j] {
+                        v.push(o);
+                    }
+                }
+            }
+            Err(e) => {
+                let cancelled = e.is::<crate::sample::denoiser::Cancelled>();
+                let msg = format!("{e:#}");
+                for &j in &owners {
+                    out[j] = Err(if cancelled {
+                        crate::sample::denoiser::Cancelled.into()
+                    } else {
+                        anyhow::anyhow!("{msg}")
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +134,8 @@ struct Shared<M: BatchModel> {
     queue: Mutex<VecDeque<Pending<M>>>,
     notify: Notify,
     closing: AtomicBool,
+    /// Set when a shutdown's grace period is over: running work stops, queued work is refused.
+    aborting: AtomicBool,
     metrics: Arc<Metrics>,
     /// Exponential average of a batch's run time, microseconds (for Retry-After).
     avg_batch_us: AtomicU64,
@@ -98,6 +158,7 @@ impl<M: BatchModel> Batcher<M> {
             queue: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             closing: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
             metrics,
             avg_batch_us: AtomicU64::new(0),
         });
@@ -147,6 +208,18 @@ impl<M: BatchModel> Batcher<M> {
         drop(q);
         s.notify.notify_one();
         Ok(rx)
+    }
+
+    /// Stop the running batch at its next step and answer every queued job "shutting down" (the
+    /// end of a shutdown's grace period).
+    pub fn abort(&self) {
+        self.shared.aborting.store(true, Ordering::SeqCst);
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let mut q = lock(&self.shared.queue);
+        for p in q.drain(..) {
+            let _ = p.tx.send(Err(JobError::ShuttingDown));
+        }
+        self.shared.notify.notify_one();
     }
 
     /// Stop taking jobs, let the worker finish what is queued, and wait for it.
@@ -232,10 +305,28 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
         }
         let sizes: Vec<usize> = batch.iter().map(|p| p.units).collect();
         let units: usize = sizes.iter().sum();
+        let deadlines: Vec<Instant> = batch.iter().map(|p| p.deadline).collect();
         let (jobs, txs): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.job, p.tx)).unzip();
         let model = s.model.clone();
+        let shared = s.clone();
         let t = Instant::now();
-        let results = tokio::task::spawn_blocking(move || model.run(jobs)).await;
+        // The senders go along to say which jobs are still wanted, and come back to answer.
+        let ran = tokio::task::spawn_blocking(move || {
+            let wanted = |i: usize| {
+                !shared.aborting.load(Ordering::Relaxed)
+                    && txs.get(i).is_some_and(|tx| !tx.is_closed())
+                    && deadlines.get(i).is_some_and(|d| Instant::now() < *d)
+            };
+            let results =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(jobs, &wanted)));
+            (results, txs)
+        })
+        .await;
+        let (results, txs) = match ran {
+            Ok(r) => r,
+            // The closure catches the model's panics; this is only a cancelled blocking task.
+            Err(_) => continue,
+        };
         let secs = t.elapsed().as_secs_f64();
         s.metrics.batch(kind, units, secs);
         let prev = s.avg_batch_us.load(Ordering::Relaxed);
@@ -256,13 +347,28 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
                     .sum();
                 s.metrics.generated(kind, made);
                 for (tx, r) in txs.into_iter().zip(results) {
-                    let _ = tx.send(r.map_err(|e| JobError::Failed(format!("{e:#}"))));
+                    let r = match r {
+                        Ok(out) => Ok(out),
+                        // Stopped mid-run: its client left, its deadline passed or the server
+                        // is aborting; nobody reads the answer.
+                        Err(e) if e.is::<crate::sample::denoiser::Cancelled>() => {
+                            s.metrics.dropped(kind, "cancelled");
+                            Err(JobError::ShuttingDown)
+                        }
+                        Err(e) => Err(JobError::Failed(format!("{e:#}"))),
+                    };
+                    let _ = tx.send(r);
                 }
             }
             Err(e) => {
                 // The model panicked: answer everyone in the batch and keep serving.
+                let what = e
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| e.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
                 for tx in txs {
-                    let _ = tx.send(Err(JobError::Failed(format!("model panicked: {e}"))));
+                    let _ = tx.send(Err(JobError::Failed(format!("model panicked: {what}"))));
                 }
             }
         }
@@ -292,7 +398,11 @@ mod tests {
         fn units(&self, job: &Self::Job) -> usize {
             job.1
         }
-        fn run(&self, jobs: Vec<Self::Job>) -> Vec<anyhow::Result<u32>> {
+        fn run(
+            &self,
+            jobs: Vec<Self::Job>,
+            _wanted: &(dyn Fn(usize) -> bool + Sync),
+        ) -> Vec<anyhow::Result<u32>> {
             lock(&self.batches).push(jobs.iter().map(|j| j.2).collect());
             jobs.iter().map(|j| Ok(j.2)).collect()
         }
@@ -377,5 +487,30 @@ mod tests {
             Err(SubmitError::ShuttingDown)
         ));
         assert_eq!(*lock(&model.batches), vec![vec![1, 2]]);
+    }
+
+    #[test]
+    fn chunks_nobody_wants_are_skipped_or_stopped_and_outputs_regrouped() {
+        let jobs = vec![vec![1, 2], vec![3], vec![4, 5, 6]];
+        let ran = Mutex::new(Vec::new());
+        // Job 0 is gone; chunks of two: [1 2] skipped, [3 4] runs (job 1 wants it), [5 6] runs.
+        let out = run_in_chunks(&jobs, 2, &|j| j != 0, |chunk, stop| {
+            assert!(!stop());
+            lock(&ran).push(chunk.iter().map(|&&x| x).collect::<Vec<i32>>());
+            Ok(chunk.iter().map(|&&x| x * 10).collect())
+        });
+        assert_eq!(*lock(&ran), vec![vec![3, 4], vec![5, 6]]);
+        assert!(out[0]
+            .as_ref()
+            .is_err_and(|e| e.is::<crate::sample::denoiser::Cancelled>()));
+        assert_eq!(out[1].as_ref().unwrap(), &vec![30]);
+        assert_eq!(out[2].as_ref().unwrap(), &vec![40, 50, 60]);
+        // A chunk that fails fails each of its jobs, keeping a cancellation recognisable.
+        let out = run_in_chunks(&jobs, 8, &|_| true, |_, _| -> anyhow::Result<Vec<i32>> {
+            Err(crate::sample::denoiser::Cancelled.into())
+        });
+        assert!(out.iter().all(|r| r
+            .as_ref()
+            .is_err_and(|e| e.is::<crate::sample::denoiser::Cancelled>())));
     }
 }

@@ -10,7 +10,7 @@ use crate::pipeline::{GenerateRequest, Pipeline};
 use crate::sample::noise::{NoiseSource, SeededNoise};
 use crate::sample::sampler::SamplerKind;
 
-use super::batcher::BatchModel;
+use super::batcher::{run_in_chunks, BatchModel};
 
 /// What every job in one U-Net batch must share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,47 +59,51 @@ pub struct ImageModel {
 }
 
 impl ImageModel {
-    /// Run items sharing `shape` in U-Net batches of at most `max_batch` images.
+    /// Run items sharing `shape` as one U-Net batch, stopping before any U-Net call once `stop`
+    /// says so.
     pub fn generate(
         &self,
         shape: &ImageShape,
-        items: &[ImageItem],
+        items: &[&ImageItem],
+        stop: &dyn Fn() -> bool,
     ) -> anyhow::Result<Vec<GeneratedImage>> {
+        let reqs: Vec<GenerateRequest> = items
+            .iter()
+            .map(|it| GenerateRequest {
+                prompt: it.prompt.clone(),
+                negative_prompt: it.negative_prompt.clone(),
+                sampler: Some(shape.sampler),
+                steps: Some(shape.steps),
+                guidance: Some(it.guidance),
+                width: Some(shape.width),
+                height: Some(shape.height),
+                n: 1,
+                seed: it.seed,
+                init_image: it.init_image.as_deref().cloned(),
+                strength: shape.strength.map(f64::from_bits),
+                ..Default::default()
+            })
+            .collect();
+        let mut sources: Vec<SeededNoise> =
+            items.iter().map(|it| SeededNoise::new(it.seed)).collect();
+        let mut noises: Vec<&mut dyn NoiseSource> = sources
+            .iter_mut()
+            .map(|s| s as &mut dyn NoiseSource)
+            .collect();
+        let gens = self.pipe.generate_batch_until(
+            &reqs,
+            &Defaults::default(),
+            &mut noises,
+            &mut |_| {},
+            stop,
+        )?;
         let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(self.max_batch.max(1)) {
-            let reqs: Vec<GenerateRequest> = chunk
-                .iter()
-                .map(|it| GenerateRequest {
-                    prompt: it.prompt.clone(),
-                    negative_prompt: it.negative_prompt.clone(),
-                    sampler: Some(shape.sampler),
-                    steps: Some(shape.steps),
-                    guidance: Some(it.guidance),
-                    width: Some(shape.width),
-                    height: Some(shape.height),
-                    n: 1,
+        for (g, it) in gens.iter().zip(items) {
+            for img in &g.images {
+                out.push(GeneratedImage {
+                    png: crate::pipeline::image_io::encode_png(img)?,
                     seed: it.seed,
-                    init_image: it.init_image.as_deref().cloned(),
-                    strength: shape.strength.map(f64::from_bits),
-                    ..Default::default()
-                })
-                .collect();
-            let mut sources: Vec<SeededNoise> =
-                chunk.iter().map(|it| SeededNoise::new(it.seed)).collect();
-            let mut noises: Vec<&mut dyn NoiseSource> = sources
-                .iter_mut()
-                .map(|s| s as &mut dyn NoiseSource)
-                .collect();
-            let gens =
-                self.pipe
-                    .generate_batch(&reqs, &Defaults::default(), &mut noises, &mut |_| {})?;
-            for (g, it) in gens.iter().zip(chunk) {
-                for img in &g.images {
-                    out.push(GeneratedImage {
-                        png: crate::pipeline::image_io::encode_png(img)?,
-                        seed: it.seed,
-                    });
-                }
+                });
             }
         }
         Ok(out)
@@ -123,24 +127,20 @@ impl BatchModel for ImageModel {
         job.items.len()
     }
 
-    fn run(&self, jobs: Vec<ImageJob>) -> Vec<anyhow::Result<Vec<GeneratedImage>>> {
-        // All jobs share one shape (the batcher groups by key): run their items together.
+    fn run(
+        &self,
+        jobs: Vec<ImageJob>,
+        wanted: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<anyhow::Result<Vec<GeneratedImage>>> {
+        // All jobs share one shape (the batcher groups by key): their items run together, in
+        // U-Net batches of at most `max_batch` images.
         let Some(shape) = jobs.first().map(|j| j.shape) else {
             return Vec::new();
         };
-        let items: Vec<ImageItem> = jobs.iter().flat_map(|j| j.items.clone()).collect();
-        match self.generate(&shape, &items) {
-            Ok(images) => {
-                let mut images = images.into_iter();
-                jobs.iter()
-                    .map(|j| Ok(images.by_ref().take(j.items.len()).collect()))
-                    .collect()
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                jobs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
-            }
-        }
+        let items: Vec<Vec<ImageItem>> = jobs.into_iter().map(|j| j.items).collect();
+        run_in_chunks(&items, self.max_batch, wanted, |chunk, stop| {
+            self.generate(&shape, chunk, stop)
+        })
     }
 }
 

@@ -123,7 +123,7 @@ impl Metrics {
         self.with(|m| *m.generated.entry(model.to_string()).or_default() += count as u64)
     }
 
-    /// A queued job that never ran: `reason` is `disconnected` or `deadline`.
+    /// A job that never ran (`disconnected`, `deadline`) or was stopped mid-run (`cancelled`).
     pub fn dropped(&self, model: &str, reason: &'static str) {
         self.with(|m| *m.dropped.entry((model.to_string(), reason)).or_default() += 1)
     }
@@ -184,7 +184,7 @@ impl Metrics {
             let dropped = m.dropped.iter().map(|((k, reason), n)| {
                 (format!("model=\"{k}\",reason=\"{reason}\""), n.to_string())
             });
-            let why = "Queued jobs skipped: client gone or deadline passed.";
+            let why = "Jobs skipped (client gone, deadline passed) or stopped mid-run (cancelled).";
             family(&mut out, "lcm_jobs_dropped_total", "counter", why, dropped);
             out
         })

@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod motions;
 pub mod openapi;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -69,6 +69,8 @@ pub struct ServeConfig {
     pub batch_window: Duration,
     /// How long `response_format: "url"` images stay available.
     pub url_ttl: Duration,
+    /// After a shutdown signal, how long in-flight work may finish before it is cancelled.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeConfig {
@@ -80,6 +82,7 @@ impl Default for ServeConfig {
             api_key: None,
             batch_window: Duration::from_millis(10),
             url_ttl: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -109,11 +112,15 @@ pub struct ServeArgs {
     #[arg(long)]
     pub api_key: Option<String>,
     /// Milliseconds the batcher waits for compatible requests after the first.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub batch_window_ms: u64,
     /// Seconds a `response_format: "url"` image stays available.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub url_ttl_s: u64,
+    /// Seconds in-flight requests may take to finish after SIGINT/SIGTERM before they are
+    /// cancelled (a second signal exits at once).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace_s: u64,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
 }
@@ -167,6 +174,7 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         batch_window: Duration::from_millis(args.batch_window_ms),
         url_ttl: Duration::from_secs(args.url_ttl_s),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
     };
     let addr = listener.local_addr()?;
     println!(
@@ -269,7 +277,29 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    println!("shutting down: finishing in-flight requests");
+    println!("shutting down: finishing in-flight requests (a second signal exits at once)");
+    tokio::spawn(async {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term => {},
+        }
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
 }
 
 /// A server running on its own thread and runtime (for tests and embedding).
@@ -370,10 +400,28 @@ pub async fn serve(
         created: unix_now(),
         cfg,
     });
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("server failed")?;
+    // Shutdown: stop accepting, let in-flight requests finish for the grace period, then cancel
+    // what still runs (at its next step) and stop waiting for connections.
+    let (fired, mut fired_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = fired.send(true);
+    };
+    let server = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(signal)
+        .into_future();
+    let grace = state.cfg.shutdown_grace;
+    let grace_over = async move {
+        let _ = fired_rx.wait_for(|f| *f).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r.context("server failed")?,
+        _ = grace_over => {
+            eprintln!("shutdown: the {} s grace period is over; cancelling what still runs", grace.as_secs_f64());
+            state.abort();
+        }
+    }
     if let Some(b) = &state.images {
         b.shutdown().await;
     }
@@ -393,6 +441,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    fn abort(&self) {
+        if let Some(b) = &self.images {
+            b.abort();
+        }
+        if let Some(b) = &self.motions {
+            b.abort();
+        }
+    }
+
     fn images(&self) -> Result<&Batcher<ImageModel>, ApiError> {
         self.images.as_ref().ok_or_else(|| {
             ApiError::new(

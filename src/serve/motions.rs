@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::api::{random_seed, ApiError, MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_STEPS};
-use super::batcher::BatchModel;
+use super::batcher::{run_in_chunks, BatchModel};
 use crate::motion::io::{JointsFile, MotionFormat};
 use crate::motion::{Pose, FPS};
 use crate::pipeline::source::Defaults;
@@ -92,34 +92,28 @@ impl BatchModel for MotionModel {
         job.items.len()
     }
 
-    fn run(&self, jobs: Vec<MotionJob>) -> Vec<anyhow::Result<Vec<GeneratedMotion>>> {
+    fn run(
+        &self,
+        jobs: Vec<MotionJob>,
+        wanted: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<anyhow::Result<Vec<GeneratedMotion>>> {
         let Some(key) = jobs.first().map(|j| j.key) else {
             return Vec::new();
         };
-        let items: Vec<MotionItem> = jobs.iter().flat_map(|j| j.items.clone()).collect();
-        let made = items
-            .chunks(self.max_batch.max(1))
-            .map(|chunk| self.pipe.generate_items(chunk, &key.shape))
-            .collect::<anyhow::Result<Vec<_>>>();
-        match made {
-            Ok(chunks) => {
-                let mut motions = chunks
-                    .into_iter()
-                    .flatten()
-                    .zip(&items)
-                    .map(|(joints, it)| GeneratedMotion {
-                        joints,
-                        seed: it.seed,
-                    });
-                jobs.iter()
-                    .map(|j| Ok(motions.by_ref().take(j.items.len()).collect()))
-                    .collect()
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                jobs.iter().map(|_| Err(anyhow::anyhow!("{msg}"))).collect()
-            }
-        }
+        let items: Vec<Vec<MotionItem>> = jobs.into_iter().map(|j| j.items).collect();
+        run_in_chunks(&items, self.max_batch, wanted, |chunk, stop| {
+            let chunk: Vec<MotionItem> = chunk.iter().map(|&it| it.clone()).collect();
+            let prepared = self.pipe.prepare(&chunk)?;
+            let motions = self.pipe.generate_prepared(&prepared, &key.shape, stop)?;
+            Ok(motions
+                .into_iter()
+                .zip(&chunk)
+                .map(|(joints, it)| GeneratedMotion {
+                    joints,
+                    seed: it.seed,
+                })
+                .collect())
+        })
     }
 }
 

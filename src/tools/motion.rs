@@ -188,7 +188,7 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
     let prepared = pipe.prepare(&items)?;
     let text = t1.elapsed();
     let t2 = Instant::now();
-    let motions = pipe.generate_prepared(&prepared, &o.shape())?;
+    let motions = pipe.generate_prepared(&prepared, &o.shape(), &|| false)?;
     let gen = t2.elapsed();
     for (m, p) in motions.iter().zip(&paths) {
         write_clip(p, m)?;
