@@ -223,6 +223,13 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
     );
     run(&["--steps", "60"], &["60", "original_inference_steps"]);
     run(&["--device", "tpu"], &["--device", "tpu"]);
+    // Sizes whose buffers cannot fit are refused before anything is allocated (an allocation
+    // failure would abort the process).
+    run(
+        &["--width", "65536", "--height", "65536"],
+        &["65536x65536", "GiB", "memory available"],
+    );
+    run(&["--n", "10000000"], &["--n 10000000", "GiB"]);
     assert!(!Path::new("/tmp/lcm-never-written.png").exists());
 
     // A safetensors file without a `latents` tensor.

@@ -623,8 +623,9 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     );
 }
 
-/// A request that runs for minutes alone (10 CFG images at 64² × 50 DDIM steps on the fixture:
-/// ≈ 2 min on 2 cores) once its batch has started.
+/// A request that runs for minutes alone (10 images at 64² × 50 DDIM steps on the fixture, an LCM
+/// so no CFG: ≈ 2 min on 2 cores) once its batch has started: 2000 native-size U-Net evaluations,
+/// over the default --max-request-cost (1000), so the tests that run it raise the cap.
 fn expensive() -> Value {
     json!({"prompt": "a", "n": 10, "size": "64x64", "steps": 50, "sampler": "ddim",
            "guidance_scale": 30, "negative_prompt": "b"})
@@ -648,9 +649,43 @@ fn await_cancelled(addr: SocketAddr) -> String {
 }
 
 #[test]
+fn work_over_the_request_and_queue_budgets_is_refused() {
+    let srv = server(ServeConfig {
+        max_batch: 1,
+        batch_window: Duration::ZERO,
+        max_queued_cost: 16.0,
+        ..cfg()
+    });
+    let addr = srv.addr();
+    // One request over the per-request cap: 400, naming what to lower.
+    let r = post_json(addr, "/v1/images/generations", &expensive());
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("2000 network evaluations") && msg.contains("steps"),
+        "{msg}"
+    );
+    // Under the cap, but more than the queue's budget while another waits: 429.
+    let busy = json!({"prompt": "a", "n": 2, "steps": 8});
+    let rs: Vec<_> = (0..4)
+        .map(|_| {
+            let b = busy.clone();
+            std::thread::spawn(move || post_json(addr, "/v1/images/generations", &b))
+        })
+        .collect();
+    let statuses: Vec<u16> = rs.into_iter().map(|t| t.join().unwrap().status).collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.contains(&429),
+        "the queue's cost budget held nothing back: {statuses:?}"
+    );
+}
+
+#[test]
 fn a_running_batch_stops_at_its_deadline() {
     let srv = server(ServeConfig {
         timeout: Duration::from_millis(1500),
+        max_request_cost: 1e6,
         ..cfg()
     });
     let addr = srv.addr();
@@ -672,7 +707,10 @@ fn a_running_batch_stops_at_its_deadline() {
 #[test]
 fn a_running_batch_stops_when_its_client_leaves() {
     use std::io::Write;
-    let srv = server(cfg());
+    let srv = server(ServeConfig {
+        max_request_cost: 1e6,
+        ..cfg()
+    });
     let addr = srv.addr();
     let body = expensive().to_string();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -707,6 +745,8 @@ fn sigterm_cancels_work_left_after_the_grace_period() {
         "none",
         "--shutdown-grace-s",
         "1",
+        "--max-request-cost",
+        "1000000",
     ]);
     let addr = p.addr;
     // An expensive request, read raw: after the grace period the server may close its

@@ -244,6 +244,7 @@ impl Pipeline {
             }
         }
         let cfg = !self.unet.has_guidance_embedding() && guidance > 1.0;
+        self.check_memory(req.n, width, height, cfg)?;
         Ok(Resolved {
             sampler,
             steps,
@@ -255,6 +256,42 @@ impl Pipeline {
             cfg,
             strength,
         })
+    }
+
+    /// Refuse, before allocating anything, a request whose activations cannot fit in memory (an
+    /// allocation failure aborts the process instead of erroring). A rough upper estimate: a few
+    /// full-resolution maps of the VAE decoder's widest level per image, and the U-Net's kept
+    /// skip tensors per latent (twice with CFG), against what the OS says is available.
+    fn check_memory(&self, n: usize, width: usize, height: usize, cfg: bool) -> Result<()> {
+        let Some(avail) = crate::runtime::available_memory_bytes() else {
+            return Ok(());
+        };
+        let pixels = (width as f64) * (height as f64);
+        let f = self.vae_scale_factor() as f64;
+        let latent = pixels / (f * f);
+        let vae_c = self
+            .vae
+            .config
+            .block_out_channels
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(128);
+        let unet: f64 = (self.unet.config.block_out_channels.iter())
+            .enumerate()
+            .map(|(l, &c)| c as f64 * latent / 4f64.powi(l as i32))
+            .sum();
+        let per_image =
+            4.0 * (4.0 * vae_c as f64 * pixels + 4.0 * unet * if cfg { 2.0 } else { 1.0 });
+        let need = n as f64 * per_image;
+        if need > avail as f64 {
+            bail!(
+                "--n {n} at {width}x{height} needs about {:.1} GiB, more than the {:.1} GiB of memory available: ask for fewer or smaller images",
+                need / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )
+        }
+        Ok(())
     }
 
     /// An init image's latents in U-Net space, one row per image of the request: the VAE

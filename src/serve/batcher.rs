@@ -27,6 +27,11 @@ pub trait BatchModel: Send + Sync + 'static {
     fn key(&self, job: &Self::Job) -> Self::Key;
     /// The job's share of a batch (images for a text-to-image model).
     fn units(&self, job: &Self::Job) -> usize;
+    /// The job's expected work in network evaluations at the model's native size (what
+    /// `--max-request-cost` and `--max-queued-cost` bound).
+    fn cost(&self, job: &Self::Job) -> f64;
+    /// How [`cost`](Self::cost) is counted, for the error that refuses a request.
+    fn cost_terms(&self) -> &'static str;
     /// One result per job, in order. `wanted(i)` says whether job i's client still waits (within
     /// its deadline, the server not aborting): a model checks it between steps and stops work
     /// that no job wants (the result of an unwanted job is never read).
@@ -94,6 +99,8 @@ pub struct BatchConfig {
     pub max_batch: usize,
     /// Most jobs waiting (not yet running).
     pub max_queue: usize,
+    /// Most total [`BatchModel::cost`] waiting.
+    pub max_queued_cost: f64,
     /// How long the worker waits after the first job for compatible ones to arrive.
     pub window: Duration,
 }
@@ -124,6 +131,7 @@ struct Pending<M: BatchModel> {
     job: M::Job,
     key: M::Key,
     units: usize,
+    cost: f64,
     deadline: Instant,
     tx: oneshot::Sender<Result<M::Output, JobError>>,
 }
@@ -183,6 +191,7 @@ impl<M: BatchModel> Batcher<M> {
         let (tx, rx) = oneshot::channel();
         let key = s.model.key(&job);
         let units = s.model.units(&job);
+        let cost = s.model.cost(&job);
         let mut q = lock(&s.queue);
         // Jobs of clients that left do not hold places in the queue.
         let before = q.len();
@@ -190,7 +199,10 @@ impl<M: BatchModel> Batcher<M> {
         for _ in q.len()..before {
             s.metrics.dropped(s.model.kind(), "disconnected");
         }
-        if q.len() >= s.cfg.max_queue {
+        let queued_cost: f64 = q.iter().map(|p| p.cost).sum();
+        // An empty queue always takes a job (its own cost was checked against the request cap).
+        let over_cost = !q.is_empty() && queued_cost + cost > s.cfg.max_queued_cost;
+        if q.len() >= s.cfg.max_queue || over_cost {
             let batches = (q.len() / s.cfg.max_batch + 1) as u64;
             let avg_us = s.avg_batch_us.load(Ordering::Relaxed);
             let retry_after_s = (batches * avg_us).div_ceil(1_000_000).max(1);
@@ -201,6 +213,7 @@ impl<M: BatchModel> Batcher<M> {
             job,
             key,
             units,
+            cost,
             deadline,
             tx,
         });
@@ -398,6 +411,12 @@ mod tests {
         fn units(&self, job: &Self::Job) -> usize {
             job.1
         }
+        fn cost(&self, job: &Self::Job) -> f64 {
+            job.1 as f64
+        }
+        fn cost_terms(&self) -> &'static str {
+            "units"
+        }
         fn run(
             &self,
             jobs: Vec<Self::Job>,
@@ -419,6 +438,7 @@ mod tests {
         let cfg = BatchConfig {
             max_batch,
             max_queue,
+            max_queued_cost: 1e9,
             window: Duration::from_millis(100),
         };
         (

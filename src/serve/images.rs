@@ -127,6 +127,20 @@ impl BatchModel for ImageModel {
         job.items.len()
     }
 
+    fn cost(&self, job: &ImageJob) -> f64 {
+        let s = &job.shape;
+        let native =
+            (self.pipe.unet.config.sample_size.unwrap_or(64) * self.pipe.vae_scale_factor()) as f64;
+        // Image-to-image runs the last `strength` of the schedule.
+        let strength = s.strength.map(f64::from_bits).unwrap_or(1.0);
+        let evals = (s.steps as f64 * strength).ceil().max(1.0) * if s.cfg { 2.0 } else { 1.0 };
+        job.items.len() as f64 * (s.width * s.height) as f64 / (native * native) * evals
+    }
+
+    fn cost_terms(&self) -> &'static str {
+        "n × (width × height ÷ the model's native size²) × steps, twice with CFG"
+    }
+
     fn run(
         &self,
         jobs: Vec<ImageJob>,

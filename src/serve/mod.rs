@@ -71,6 +71,10 @@ pub struct ServeConfig {
     pub url_ttl: Duration,
     /// After a shutdown signal, how long in-flight work may finish before it is cancelled.
     pub shutdown_grace: Duration,
+    /// Most work one request may ask for (network evaluations at the model's native size).
+    pub max_request_cost: f64,
+    /// Most work waiting in one model's queue; more gets 429.
+    pub max_queued_cost: f64,
 }
 
 impl Default for ServeConfig {
@@ -83,6 +87,8 @@ impl Default for ServeConfig {
             batch_window: Duration::from_millis(10),
             url_ttl: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
+            max_request_cost: 1000.0,
+            max_queued_cost: 4000.0,
         }
     }
 }
@@ -121,6 +127,13 @@ pub struct ServeArgs {
     /// cancelled (a second signal exits at once).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub shutdown_grace_s: u64,
+    /// Most work one request may ask for, in network evaluations at the model's native size
+    /// (an image: n × size²/native² × steps, twice with CFG); more is refused with 400.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_request_cost: u64,
+    /// Most work waiting per model (same units); more is answered 429.
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_queued_cost: u64,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
 }
@@ -175,6 +188,8 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
         batch_window: Duration::from_millis(args.batch_window_ms),
         url_ttl: Duration::from_secs(args.url_ttl_s),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        max_request_cost: args.max_request_cost as f64,
+        max_queued_cost: args.max_queued_cost as f64,
     };
     let addr = listener.local_addr()?;
     println!(
@@ -377,6 +392,7 @@ pub async fn serve(
     let batch_cfg = BatchConfig {
         max_batch: cfg.max_batch,
         max_queue: cfg.max_queue,
+        max_queued_cost: cfg.max_queued_cost,
         window: cfg.batch_window,
     };
     let images = models.image.map(|m| {
@@ -722,6 +738,15 @@ async fn run_job<M: BatchModel>(
     batcher: &Batcher<M>,
     job: M::Job,
 ) -> Result<M::Output, ApiError> {
+    let cost = batcher.model().cost(&job);
+    if cost > st.cfg.max_request_cost {
+        return Err(ApiError::bad_request(format!(
+            "this request asks for {cost:.0} network evaluations ({}), more than this server's \
+             limit of {:.0}: ask for fewer outputs, a smaller size or length, or fewer steps",
+            batcher.model().cost_terms(),
+            st.cfg.max_request_cost
+        )));
+    }
     let deadline = Instant::now() + st.cfg.timeout;
     let rx = batcher.submit(job, deadline).map_err(|e| match e {
         SubmitError::QueueFull { retry_after_s } => ApiError {
@@ -729,7 +754,7 @@ async fn run_job<M: BatchModel>(
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
-                "the queue is full, retry later",
+                "the queue is full (requests or queued work), retry later",
             )
         },
         SubmitError::ShuttingDown => shutting_down(),

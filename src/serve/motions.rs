@@ -11,7 +11,9 @@ use super::batcher::{run_in_chunks, BatchModel};
 use crate::motion::io::{JointsFile, MotionFormat};
 use crate::motion::{Pose, FPS};
 use crate::pipeline::source::Defaults;
-use crate::pipeline::text2motion::{MotionItem, MotionPipeline, MotionShape, MAX_SECONDS};
+use crate::pipeline::text2motion::{
+    MotionItem, MotionPipeline, MotionShape, CHAIN_OVERLAP, MAX_SECONDS,
+};
 use crate::sample::sampler::SamplerKind;
 
 /// Shortest motion served, frames (a tenth of a second).
@@ -90,6 +92,23 @@ impl BatchModel for MotionModel {
 
     fn units(&self, job: &MotionJob) -> usize {
         job.items.len()
+    }
+
+    fn cost(&self, job: &MotionJob) -> f64 {
+        let k = &job.key;
+        let window = self.pipe.vae.config.max_frames;
+        // Beyond one window, each further window adds window − overlap frames.
+        let windows = if k.shape.frames <= window {
+            1
+        } else {
+            1 + (k.shape.frames - window).div_ceil(window - CHAIN_OVERLAP)
+        };
+        let evals = k.shape.steps as f64 * if k.cfg { 2.0 } else { 1.0 };
+        job.items.len() as f64 * windows as f64 * evals
+    }
+
+    fn cost_terms(&self) -> &'static str {
+        "n × windows of the model's length × steps, twice with CFG"
     }
 
     fn run(
