@@ -272,8 +272,9 @@ impl Task for MotionVaeTask {
 }
 
 /// Reconstruction through the posterior mean of normalised clips: mean per-joint position error
-/// (cm; also with each frame's root aligned, the pose alone), root drift at the last frame (cm)
-/// and the features' mean absolute error (z-units).
+/// (cm; also with each frame's root aligned, the pose alone), root drift at the last frame (cm),
+/// the features' mean absolute error (z-units), and of the clips that raise a hand above the
+/// shoulder, the share whose reconstruction raises the same one (what the arms keep).
 pub fn reconstruction(
     vae: &MotionVae,
     norm: &Normaliser,
@@ -282,6 +283,7 @@ pub fn reconstruction(
 ) -> Result<serde_json::Value> {
     let (mut mpjpe, mut drift, mut feat, mut frames) = (0.0, 0.0, 0.0, 0usize);
     let mut local = 0.0;
+    let (mut raised, mut raised_kept) = (0usize, 0usize);
     for chunk in clips.chunks(32) {
         let (x, valid) = pad(chunk, device)?;
         let z = vae.encode(&x, Some(&valid))?.mean;
@@ -313,6 +315,11 @@ pub fn reconstruction(
                 crate::eval::motion_checks::reconstruction_error(&rooted(&ja), &rooted(&jb));
             local += e * t as f64;
             frames += t;
+            if let Some(side) = crate::eval::motion_checks::raised_hand(&ja) {
+                raised += 1;
+                raised_kept +=
+                    usize::from(crate::eval::motion_checks::raised_hand(&jb) == Some(side));
+            }
         }
     }
     let n = clips.len().max(1) as f64;
@@ -322,6 +329,8 @@ pub fn reconstruction(
         "mpjpe_root_aligned_cm": 100.0 * local / frames.max(1) as f64,
         "root_drift_cm": 100.0 * drift / n,
         "feature_mae": feat / frames.max(1) as f64,
+        "raised_hand_clips": raised,
+        "raised_hand_kept": if raised > 0 { Some(raised_kept as f64 / raised as f64) } else { None },
     }))
 }
 
