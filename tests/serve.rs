@@ -19,6 +19,8 @@ use lcm::sample::noise::{NoiseSource, SeededNoise};
 use lcm::serve::{ImageSpec, Models, ServeConfig, ServerHandle};
 use serve_common::*;
 
+const GEN: &str = "/v1/images/generations";
+
 fn pipeline(name: &str) -> Arc<Pipeline> {
     common::setup();
     static LCM: OnceLock<Arc<Pipeline>> = OnceLock::new();
@@ -74,15 +76,6 @@ fn metrics(addr: SocketAddr) -> String {
     let r = get(addr, "/metrics");
     assert_eq!(r.status, 200);
     r.text()
-}
-
-/// Fire requests from threads at once; responses in order.
-fn concurrent(addr: SocketAddr, bodies: Vec<Value>) -> Vec<Resp> {
-    let threads: Vec<_> = bodies
-        .into_iter()
-        .map(|b| std::thread::spawn(move || post_json(addr, "/v1/images/generations", &b)))
-        .collect();
-    threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
 #[test]
@@ -464,7 +457,7 @@ fn a_full_queue_answers_429_with_retry_after() {
         ..cfg()
     });
     let body = json!({"prompt": "a busy server", "steps": 6});
-    let rs = concurrent(srv.addr(), vec![body; 8]);
+    let rs = concurrent(srv.addr(), GEN, vec![body; 8]);
     let statuses: Vec<u16> = rs.iter().map(|r| r.status).collect();
     assert!(
         statuses.iter().all(|s| *s == 200 || *s == 429),
@@ -505,7 +498,7 @@ fn concurrent_compatible_requests_run_as_one_batch_with_the_same_images() {
                    "guidance_scale": 2.0 + i as f64})
         })
         .collect();
-    let rs = concurrent(addr, bodies.clone());
+    let rs = concurrent(addr, GEN, bodies.clone());
     let batched: Vec<_> = rs
         .iter()
         .map(|r| {
@@ -559,7 +552,6 @@ fn a_passed_deadline_answers_504() {
 
 #[test]
 fn a_client_that_disconnects_stops_its_queued_work() {
-    use std::io::Write;
     let srv = server(ServeConfig {
         max_batch: 1,
         batch_window: Duration::ZERO,
@@ -571,13 +563,7 @@ fn a_client_that_disconnects_stops_its_queued_work() {
     std::thread::sleep(Duration::from_millis(300));
     // Queue a request behind it, then hang up.
     let body = json!({"prompt": "gone", "steps": 1}).to_string();
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let s = post_raw(addr, GEN, &body);
     // Hang up once it is queued behind the slow one.
     let t = Instant::now();
     while metric(&metrics(addr), "lcm_queue_depth{model=\"image\"}") < 1.0 {
@@ -706,20 +692,12 @@ fn a_running_batch_stops_at_its_deadline() {
 
 #[test]
 fn a_running_batch_stops_when_its_client_leaves() {
-    use std::io::Write;
     let srv = server(ServeConfig {
         max_request_cost: 1e6,
         ..cfg()
     });
     let addr = srv.addr();
-    let body = expensive().to_string();
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let s = post_raw(addr, GEN, &expensive().to_string());
     // Hang up once its batch runs.
     let t = Instant::now();
     while metric(&metrics(addr), "lcm_queue_depth{model=\"image\"}") > 0.0
@@ -753,14 +731,7 @@ fn sigterm_cancels_work_left_after_the_grace_period() {
     // connection without an answer.
     let inflight = std::thread::spawn(move || {
         use std::io::Read;
-        let body = expensive().to_string();
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
+        let mut s = post_raw(addr, GEN, &expensive().to_string());
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out

@@ -207,15 +207,9 @@ fn concurrent_motions_of_one_length_run_as_one_batch_unchanged() {
                    "seconds": 2, "steps": 2, "seed": 100 + i, "guidance_scale": 3.0 + i as f64})
         })
         .collect();
-    let threads: Vec<_> = bodies
+    let batched: Vec<_> = concurrent(addr, ROUTE, bodies.clone())
         .iter()
-        .cloned()
-        .map(|b| std::thread::spawn(move || post_json(addr, ROUTE, &b)))
-        .collect();
-    let batched: Vec<_> = threads
-        .into_iter()
-        .map(|t| {
-            let r = t.join().unwrap();
+        .map(|r| {
             assert_eq!(r.status, 200, "{}", r.text());
             joints(&r.json()["data"][0])
         })

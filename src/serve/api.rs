@@ -364,7 +364,8 @@ pub fn max_side(pipe: &Pipeline) -> usize {
     4 * pipe.unet.config.sample_size.unwrap_or(64) * pipe.vae_scale_factor()
 }
 
-fn check_prompt(pipe: &Pipeline, param: &str, prompt: &str) -> Result<(), ApiError> {
+/// The cap on a prompt's bytes, before any tokenizing.
+pub fn check_prompt_bytes(param: &str, prompt: &str) -> Result<(), ApiError> {
     if prompt.len() > MAX_PROMPT_BYTES {
         return Err(ApiError::invalid(
             param,
@@ -374,6 +375,11 @@ fn check_prompt(pipe: &Pipeline, param: &str, prompt: &str) -> Result<(), ApiErr
             ),
         ));
     }
+    Ok(())
+}
+
+fn check_prompt(pipe: &Pipeline, param: &str, prompt: &str) -> Result<(), ApiError> {
+    check_prompt_bytes(param, prompt)?;
     let tokens = pipe
         .tokenizer
         .encode(prompt)

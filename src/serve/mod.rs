@@ -273,7 +273,8 @@ impl MotionSpec {
     }
 }
 
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM.
+async fn signalled() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -292,26 +293,14 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// The first signal starts a graceful shutdown; a second exits at once.
+async fn shutdown_signal() {
+    signalled().await;
     println!("shutting down: finishing in-flight requests (a second signal exits at once)");
     tokio::spawn(async {
-        let ctrl_c = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term => {},
-        }
+        signalled().await;
         eprintln!("second signal: exiting now");
         std::process::exit(130);
     });

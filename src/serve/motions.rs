@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::api::{random_seed, ApiError, MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_STEPS};
+use super::api::{check_prompt_bytes, random_seed, ApiError, MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS};
 use super::batcher::{run_in_chunks, BatchModel};
 use crate::motion::io::{JointsFile, MotionFormat};
 use crate::motion::{Pose, FPS};
@@ -313,15 +313,7 @@ impl MotionRequest {
 }
 
 fn check_prompt(model: &MotionModel, param: &str, prompt: &str) -> Result<(), ApiError> {
-    if prompt.len() > MAX_PROMPT_BYTES {
-        return Err(ApiError::invalid(
-            param,
-            format!(
-                "{param} is {} bytes, at most {MAX_PROMPT_BYTES} are accepted",
-                prompt.len()
-            ),
-        ));
-    }
+    check_prompt_bytes(param, prompt)?;
     let enc = &model.pipe.encoder;
     let cut = enc
         .truncates(prompt)

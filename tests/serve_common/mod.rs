@@ -147,6 +147,32 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp
     )
 }
 
+/// Send a POST with a JSON body and return the open connection without reading the answer (to
+/// hang up early, or to read it raw).
+pub fn post_raw(addr: SocketAddr, path: &str, body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    s
+}
+
+/// Fire POSTs from threads at once; responses in order.
+pub fn concurrent(
+    addr: SocketAddr,
+    path: &'static str,
+    bodies: Vec<serde_json::Value>,
+) -> Vec<Resp> {
+    let threads: Vec<_> = bodies
+        .into_iter()
+        .map(|b| std::thread::spawn(move || post_json(addr, path, &b)))
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 /// Assert the `{"error": {"message", "type", "param"}}` shape and return (type, param).
 pub fn error_of(r: &Resp) -> (String, Option<String>) {
     let v = r.json();
