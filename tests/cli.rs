@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::fixtures;
+use serde_json::{json, Value};
 
 fn lcm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lcm"))
@@ -306,6 +307,127 @@ fn broken_model_folders_are_named_in_the_error() {
     expect_error(
         &["generate", "--model", m3.to_str().unwrap(), "--prompt", "x"],
         &["U-Net", "shape"],
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Model files that once crashed or hung `lcm` (issue 28): absurd config values, non-finite
+/// weights, a shard index pointing outside the folder. Each is refused before any work, in one
+/// line naming the file and the field or tensor.
+#[test]
+fn absurd_configs_non_finite_weights_and_escaping_shards_are_refused() {
+    let dir = tmp_dir("absurd");
+    let src = fixtures().join("tiny-lcm");
+    let copy = |name: &str| -> PathBuf {
+        let dst = dir.join(name);
+        for entry in walk(&src) {
+            let to = dst.join(entry.strip_prefix(&src).unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &to).unwrap();
+        }
+        dst
+    };
+    let generate = |m: &Path, needles: &[&str]| {
+        expect_error(
+            &[
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+            ],
+            needles,
+        );
+    };
+    let cases: &[(&str, &str, Value, &[&str])] = &[
+        (
+            "unet/config.json",
+            "sample_size",
+            json!(1_000_000),
+            &["unet/config.json", "sample_size"],
+        ),
+        (
+            "unet/config.json",
+            "attention_head_dim",
+            json!(0),
+            &["unet/config.json", "attention heads"],
+        ),
+        (
+            "unet/config.json",
+            "block_out_channels",
+            json!([32, 64, 1_000_000_000]),
+            &["block_out_channels"],
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            json!(1_000_000_000),
+            &["scheduler_config.json", "num_train_timesteps"],
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            "beta_end",
+            json!(2.0),
+            &["scheduler_config.json", "beta_start/beta_end"],
+        ),
+        (
+            "text_encoder/config.json",
+            "vocab_size",
+            json!(0),
+            &["text_encoder/config.json", "vocab_size"],
+        ),
+        (
+            "vae/config.json",
+            "scaling_factor",
+            json!(0.0),
+            &["vae/config.json", "scaling_factor"],
+        ),
+    ];
+    for (i, (file, key, value, needles)) in cases.iter().enumerate() {
+        let m = copy(&format!("c{i}"));
+        let path = m.join(file);
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[*key] = value.clone();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        generate(&m, needles);
+    }
+    // A NaN in one weight tensor (it would make black images without an error).
+    let m = copy("nan");
+    let file = m.join("unet/diffusion_pytorch_model.safetensors");
+    let mut ts = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let name = ts
+        .keys()
+        .find(|k| k.contains("conv_in.weight"))
+        .unwrap()
+        .clone();
+    let t = &ts[&name];
+    let nan = candle_core::Tensor::full(f32::NAN, t.shape(), &candle_core::Device::Cpu)
+        .unwrap()
+        .to_dtype(t.dtype())
+        .unwrap();
+    ts.insert(name.clone(), nan);
+    candle_core::safetensors::save(&ts, &file).unwrap();
+    generate(
+        &m,
+        &["unet/diffusion_pytorch_model.safetensors", &name, "NaN"],
+    );
+    // A shard index whose file name leaves the component folder.
+    let m = copy("shards");
+    std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(
+        m.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+        json!({"weight_map": {"conv_in.weight": "../vae/diffusion_pytorch_model.safetensors"}})
+            .to_string(),
+    )
+    .unwrap();
+    generate(&m, &["index.json", "not a file name in the model folder"]);
+    // A relative path that does not exist is a path, not a hub id to download.
+    expect_error(
+        &["generate", "--model", "../no-such-model", "--prompt", "x"],
+        &["../no-such-model", "neither a folder"],
     );
     std::fs::remove_dir_all(dir).ok();
 }

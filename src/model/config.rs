@@ -14,6 +14,22 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
 }
 
+/// A config number outside what any real model uses (so that an absurd value is an error, not
+/// an allocation failure, a division by zero or hours of work).
+fn in_range(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if !(lo..=hi).contains(&v) {
+        bail!("{field} {v} is out of range ({lo} to {hi})")
+    }
+    Ok(())
+}
+
+fn finite_in(field: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+    if !(v.is_finite() && v >= lo && v <= hi) {
+        bail!("{field} {v} is out of range ({lo} to {hi})")
+    }
+    Ok(())
+}
+
 /// Read, parse and check a config; every error names the file.
 pub fn load_checked<T: DeserializeOwned>(
     path: &Path,
@@ -144,6 +160,29 @@ impl UNetConfig {
         if n == 0 {
             bail!("block_out_channels is empty")
         }
+        in_range("the number of blocks", n, 1, 8)?;
+        in_range("norm_num_groups", self.norm_num_groups, 1, 1024)?;
+        for &c in &self.block_out_channels {
+            in_range("block_out_channels", c, 1, 16384)?;
+            if c % self.norm_num_groups != 0 {
+                bail!(
+                    "block_out_channels {c} is not divisible by norm_num_groups {}",
+                    self.norm_num_groups
+                )
+            }
+        }
+        in_range("in_channels", self.in_channels, 1, 64)?;
+        in_range("out_channels", self.out_channels, 1, 64)?;
+        in_range("cross_attention_dim", self.cross_attention_dim, 1, 16384)?;
+        if let Some(s) = self.sample_size {
+            in_range("sample_size", s, 1, 1024)?;
+        }
+        if let Some(d) = self.time_cond_proj_dim {
+            in_range("time_cond_proj_dim", d, 1, 16384)?;
+        }
+        if let Some(d) = self.time_embedding_dim {
+            in_range("time_embedding_dim", d, 1, 65536)?;
+        }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!(
                 "down_block_types/up_block_types must have one entry per block_out_channels entry"
@@ -212,9 +251,18 @@ impl UNetConfig {
                 }
             }
         }
-        self.heads()?;
-        self.layers()?;
-        self.transformer_layers()?;
+        for (heads, &c) in self.heads()?.into_iter().zip(&self.block_out_channels) {
+            in_range("attention heads (attention_head_dim)", heads, 1, c)?;
+            if c % heads != 0 {
+                bail!("block_out_channels {c} is not divisible into {heads} attention heads")
+            }
+        }
+        for l in self.layers()? {
+            in_range("layers_per_block", l, 1, 32)?;
+        }
+        for l in self.transformer_layers()? {
+            in_range("transformer_layers_per_block", l, 1, 32)?;
+        }
         Ok(())
     }
 
@@ -280,18 +328,37 @@ fn sd_scaling() -> f64 {
 
 impl VaeConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let cfg: Self = read_json(path)?;
-        if cfg.block_out_channels.is_empty() {
-            bail!("{}: block_out_channels is empty", path.display())
-        }
-        if cfg.act_fn != "silu" {
-            bail!(
-                "{}: act_fn {:?} is not supported",
-                path.display(),
-                cfg.act_fn
-            )
-        }
-        Ok(cfg)
+        load_checked(path, |cfg: &Self| {
+            if cfg.block_out_channels.is_empty() {
+                bail!("block_out_channels is empty")
+            }
+            if cfg.act_fn != "silu" {
+                bail!("act_fn {:?} is not supported", cfg.act_fn)
+            }
+            in_range("the number of blocks", cfg.block_out_channels.len(), 1, 8)?;
+            in_range("norm_num_groups", cfg.norm_num_groups, 1, 1024)?;
+            for &c in &cfg.block_out_channels {
+                in_range("block_out_channels", c, 1, 16384)?;
+                if c % cfg.norm_num_groups != 0 {
+                    bail!(
+                        "block_out_channels {c} is not divisible by norm_num_groups {}",
+                        cfg.norm_num_groups
+                    )
+                }
+            }
+            in_range("in_channels", cfg.in_channels, 1, 64)?;
+            in_range("out_channels", cfg.out_channels, 1, 64)?;
+            in_range("latent_channels", cfg.latent_channels, 1, 64)?;
+            in_range("layers_per_block", cfg.layers_per_block, 1, 32)?;
+            if let Some(s) = cfg.sample_size {
+                in_range("sample_size", s, 1, 16384)?;
+            }
+            finite_in("scaling_factor", cfg.scaling_factor, 1e-6, 1e6)?;
+            if let Some(s) = cfg.shift_factor {
+                finite_in("shift_factor", s, -1e6, 1e6)?;
+            }
+            Ok(())
+        })
     }
 
     /// Pixels per latent cell along each side: 2^(number of blocks − 1).
@@ -330,6 +397,22 @@ impl ClipTextConfig {
         let value = value.get("text_config").cloned().unwrap_or(value);
         let cfg: Self = serde_json::from_value(value)
             .with_context(|| format!("invalid text encoder config {}", path.display()))?;
+        let ranges = [
+            ("vocab_size", cfg.vocab_size, 1, 1 << 20),
+            ("hidden_size", cfg.hidden_size, 1, 16384),
+            ("intermediate_size", cfg.intermediate_size, 1, 65536),
+            ("num_hidden_layers", cfg.num_hidden_layers, 1, 128),
+            ("num_attention_heads", cfg.num_attention_heads, 1, 256),
+            (
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                2,
+                8192,
+            ),
+        ];
+        for (field, v, lo, hi) in ranges {
+            in_range(field, v, lo, hi).with_context(|| path.display().to_string())?;
+        }
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "{}: hidden_size {} is not divisible by num_attention_heads {}",
@@ -423,8 +506,36 @@ impl SchedulerConfig {
                 &format!("{:?} is not supported", cfg.timestep_spacing),
             )?
         }
-        if cfg.num_train_timesteps == 0 {
-            bad("num_train_timesteps", "must be positive")?
+        if !(1..=100_000).contains(&cfg.num_train_timesteps) {
+            bad(
+                "num_train_timesteps",
+                &format!("{} is out of range (1 to 100000)", cfg.num_train_timesteps),
+            )?
+        }
+        let betas_ok = cfg.beta_start.is_finite()
+            && cfg.beta_end.is_finite()
+            && 0.0 < cfg.beta_start
+            && cfg.beta_start <= cfg.beta_end
+            && cfg.beta_end < 1.0;
+        if !betas_ok {
+            bad(
+                "beta_start/beta_end",
+                &format!(
+                    "{} / {} must satisfy 0 < start ≤ end < 1",
+                    cfg.beta_start, cfg.beta_end
+                ),
+            )?
+        }
+        if let Some(k) = cfg.original_inference_steps {
+            if !(1..=cfg.num_train_timesteps).contains(&k) {
+                bad(
+                    "original_inference_steps",
+                    &format!("{k} must be between 1 and num_train_timesteps"),
+                )?
+            }
+        }
+        if cfg.steps_offset >= cfg.num_train_timesteps {
+            bad("steps_offset", "must be below num_train_timesteps")?
         }
         Ok(cfg)
     }

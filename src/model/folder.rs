@@ -187,11 +187,21 @@ fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
         .get("weight_map")
         .and_then(|m| m.as_object())
         .with_context(|| format!("{}: no weight_map", index.display()))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| index.with_file_name(f))
-        .collect();
+    let mut files = Vec::new();
+    for f in map.values().filter_map(|f| f.as_str()) {
+        // A shard is a file beside its index: no folders, no `..`, no absolute path.
+        let plain = matches!(
+            Path::new(f).components().collect::<Vec<_>>().as_slice(),
+            [std::path::Component::Normal(_)]
+        );
+        if !plain {
+            bail!(
+                "{}: shard {f:?} is not a file name in the model folder",
+                index.display()
+            )
+        }
+        files.push(index.with_file_name(f));
+    }
     files.sort();
     files.dedup();
     for f in &files {

@@ -199,9 +199,11 @@ pub fn repo_root() -> PathBuf {
 
 fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
+    // `../x` and `./x` are paths (that do not exist), never an organisation named `..`.
     parts.len() == 2
         && parts.iter().all(|p| {
             !p.is_empty()
+                && !p.starts_with('.')
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
