@@ -431,9 +431,11 @@ fn api_key_guards_every_route_but_health_and_the_page() {
             assert_eq!(r.header("www-authenticate"), Some("Bearer"));
         }
     }
-    for path in ["/healthz", "/", "/app.js"] {
+    for path in ["/healthz", "/", "/app.js", "/motion.js", "/openapi.json"] {
         assert_eq!(get(addr, path).status, 200, "{path}");
     }
+    // Health checks by HEAD too (load balancers use it).
+    assert_eq!(request(addr, "HEAD", "/healthz", &[], b"").status, 200);
     assert_eq!(request(addr, "GET", "/v1/models", &auth, b"").status, 200);
     assert_eq!(request(addr, "GET", "/metrics", &auth, b"").status, 200);
     let r = request(

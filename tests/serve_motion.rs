@@ -276,7 +276,9 @@ fn bad_motion_requests_get_a_json_4xx_and_the_server_keeps_serving() {
         assert_eq!(kind, "invalid_request_error", "{body}");
         assert_eq!(p.as_deref(), Some(*param), "{body}: {}", r.text());
     }
-    for raw in [&b"{not json"[..], b"[]", b"\"x\""] {
+    // Not JSON, not an object, or one object followed by more.
+    let trailing = br#"{"prompt": "x"} {"prompt": "y"}"#;
+    for raw in [&b"{not json"[..], b"[]", b"\"x\"", &trailing[..]] {
         let r = request(addr, "POST", ROUTE, &[], raw);
         assert_eq!(r.status, 400, "{}", r.text());
         error_of(&r);

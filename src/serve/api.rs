@@ -136,10 +136,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parse a JSON body, naming the offending field on failure.
+/// Parse a JSON body (one value: trailing bytes other than whitespace are refused), naming the
+/// offending field on failure.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(de_error)
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(de_error)?;
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    Ok(value)
 }
 
 /// Deserialize an already parsed JSON value, naming the offending field on failure.

@@ -591,7 +591,7 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
         return next.run(req).await;
     };
     let path = req.uri().path();
-    if OPEN_PATHS.contains(&path) && req.method() == Method::GET {
+    if OPEN_PATHS.contains(&path) && matches!(*req.method(), Method::GET | Method::HEAD) {
         return next.run(req).await;
     }
     let given = req

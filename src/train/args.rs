@@ -53,6 +53,10 @@ pub struct TrainArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 500)]
     pub save_every: u64,
+    /// Keep only the newest N checkpoints (0: keep all, as diffusers' checkpoints_total_limit
+    /// unset).
+    #[arg(long, default_value_t = 0)]
+    pub keep_checkpoints: usize,
     /// Every N steps write samples/step-N.png (0: never).
     #[arg(long, default_value_t = 500)]
     pub sample_every: u64,
@@ -166,6 +170,7 @@ impl TrainArgs {
             run_dir: self.output.clone(),
             last_step: self.last_step(d)?,
             save_every: self.save_every,
+            keep_checkpoints: self.keep_checkpoints,
             sample_every: self.sample_every,
         })
     }

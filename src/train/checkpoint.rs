@@ -45,7 +45,48 @@ pub fn save(
             final_dir.display()
         )
     })?;
+    remove_stale(run_dir)?;
     Ok(final_dir)
+}
+
+/// Remove half-written checkpoints (`.checkpoint-*.tmp<pid>`) that a killed run left behind.
+fn remove_stale(run_dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(run_dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp") && path.is_dir() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Keep the `keep` complete checkpoints with the highest steps under `run_dir`, remove the rest.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(run_dir)? {
+        let path = entry?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(step) = step {
+            if path.join(STATE_FILE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    for (_, path) in found.into_iter().skip(keep.max(1)) {
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The complete checkpoint with the highest step under `run_dir`, if any.
@@ -110,6 +151,27 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temporaries_go_and_only_the_newest_are_kept() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lcm-ckpt-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // What a run killed mid-checkpoint leaves.
+        std::fs::create_dir_all(dir.join(".checkpoint-00000003.tmp4242"))?;
+        let t = HashMap::from([("w".to_string(), Tensor::new(&[1f32], &Device::Cpu)?)]);
+        for step in [1, 2, 4, 5] {
+            save(&dir, step, &[("m", &t)], &serde_json::json!({}))?;
+        }
+        assert!(!dir.join(".checkpoint-00000003.tmp4242").exists());
+        prune(&dir, 2)?;
+        let mut left: Vec<String> = std::fs::read_dir(&dir)?
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["checkpoint-00000004", "checkpoint-00000005"]);
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
 
     #[test]
     fn save_then_latest_then_load() -> Result<()> {

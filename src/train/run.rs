@@ -48,6 +48,8 @@ pub struct Plan {
     pub last_step: u64,
     /// Checkpoint every N steps (0: only at the end).
     pub save_every: u64,
+    /// Keep the newest N checkpoints (0: all).
+    pub keep_checkpoints: usize,
     /// Samples every N steps (0: never).
     pub sample_every: u64,
 }
@@ -74,6 +76,18 @@ impl<T: Task> Run<T> {
     /// A checkpoint of the current step under `run_dir/checkpoints`.
     pub fn save(&self, run_dir: &Path) -> Result<PathBuf> {
         self.state.save(run_dir, &self.task.settings())
+    }
+
+    /// [`save`](Self::save), then only the newest `plan.keep_checkpoints` kept.
+    fn save_and_prune(&self, plan: &Plan) -> Result<PathBuf> {
+        let dir = self.save(&plan.run_dir)?;
+        if plan.keep_checkpoints > 0 {
+            crate::train::checkpoint::prune(
+                &plan.run_dir.join("checkpoints"),
+                plan.keep_checkpoints,
+            )?;
+        }
+        Ok(dir)
     }
 
     /// Continue from a checkpoint or run folder made with the same settings.
@@ -103,7 +117,7 @@ impl<T: Task> Run<T> {
             log.record(&m)?;
             let step = m.step;
             if plan.save_every > 0 && step.is_multiple_of(plan.save_every) {
-                self.save(&plan.run_dir)?;
+                self.save_and_prune(plan)?;
                 self.task.on_checkpoint(&self.state, &plan.run_dir)?;
             }
             if plan.sample_every > 0 && step.is_multiple_of(plan.sample_every) {
@@ -112,7 +126,7 @@ impl<T: Task> Run<T> {
             }
         }
         log.finish();
-        self.save(&plan.run_dir)?;
+        self.save_and_prune(plan)?;
         self.task.export(&self.state, &plan.run_dir)
     }
 }
