@@ -766,6 +766,45 @@ fn sigterm_cancels_work_left_after_the_grace_period() {
 }
 
 #[test]
+fn idle_and_trickling_connections_are_closed_and_connections_are_capped() {
+    use std::io::{Read, Write};
+    let srv = server(ServeConfig {
+        header_timeout: Duration::from_secs(1),
+        max_connections: 3,
+        ..cfg()
+    });
+    let addr = srv.addr();
+    let closed_within = |s: &mut std::net::TcpStream, limit: Duration| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 256];
+        // EOF (or a reset) once the server closes it; a read timeout means it stayed open.
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) if t.elapsed() < limit => t.elapsed(),
+            r => panic!("still open after {:?}: {r:?}", t.elapsed()),
+        }
+    };
+    // Three connections: one idle, one trickling half a header, one that never speaks.
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    let mut trickle = std::net::TcpStream::connect(addr).unwrap();
+    trickle
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut third = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // A fourth is over the cap: 503 in the JSON error shape, then closed.
+    let r = get(addr, "/healthz");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(error_of(&r).0, "rate_limit_error");
+    // The header timeout closes all three.
+    for s in [&mut idle, &mut trickle, &mut third] {
+        closed_within(s, Duration::from_secs(5));
+    }
+    // Slots are free again.
+    assert_eq!(get(addr, "/healthz").status, 200);
+}
+
+#[test]
 fn serve_flags_are_checked_before_binding() {
     for (args, needle) in [
         (vec!["serve", "--max-batch", "0"], "--max-batch"),
@@ -779,6 +818,7 @@ fn serve_flags_are_checked_before_binding() {
             "--batch-window-ms",
         ),
         (vec!["serve", "--url-ttl-s", "99999999999"], "--url-ttl-s"),
+        (vec!["serve", "--max-connections", "0"], "--max-connections"),
     ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_lcm"))
             .args(&args)

@@ -12,11 +12,12 @@
 pub mod api;
 pub mod batcher;
 pub mod images;
+pub mod listen;
 pub mod metrics;
 pub mod motions;
 pub mod openapi;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -75,6 +76,10 @@ pub struct ServeConfig {
     pub max_request_cost: f64,
     /// Most work waiting in one model's queue; more gets 429.
     pub max_queued_cost: f64,
+    /// Headers must arrive within this; idle keep-alive connections close after it.
+    pub header_timeout: Duration,
+    /// Most open connections; more are answered 503 and closed.
+    pub max_connections: usize,
 }
 
 impl Default for ServeConfig {
@@ -89,6 +94,8 @@ impl Default for ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             max_request_cost: 1000.0,
             max_queued_cost: 4000.0,
+            header_timeout: Duration::from_secs(30),
+            max_connections: 256,
         }
     }
 }
@@ -134,6 +141,14 @@ pub struct ServeArgs {
     /// Most work waiting per model (same units); more is answered 429.
     #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_queued_cost: u64,
+    /// Seconds a client has to send a request's headers; idle keep-alive connections are
+    /// closed after as long.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_s: u64,
+    /// Most open connections (keep it below the process's file-descriptor limit); more are
+    /// answered 503 and closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_connections: u64,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
 }
@@ -190,6 +205,8 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         max_request_cost: args.max_request_cost as f64,
         max_queued_cost: args.max_queued_cost as f64,
+        header_timeout: Duration::from_secs(args.header_timeout_s),
+        max_connections: args.max_connections as usize,
     };
     let addr = listener.local_addr()?;
     println!(
@@ -412,9 +429,11 @@ pub async fn serve(
         shutdown.await;
         let _ = fired.send(true);
     };
-    let server = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(signal)
-        .into_future();
+    let limits = listen::ConnLimits {
+        header_timeout: state.cfg.header_timeout,
+        max_connections: state.cfg.max_connections,
+    };
+    let server = listen::serve_connections(listener, router(state.clone()), limits, signal);
     let grace = state.cfg.shutdown_grace;
     let grace_over = async move {
         let _ = fired_rx.wait_for(|f| *f).await;
