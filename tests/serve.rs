@@ -670,6 +670,30 @@ fn work_over_the_request_and_queue_budgets_is_refused() {
 }
 
 #[test]
+fn work_that_cannot_finish_by_its_deadline_is_refused_up_front() {
+    let srv = server(ServeConfig {
+        timeout: Duration::from_secs(3),
+        ..cfg()
+    });
+    let addr = srv.addr();
+    // A cheap request measures the pace (seconds per unit of cost)…
+    let r = post_json(addr, GEN, &json!({"prompt": "x", "steps": 4}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // …by which 10 images at 64² × 25 steps (1000 units, at the cap) take far longer than 3 s.
+    let big = json!({"prompt": "x", "n": 10, "size": "64x64", "steps": 25, "sampler": "ddim"});
+    let r = post_json(addr, GEN, &big);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("more than the server's deadline"),
+        "{}",
+        r.text()
+    );
+    // Nothing of it ran.
+    let text = metrics(addr);
+    assert_eq!(metric(&text, "lcm_generated_total{model=\"image\"}"), 1.0);
+}
+
+#[test]
 fn a_running_batch_stops_at_its_deadline() {
     let srv = server(ServeConfig {
         timeout: Duration::from_millis(1500),

@@ -122,6 +122,14 @@ pub enum SubmitError {
     QueueFull {
         retry_after_s: u64,
     },
+    /// The work ahead of this job would take it past its deadline; try again after this long.
+    TooBusy {
+        retry_after_s: u64,
+    },
+    /// Alone, this job would take longer than its deadline allows (at the pace measured).
+    TooSlow {
+        seconds: f64,
+    },
     ShuttingDown,
 }
 
@@ -147,6 +155,9 @@ struct Shared<M: BatchModel> {
     metrics: Arc<Metrics>,
     /// Exponential average of a batch's run time, microseconds (for Retry-After).
     avg_batch_us: AtomicU64,
+    /// Seconds per unit of cost (exponential average over finished batches; 0 until one has
+    /// run) and the cost of the batch running now: how long the work ahead of a new job takes.
+    pace: Mutex<(f64, f64)>,
 }
 
 pub struct Batcher<M: BatchModel> {
@@ -169,6 +180,7 @@ impl<M: BatchModel> Batcher<M> {
             aborting: AtomicBool::new(false),
             metrics,
             avg_batch_us: AtomicU64::new(0),
+            pace: Mutex::new((0.0, 0.0)),
         });
         shared.metrics.set_queue_depth(shared.model.kind(), 0);
         let worker = tokio::spawn(worker(shared.clone()));
@@ -208,6 +220,25 @@ impl<M: BatchModel> Batcher<M> {
             let retry_after_s = (batches * avg_us).div_ceil(1_000_000).max(1);
             s.metrics.set_queue_depth(s.model.kind(), q.len());
             return Err(SubmitError::QueueFull { retry_after_s });
+        }
+        // At the pace measured so far, would the work ahead (running and queued) and this job's
+        // own finish before its deadline? If not, say so now instead of a 504 later.
+        let (secs_per_cost, running) = *lock(&s.pace);
+        if secs_per_cost > 0.0 {
+            let own = cost * secs_per_cost;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            if own > left {
+                return Err(SubmitError::TooSlow { seconds: own });
+            }
+            let ahead = (running + queued_cost) * secs_per_cost;
+            if ahead + own > left {
+                s.metrics.set_queue_depth(s.model.kind(), q.len());
+                return Err(SubmitError::TooBusy {
+                    retry_after_s: (ahead.ceil() as u64).max(1),
+                });
+            }
         }
         q.push_back(Pending {
             job,
@@ -319,6 +350,8 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
         let sizes: Vec<usize> = batch.iter().map(|p| p.units).collect();
         let units: usize = sizes.iter().sum();
         let deadlines: Vec<Instant> = batch.iter().map(|p| p.deadline).collect();
+        let batch_cost: f64 = batch.iter().map(|p| p.cost).sum();
+        lock(&s.pace).1 = batch_cost;
         let (jobs, txs): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.job, p.tx)).unzip();
         let model = s.model.clone();
         let shared = s.clone();
@@ -342,6 +375,20 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
         };
         let secs = t.elapsed().as_secs_f64();
         s.metrics.batch(kind, units, secs);
+        {
+            // Only batches that ran to their end say how long work takes.
+            let finished = matches!(&results, Ok(r) if r.iter().all(|r| r.is_ok()));
+            let mut pace = lock(&s.pace);
+            if finished && batch_cost > 0.0 {
+                let now = secs / batch_cost;
+                pace.0 = if pace.0 == 0.0 {
+                    now
+                } else {
+                    0.75 * pace.0 + 0.25 * now
+                };
+            }
+            pace.1 = 0.0;
+        }
         let prev = s.avg_batch_us.load(Ordering::Relaxed);
         let now_us = (secs * 1e6) as u64;
         let avg = if prev == 0 {

@@ -765,6 +765,23 @@ async fn run_job<M: BatchModel>(
                 "the queue is full (requests or queued work), retry later",
             )
         },
+        SubmitError::TooBusy { retry_after_s } => ApiError {
+            retry_after_s: Some(retry_after_s),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "the work queued ahead would not let this request finish within {} s; \
+                     retry later",
+                    st.cfg.timeout.as_secs_f64()
+                ),
+            )
+        },
+        SubmitError::TooSlow { seconds } => ApiError::bad_request(format!(
+            "this request would take about {seconds:.0} s here, more than the server's \
+             deadline of {} s: ask for less work",
+            st.cfg.timeout.as_secs_f64()
+        )),
         SubmitError::ShuttingDown => shutting_down(),
     })?;
     let timeout = || {
