@@ -115,8 +115,16 @@ fn openai_route_returns_pngs_with_reproducible_per_image_seeds() {
 fn url_response_format_serves_the_png_from_memory() {
     let srv = server(cfg());
     let body = json!({"prompt": "a red car", "response_format": "url", "steps": 1, "seed": 3});
-    let r = post_json(srv.addr(), "/v1/images/generations", &body);
+    // A forged Host header does not make the link (the server's own address does).
+    let r = request(
+        srv.addr(),
+        "POST",
+        GEN,
+        &[("Host", "evil.example")],
+        body.to_string().as_bytes(),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains("evil.example"), "{}", r.text());
     let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
     let path = url
         .strip_prefix(&format!("http://{}", srv.addr()))
@@ -142,6 +150,14 @@ fn url_response_format_serves_the_png_from_memory() {
         .to_string();
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(get(srv.addr(), &path).status, 404);
+    // Behind a proxy: --public-url.
+    let srv = server(ServeConfig {
+        public_url: Some("https://lcm.example.org/".into()),
+        ..cfg()
+    });
+    let r = post_json(srv.addr(), GEN, &body);
+    let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("https://lcm.example.org/v1/images/files/"), "{url}");
 }
 
 #[test]

@@ -224,7 +224,15 @@ impl<M: BatchModel> Batcher<M> {
         // At the pace measured so far, would the work ahead (running and queued) and this job's
         // own finish before its deadline? If not, say so now instead of a 504 later.
         let (secs_per_cost, running) = *lock(&s.pace);
-        if secs_per_cost > 0.0 {
+        if secs_per_cost == 0.0 {
+            // No batch has finished yet, so the pace is unknown: queue one batch's worth at most
+            // (the first burst still batches) rather than work that may all miss its deadline.
+            let queued_units: usize = q.iter().map(|p| p.units).sum();
+            if running > 0.0 && queued_units + units > s.cfg.max_batch {
+                s.metrics.set_queue_depth(s.model.kind(), q.len());
+                return Err(SubmitError::TooBusy { retry_after_s: 1 });
+            }
+        } else {
             let own = cost * secs_per_cost;
             let left = deadline
                 .saturating_duration_since(Instant::now())
@@ -233,7 +241,8 @@ impl<M: BatchModel> Batcher<M> {
                 return Err(SubmitError::TooSlow { seconds: own });
             }
             let ahead = (running + queued_cost) * secs_per_cost;
-            if ahead + own > left {
+            // A margin: the other model's batches share the cores, and the pace varies.
+            if 1.25 * (ahead + own) > left {
                 s.metrics.set_queue_depth(s.model.kind(), q.len());
                 return Err(SubmitError::TooBusy {
                     retry_after_s: (ahead.ceil() as u64).max(1),

@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -80,6 +80,9 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// Most open connections; more are answered 503 and closed.
     pub max_connections: usize,
+    /// The base of `response_format: "url"` links (e.g. behind a proxy); default: the address
+    /// the server listens on. The request's Host header is never used.
+    pub public_url: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -96,6 +99,7 @@ impl Default for ServeConfig {
             max_queued_cost: 4000.0,
             header_timeout: Duration::from_secs(30),
             max_connections: 256,
+            public_url: None,
         }
     }
 }
@@ -149,6 +153,10 @@ pub struct ServeArgs {
     /// answered 503 and closed.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub max_connections: u64,
+    /// The base of `response_format: "url"` image links, e.g. https://lcm.example.org behind a
+    /// proxy (default: http:// and the listening address; the Host header is never trusted).
+    #[arg(long)]
+    pub public_url: Option<String>,
     #[command(flatten)]
     pub runtime: crate::runtime::RuntimeArgs,
 }
@@ -160,6 +168,13 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
     }
     if args.api_key.as_deref() == Some("") {
         anyhow::bail!("--api-key must not be empty")
+    }
+    if let Some(u) = &args.public_url {
+        let ok = (u.starts_with("http://") || u.starts_with("https://"))
+            && !u.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            anyhow::bail!("--public-url must be an http:// or https:// URL, got {u:?}")
+        }
     }
     let (device, dtype) = args.runtime.resolve()?;
     let image = if args.model.model.as_deref() == Some("none") {
@@ -207,6 +222,7 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
         max_queued_cost: args.max_queued_cost as f64,
         header_timeout: Duration::from_secs(args.header_timeout_s),
         max_connections: args.max_connections as usize,
+        public_url: args.public_url.clone(),
     };
     let addr = listener.local_addr()?;
     println!(
@@ -394,6 +410,10 @@ pub async fn serve(
 ) -> Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let base_url = match &cfg.public_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
     let metrics = Arc::new(Metrics::default());
     let batch_cfg = BatchConfig {
         max_batch: cfg.max_batch,
@@ -420,6 +440,7 @@ pub async fn serve(
         metrics,
         urls: UrlStore::new(cfg.url_ttl, URL_STORE_CAP),
         created: unix_now(),
+        base_url,
         cfg,
     });
     // Shutdown: stop accepting, let in-flight requests finish for the grace period, then cancel
@@ -462,6 +483,8 @@ pub struct AppState {
     urls: UrlStore,
     cfg: ServeConfig,
     created: u64,
+    /// What `url` links start with.
+    base_url: String,
 }
 
 impl AppState {
@@ -842,12 +865,11 @@ fn b64(bytes: &[u8]) -> String {
     ))]
 async fn openai_generations(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
     let body = body.map_err(body_error)?;
     let req: OpenAiRequest = api::parse_json(&body)?;
-    openai_images(&st, &headers, req, None).await
+    openai_images(&st, req, None).await
 }
 
 /// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, `n`, `size`,
@@ -864,7 +886,6 @@ async fn openai_generations(
     ))]
 async fn openai_edits(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     form: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
     let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", msg);
@@ -906,13 +927,12 @@ async fn openai_edits(
         return Err(ApiError::invalid("image", "the form has no image"));
     };
     let req = OpenAiRequest::from_form(fields)?;
-    openai_images(&st, &headers, req, Some(image)).await
+    openai_images(&st, req, Some(image)).await
 }
 
 /// Generations and edits: the job, run, and OpenAI's response shape.
 async fn openai_images(
     st: &AppState,
-    headers: &HeaderMap,
     req: OpenAiRequest,
     init: Option<image::RgbImage>,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
@@ -921,10 +941,6 @@ async fn openai_images(
     let model = batcher.model();
     let job = req.to_job(&model.pipe, &model.id, init)?;
     let images = run_job(st, batcher, job).await?;
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
     let data = images
         .into_iter()
         .map(|img| match format {
@@ -937,7 +953,8 @@ async fn openai_images(
             ResponseFormat::Url => OpenAiImage {
                 b64_json: None,
                 url: Some(format!(
-                    "http://{host}/v1/images/files/{}.png",
+                    "{}/v1/images/files/{}.png",
+                    st.base_url,
                     st.urls.put(img.png)
                 )),
                 revised_prompt: None,
