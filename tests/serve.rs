@@ -157,7 +157,10 @@ fn url_response_format_serves_the_png_from_memory() {
     });
     let r = post_json(srv.addr(), GEN, &body);
     let url = r.json()["data"][0]["url"].as_str().unwrap().to_string();
-    assert!(url.starts_with("https://lcm.example.org/v1/images/files/"), "{url}");
+    assert!(
+        url.starts_with("https://lcm.example.org/v1/images/files/"),
+        "{url}"
+    );
 }
 
 #[test]

@@ -23,6 +23,19 @@ fn in_range(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
     Ok(())
 }
 
+/// The levels of a UNet or VAE: at most 8, each width in range and divisible by GroupNorm's groups.
+fn check_blocks(channels: &[usize], groups: usize) -> Result<()> {
+    in_range("the number of blocks", channels.len(), 1, 8)?;
+    in_range("norm_num_groups", groups, 1, 1024)?;
+    for &c in channels {
+        in_range("block_out_channels", c, 1, 16384)?;
+        if c % groups != 0 {
+            bail!("block_out_channels {c} is not divisible by norm_num_groups {groups}")
+        }
+    }
+    Ok(())
+}
+
 fn finite_in(field: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
     if !(v.is_finite() && v >= lo && v <= hi) {
         bail!("{field} {v} is out of range ({lo} to {hi})")
@@ -160,17 +173,7 @@ impl UNetConfig {
         if n == 0 {
             bail!("block_out_channels is empty")
         }
-        in_range("the number of blocks", n, 1, 8)?;
-        in_range("norm_num_groups", self.norm_num_groups, 1, 1024)?;
-        for &c in &self.block_out_channels {
-            in_range("block_out_channels", c, 1, 16384)?;
-            if c % self.norm_num_groups != 0 {
-                bail!(
-                    "block_out_channels {c} is not divisible by norm_num_groups {}",
-                    self.norm_num_groups
-                )
-            }
-        }
+        check_blocks(&self.block_out_channels, self.norm_num_groups)?;
         in_range("in_channels", self.in_channels, 1, 64)?;
         in_range("out_channels", self.out_channels, 1, 64)?;
         in_range("cross_attention_dim", self.cross_attention_dim, 1, 16384)?;
@@ -335,17 +338,7 @@ impl VaeConfig {
             if cfg.act_fn != "silu" {
                 bail!("act_fn {:?} is not supported", cfg.act_fn)
             }
-            in_range("the number of blocks", cfg.block_out_channels.len(), 1, 8)?;
-            in_range("norm_num_groups", cfg.norm_num_groups, 1, 1024)?;
-            for &c in &cfg.block_out_channels {
-                in_range("block_out_channels", c, 1, 16384)?;
-                if c % cfg.norm_num_groups != 0 {
-                    bail!(
-                        "block_out_channels {c} is not divisible by norm_num_groups {}",
-                        cfg.norm_num_groups
-                    )
-                }
-            }
+            check_blocks(&cfg.block_out_channels, cfg.norm_num_groups)?;
             in_range("in_channels", cfg.in_channels, 1, 64)?;
             in_range("out_channels", cfg.out_channels, 1, 64)?;
             in_range("latent_channels", cfg.latent_channels, 1, 64)?;

@@ -67,7 +67,21 @@ fn remove_stale(run_dir: &Path) -> Result<()> {
 
 /// Keep the `keep` complete checkpoints with the highest steps under `run_dir`, remove the rest.
 pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
-    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    let mut found = complete(run_dir)?;
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    for (_, path) in found.into_iter().skip(keep.max(1)) {
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The complete checkpoints (with their state file) under `run_dir`, as (step, folder).
+fn complete(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    if !run_dir.is_dir() {
+        return Ok(found);
+    }
     for entry in std::fs::read_dir(run_dir)? {
         let path = entry?.path();
         let step = path
@@ -81,37 +95,15 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
             }
         }
     }
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    for (_, path) in found.into_iter().skip(keep.max(1)) {
-        std::fs::remove_dir_all(&path)
-            .with_context(|| format!("cannot remove {}", path.display()))?;
-    }
-    Ok(())
+    Ok(found)
 }
 
 /// The complete checkpoint with the highest step under `run_dir`, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    if !run_dir.is_dir() {
-        return Ok(None);
-    }
-    let mut best: Option<(u64, PathBuf)> = None;
-    for entry in std::fs::read_dir(run_dir)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let Some(step) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if path.join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
-            best = Some((step, path));
-        }
-    }
-    Ok(best.map(|(_, p)| p))
+    Ok(complete(run_dir)?
+        .into_iter()
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p))
 }
 
 /// A loaded checkpoint.
