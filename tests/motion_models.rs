@@ -151,6 +151,21 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     ok(run(&c, "2", &["--local-joint-weight", "1"]));
     let with_local = losses(&c.join("metrics.jsonl"));
     assert!(with_local[0].1 > full[0].1, "{with_local:?} vs {full:?}");
+    // `--keep-checkpoints 2` keeps the newest two; a half-written checkpoint a killed run left
+    // behind is removed at the next save.
+    let d = root.join("d");
+    std::fs::create_dir_all(d.join("checkpoints/.checkpoint-00000001.tmp99")).unwrap();
+    ok(run(
+        &d,
+        "4",
+        &["--save-every", "1", "--keep-checkpoints", "2"],
+    ));
+    let mut kept: Vec<String> = std::fs::read_dir(d.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-00000003", "checkpoint-00000004"]);
     let line: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string(a.join("metrics.jsonl"))
             .unwrap()
