@@ -4,7 +4,11 @@
 const $ = (id) => document.getElementById(id);
 const keyInput = $("key");
 keyInput.value = localStorage.getItem("lcm-key") || "";
-keyInput.addEventListener("change", () => localStorage.setItem("lcm-key", keyInput.value));
+// A new key may open the model list that an old one could not read.
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("lcm-key", keyInput.value);
+  loadModels();
+});
 
 function headers() {
   const h = { "Content-Type": "application/json" };
