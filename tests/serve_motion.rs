@@ -286,6 +286,16 @@ fn bad_motion_requests_get_a_json_4xx_and_the_server_keeps_serving() {
     let r = request(addr, "GET", ROUTE, &[], b"");
     assert_eq!(r.status, 405);
     error_of(&r);
+    // JSON, or what `curl -d` sends; not text/plain.
+    let good = br#"{"prompt": "a person walks", "frames": 10}"#;
+    for (ty, status) in [
+        ("text/plain", 415),
+        ("application/json; charset=utf-8", 200),
+        ("application/x-www-form-urlencoded", 200),
+    ] {
+        let r = request(addr, "POST", ROUTE, &[("Content-Type", ty)], good);
+        assert_eq!(r.status, status, "{ty}: {}", r.text());
+    }
     let text = get(addr, "/metrics").text();
     assert!(!text.contains("status=\"5"), "{text}");
     generate(

@@ -595,6 +595,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(json_content_type))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .with_state(state)
@@ -653,6 +654,46 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+/// The JSON routes take `application/json`, or no type, or `application/x-www-form-urlencoded`
+/// (what `curl -d` sends, so the README's examples work); anything else (e.g. `text/plain`) is a
+/// 415. Multipart goes to the routes that take uploads only.
+async fn json_content_type(req: Request, next: Next) -> Response {
+    let json_route = req.method() == Method::POST
+        && ROUTES
+            .iter()
+            .any(|(r, kind)| *r == req.uri().path() && *kind != "none")
+        && req.uri().path() != "/v1/images/edits";
+    if json_route {
+        let ty = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        let ok = match ty.as_deref() {
+            None | Some("") => true,
+            Some(t) => t == "application/json" || t == "application/x-www-form-urlencoded",
+        };
+        if !ok {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                format!(
+                    "the body must be JSON (Content-Type: application/json), not {}",
+                    ty.unwrap_or_default()
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Compare without an early exit, so that timing does not reveal how much of a key matched.
