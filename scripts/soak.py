@@ -23,6 +23,8 @@ import time
 import urllib.error
 import urllib.request
 
+from bench_serve import percentile  # this folder: the load benchmark's percentile
+
 GOOD = [
     ("/v1/images/generations", {"prompt": "a small red triangle on a blue background"}),
     ("/v1/images/generations", {"prompt": "a yellow star on black", "n": 2, "steps": 2}),
@@ -52,13 +54,6 @@ MALFORMED = [
     ("/v1/images/generations", b'{"prompt": "x"} trailing'),
     ("/nope", b"{}"),
 ]
-
-
-def percentile(xs, q):
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def rss_mb(pid):
@@ -177,7 +172,7 @@ def main():
         counts[k][str(s)] += 1
     fivexx = sum(n for k in counts.values() for s, n in k.items()
                  if s.isdigit() and int(s) >= 500)
-    good_ok = [t for s, t in by("good") if s == 200]
+    good_ok = sorted(t for s, t in by("good") if s == 200)
     expensive = by("expensive")
     report = {
         "date": time.strftime("%Y-%m-%d"),

@@ -111,7 +111,7 @@ class Player {
       tz + this.dist * Math.cos(this.el) * Math.cos(this.az)];
     const norm = (v) => { const l = Math.hypot(...v); return v.map((x) => x / l); };
     const f = norm([tx - c[0], ty - c[1], tz - c[2]]);
-    const r = norm([f[1] * 0 - f[2] * 1, f[2] * 0 - f[0] * 0, f[0] * 1 - f[1] * 0]);
+    const r = norm([-f[2], 0, f[0]]); // f × up, up = +y
     const u = [r[1] * f[2] - r[2] * f[1], r[2] * f[0] - r[0] * f[2], r[0] * f[1] - r[1] * f[0]];
     const focal = 1.3 * Math.min(w, h);
     return (p) => {

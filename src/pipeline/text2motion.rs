@@ -262,6 +262,10 @@ pub fn decode_rows(
 pub const CHAIN_OVERLAP: usize = 10;
 /// The longest motion made (by chaining windows).
 pub const MAX_SECONDS: f64 = 60.0;
+/// The shortest motion made, frames.
+pub const MIN_FRAMES: usize = 2;
+/// The longest motion made, frames.
+pub const MAX_FRAMES: usize = (MAX_SECONDS * crate::motion::FPS) as usize;
 
 /// A loaded motion model.
 pub struct MotionPipeline {
@@ -338,9 +342,16 @@ impl MotionPipeline {
 
     /// One motion per item, each drawn from its own noise stream (`SeededNoise(item.seed)`) with
     /// its own prompt, negative prompt and guidance: a motion is the same batched or alone (up
-    /// to float reassociation in batched kernels). Items must share `shape`.
-    pub fn generate_items(&self, items: &[MotionItem], s: &MotionShape) -> Result<Vec<Vec<Pose>>> {
-        self.generate_prepared(&self.prepare(items)?, s, &|| false)
+    /// to float reassociation in batched kernels). Items must share `shape`. Stops with
+    /// [`Cancelled`](crate::sample::denoiser::Cancelled) before any denoiser call once `stop`
+    /// says so.
+    pub fn generate_items(
+        &self,
+        items: &[MotionItem],
+        s: &MotionShape,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<Pose>>> {
+        self.generate_prepared(&self.prepare(items)?, s, stop)
     }
 
     /// The text encoding of [`generate_items`](Self::generate_items), apart so it can be timed.
@@ -440,11 +451,13 @@ impl MotionPipeline {
             .collect()
     }
 
-    /// At least two frames, and at most [`MAX_SECONDS`].
+    /// [`MIN_FRAMES`] to [`MAX_FRAMES`].
     fn check_frames(&self, frames: usize) -> Result<()> {
-        let max = (MAX_SECONDS * 20.0) as usize;
-        if frames < 2 || frames > max {
-            bail!("motions are 2 to {max} frames ({MAX_SECONDS} s at 20 fps), asked for {frames}")
+        if !(MIN_FRAMES..=MAX_FRAMES).contains(&frames) {
+            bail!(
+                "motions are {MIN_FRAMES} to {MAX_FRAMES} frames ({MAX_SECONDS} s at {} fps), asked for {frames}",
+                crate::motion::FPS
+            )
         }
         Ok(())
     }

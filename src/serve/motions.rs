@@ -14,12 +14,8 @@ use crate::pipeline::source::Defaults;
 use crate::pipeline::text2motion::{
     MotionItem, MotionPipeline, MotionShape, CHAIN_OVERLAP, MAX_SECONDS,
 };
+pub use crate::pipeline::text2motion::{MAX_FRAMES, MIN_FRAMES};
 use crate::sample::sampler::SamplerKind;
-
-/// Shortest motion served, frames (a tenth of a second).
-pub const MIN_FRAMES: usize = 2;
-/// Longest motion served, frames: the pipeline's chaining limit.
-pub const MAX_FRAMES: usize = (MAX_SECONDS * FPS) as usize;
 
 /// What every motion of one denoiser batch shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +118,7 @@ impl BatchModel for MotionModel {
         let items: Vec<Vec<MotionItem>> = jobs.into_iter().map(|j| j.items).collect();
         run_in_chunks(&items, self.max_batch, wanted, |chunk, stop| {
             let chunk: Vec<MotionItem> = chunk.iter().map(|&it| it.clone()).collect();
-            let prepared = self.pipe.prepare(&chunk)?;
-            let motions = self.pipe.generate_prepared(&prepared, &key.shape, stop)?;
+            let motions = self.pipe.generate_items(&chunk, &key.shape, stop)?;
             Ok(motions
                 .into_iter()
                 .zip(&chunk)
