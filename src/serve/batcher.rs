@@ -380,7 +380,10 @@ async fn worker<M: BatchModel>(s: Arc<Shared<M>>) {
         let (results, txs) = match ran {
             Ok(r) => r,
             // The closure catches the model's panics; this is only a cancelled blocking task.
-            Err(_) => continue,
+            Err(_) => {
+                lock(&s.pace).1 = 0.0;
+                continue;
+            }
         };
         let secs = t.elapsed().as_secs_f64();
         s.metrics.batch(kind, units, secs);
