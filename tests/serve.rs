@@ -735,6 +735,58 @@ fn a_running_batch_stops_at_its_deadline() {
     assert_eq!(r.status, 200, "the server is still busy: {}", r.text());
 }
 
+/// Two requests in one U-Net batch; one client leaves mid-way: its rows leave the batch, the
+/// other request finishes with the image it makes alone.
+#[test]
+fn a_batch_drops_a_member_whose_client_left_and_finishes_the_rest() {
+    let srv = server(ServeConfig {
+        batch_window: Duration::from_millis(500),
+        ..cfg()
+    });
+    let addr = srv.addr();
+    let stay = json!({"prompt": "a blue square", "size": "64x64", "steps": 30,
+                      "sampler": "ddim", "seed": 11});
+    let body = stay.clone();
+    let kept = std::thread::spawn(move || post_json(addr, GEN, &body));
+    let s = post_raw(
+        addr,
+        GEN,
+        &json!({"prompt": "gone", "size": "64x64", "steps": 30, "sampler": "ddim", "seed": 12})
+            .to_string(),
+    );
+    // Hang up once the batch of both runs.
+    let t = Instant::now();
+    loop {
+        let text = metrics(addr);
+        if metric(&text, "lcm_queue_depth{model=\"image\"}") == 0.0
+            && metric(&text, "lcm_batch_size_count{model=\"image\"}") == 0.0
+            && t.elapsed() > Duration::from_millis(800)
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never batched\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(s);
+    let r = kept.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = await_cancelled(addr);
+    // One batch of two images, of which one was made.
+    assert_eq!(
+        metric(&text, "lcm_batch_size_sum{model=\"image\"}"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "lcm_generated_total{model=\"image\"}"), 1.0);
+    let batched = b64_png(r.json()["data"][0]["b64_json"].as_str().unwrap());
+    let r = post_json(addr, GEN, &stay);
+    let alone = b64_png(r.json()["data"][0]["b64_json"].as_str().unwrap());
+    assert!(max_pixel_diff(&alone, &batched) <= 1);
+}
+
 #[test]
 fn a_running_batch_stops_when_its_client_leaves() {
     let srv = server(ServeConfig {
@@ -1155,4 +1207,35 @@ fn openai_edits_are_img2img_and_refuse_bad_forms() {
     assert_eq!(r.json()["error"]["param"], "strength");
     let r = post(&texts, &[("image", "init.png", &png)]);
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Requests hyper rejects before any handler (malformed, too many headers, URI too long) are
+/// answered in the API's JSON error shape, and the server keeps serving.
+#[test]
+fn requests_hyper_rejects_get_json_errors() {
+    use std::io::Write;
+    let srv = server(cfg());
+    let addr = srv.addr();
+    let many: String = (0..200).map(|i| format!("x-{i}: y\r\n")).collect();
+    let cases = [
+        (400, "NOT A REQUEST\r\n\r\n".to_string()),
+        (
+            431,
+            format!("GET /healthz HTTP/1.1\r\nHost: a\r\n{many}\r\n"),
+        ),
+        (
+            414,
+            format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000)),
+        ),
+    ];
+    for (status, raw) in cases {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let r = read_response(&mut s);
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(error_of(&r).0, "invalid_request_error", "{}", r.text());
+    }
+    assert_eq!(get(addr, "/healthz").status, 200);
 }

@@ -167,3 +167,54 @@ fn generate_writes_every_motion_format_from_the_shipped_model() {
     assert_eq!(frames, [80, 80, 79]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A chained motion whose caller stops wanting it in the second window leaves the batch there;
+/// the others finish as they would alone.
+#[test]
+fn a_motion_let_go_mid_chain_leaves_the_batch_and_the_rest_match_alone() -> Result<()> {
+    use lcm::pipeline::text2motion::{MotionItem, MotionShape};
+    let dir = local_dir("tiny-motion")?.expect("tiny-motion names a folder in weights/");
+    let pipe = MotionPipeline::open(MotionFolder::open(&dir)?, &Device::Cpu)?;
+    let window = pipe.vae.config.max_frames;
+    let shape = MotionShape {
+        frames: window + 40,
+        sampler: SamplerKind::Lcm,
+        steps: 2,
+    };
+    let item = |prompt: &str, seed| MotionItem {
+        prompt: prompt.into(),
+        negative_prompt: None,
+        guidance: 7.5,
+        seed,
+    };
+    let items = [
+        item("a person walks forward", 1),
+        item("a person jumps", 2),
+        item("a person waves with the right hand", 3),
+    ];
+    // Item 1 is asked once per step: wanted for the first window's two steps and the second
+    // window's first, then not.
+    let asked = std::cell::Cell::new(0);
+    let wanted = |i: usize| {
+        if i == 1 {
+            asked.set(asked.get() + 1);
+        }
+        i != 1 || asked.get() <= 3
+    };
+    let got = pipe.generate_items(&items, &shape, &wanted)?;
+    assert!(got[1].is_none());
+    assert_eq!(asked.get(), 4, "item 1 was asked after it left");
+    let alone = pipe.generate_items(&[items[0].clone(), items[2].clone()], &shape, &|_| true)?;
+    for (g, a) in [&got[0], &got[2]].into_iter().zip(&alone) {
+        let (g, a) = (g.as_ref().unwrap(), a.as_ref().unwrap());
+        assert_eq!(g.len(), shape.frames);
+        let worst = g
+            .iter()
+            .zip(a)
+            .flat_map(|(p, q)| p.iter().zip(q.iter()))
+            .map(|(x, y)| (*x - *y).norm())
+            .fold(0.0f64, f64::max);
+        assert!(worst < 1e-4, "{worst} m from the motion made alone");
+    }
+    Ok(())
+}

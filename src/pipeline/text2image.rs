@@ -355,19 +355,26 @@ impl Pipeline {
         noises: &mut [&mut dyn NoiseSource],
         on_step: &mut dyn FnMut(StepEvent),
     ) -> Result<Vec<Generation>> {
-        self.generate_batch_until(reqs, extra, noises, on_step, &|| false)
+        // Every request is wanted throughout, so every one has its generation.
+        Ok(self
+            .generate_batch_until(reqs, extra, noises, on_step, &|_| true)?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
-    /// [`generate_batch`](Self::generate_batch) that stops with
-    /// [`Cancelled`](crate::sample::denoiser::Cancelled) before any U-Net call once `stop` says so.
+    /// [`generate_batch`](Self::generate_batch) asking `wanted(request)` before every U-Net call:
+    /// a request no longer wanted leaves the batch (`None` in its place, its images never made)
+    /// and the others go on; once none is wanted it stops with
+    /// [`Cancelled`](crate::sample::denoiser::Cancelled).
     pub fn generate_batch_until(
         &self,
         reqs: &[GenerateRequest],
         extra: &Defaults,
         noises: &mut [&mut dyn NoiseSource],
         on_step: &mut dyn FnMut(StepEvent),
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Vec<Generation>> {
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Generation>>> {
         let start = Instant::now();
         if reqs.is_empty() || reqs.len() != noises.len() {
             bail!(
@@ -449,9 +456,18 @@ impl Pipeline {
         }
         let latents = Tensor::cat(&initial, 0)?;
         let mut noise = SplitNoise {
-            counts: &counts,
-            sources: noises,
+            counts: counts.clone(),
+            sources: noises
+                .iter_mut()
+                .map(|n| &mut **n as &mut dyn NoiseSource)
+                .collect(),
         };
+        // The request each latent row belongs to.
+        let owner: Vec<usize> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(r, &k)| std::iter::repeat_n(r, k))
+            .collect();
 
         let t1 = Instant::now();
         let sampler = Sampler::new(
@@ -495,9 +511,20 @@ impl Pipeline {
             cfg,
             w_embedding,
         };
-        let latents = denoise_until(
-            &self.unet, &sampler, latents, &cond, &mut noise, on_step, stop,
+        let done = denoise_until(
+            &self.unet,
+            &sampler,
+            latents,
+            &cond,
+            &mut noise,
+            on_step,
+            // Each request is asked once per step, so its rows leave together.
+            &|rows: &[usize]| {
+                let live: Vec<bool> = (0..reqs.len()).map(wanted).collect();
+                rows.iter().map(|&row| live[owner[row]]).collect()
+            },
         )?;
+        let latents = done.latents;
         let denoise_time = t1.elapsed();
 
         let t2 = Instant::now();
@@ -513,14 +540,21 @@ impl Pipeline {
         };
         let mut out = Vec::with_capacity(reqs.len());
         let mut offset = 0;
-        for (k, settings) in counts.iter().zip(settings) {
-            out.push(Generation {
+        for (r, (k, settings)) in counts.iter().zip(settings).enumerate() {
+            // A request's rows leave together, so they are all there or none is.
+            let here = done.rows.iter().filter(|&&row| owner[row] == r).count();
+            if here == 0 {
+                out.push(None);
+                continue;
+            }
+            debug_assert_eq!(here, *k);
+            out.push(Some(Generation {
                 images: images.drain(..*k).collect(),
                 images_unit: images_unit.narrow(0, offset, *k)?,
                 latents: latents.narrow(0, offset, *k)?,
                 settings,
                 timings: timings.clone(),
-            });
+            }));
             offset += k;
         }
         Ok(out)

@@ -14,7 +14,9 @@ use crate::model::motion_denoiser::{text_condition, MotionDenoiser, MotionDenois
 use crate::model::motion_vae::{MotionVae, Normaliser};
 use crate::model::sentence::SentenceEncoder;
 use crate::motion::{joints_from_features, Pose};
-use crate::sample::denoiser::{denoise_until, Conditioning, Denoiser};
+use crate::sample::denoiser::{
+    all_wanted, denoise_until, Conditioning, Denoised, Denoiser, Wanted,
+};
 use crate::sample::noise::{NoiseSource, SeededNoise, SplitNoise};
 use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
 
@@ -152,20 +154,22 @@ pub fn sample_latents(
         uncond,
         guidance: &guidance,
     };
-    sample_latents_with(
+    Ok(sample_latents_with(
         net,
         shape,
         scheduler,
         &c,
         &o.shape(),
         &mut SeededNoise::new(o.seed),
-        &|| false,
-    )
+        &all_wanted,
+    )?
+    .latents)
 }
 
 /// The latent sampling loop: CFG for a teacher when any guidance exceeds 1 (one scale per
 /// sample), the guidance embedding (w = guidance − 1) for a distilled student; initial noise and
-/// re-noising drawn from `noise`.
+/// re-noising drawn from `noise`; rows leave the batch once `wanted` says so (see
+/// [`denoise_until`]).
 pub fn sample_latents_with(
     net: &dyn Denoiser,
     shape: (usize, usize),
@@ -173,8 +177,8 @@ pub fn sample_latents_with(
     c: &MotionCondition,
     s: &MotionShape,
     noise: &mut dyn NoiseSource,
-    stop: &dyn Fn() -> bool,
-) -> Result<Tensor> {
+    wanted: &Wanted,
+) -> Result<Denoised> {
     let n = c.cond.dim(0)?;
     if c.guidance.len() != n {
         bail!("{} guidance scales for {n} motions", c.guidance.len())
@@ -227,8 +231,28 @@ pub fn sample_latents_with(
         &conditioning,
         noise,
         &mut |_| {},
-        stop,
+        wanted,
     )
+}
+
+/// The prompt rows, the rows CFG steers from (when given per motion) and the guidance of the
+/// motions `keep` (ascending) out of `n`.
+fn subset(c: &MotionCondition, keep: &[usize], n: usize) -> Result<(Tensor, Tensor, Vec<f64>)> {
+    let idx = Tensor::from_vec(
+        keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        keep.len(),
+        c.cond.device(),
+    )?;
+    let uncond = if c.uncond.dim(0)? == n && n > 1 {
+        c.uncond.index_select(&idx, 0)?
+    } else {
+        c.uncond.clone()
+    };
+    Ok((
+        c.cond.index_select(&idx, 0)?,
+        uncond,
+        keep.iter().map(|&r| c.guidance[r]).collect(),
+    ))
 }
 
 /// Joints of `frames` frames from scaled latents.
@@ -337,21 +361,25 @@ impl MotionPipeline {
             uncond: &self.uncond,
             guidance: &guidance,
         };
-        self.generate_with(&c, &o.shape(), &mut SeededNoise::new(o.seed), &|| false)
+        Ok(self
+            .generate_with(&c, &o.shape(), &mut SeededNoise::new(o.seed), &all_wanted)?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// One motion per item, each drawn from its own noise stream (`SeededNoise(item.seed)`) with
     /// its own prompt, negative prompt and guidance: a motion is the same batched or alone (up
-    /// to float reassociation in batched kernels). Items must share `shape`. Stops with
-    /// [`Cancelled`](crate::sample::denoiser::Cancelled) before any denoiser call once `stop`
-    /// says so.
+    /// to float reassociation in batched kernels). Items must share `shape`. Before each
+    /// denoiser call, an item that `wanted(item)` says no to leaves the batch (`None`); the
+    /// others go on.
     pub fn generate_items(
         &self,
         items: &[MotionItem],
         s: &MotionShape,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Vec<Vec<Pose>>> {
-        self.generate_prepared(&self.prepare(items)?, s, stop)
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Vec<Pose>>>> {
+        self.generate_prepared(&self.prepare(items)?, s, wanted)
     }
 
     /// The text encoding of [`generate_items`](Self::generate_items), apart so it can be timed.
@@ -381,74 +409,86 @@ impl MotionPipeline {
         })
     }
 
-    /// Motions of prepared items; stops with [`Cancelled`](crate::sample::denoiser::Cancelled)
-    /// before any denoiser call once `stop` says so.
+    /// Motions of prepared items, as [`generate_items`](Self::generate_items).
     pub fn generate_prepared(
         &self,
         p: &PreparedItems,
         s: &MotionShape,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Vec<Vec<Pose>>> {
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Vec<Pose>>>> {
         let mut sources: Vec<SeededNoise> = p.seeds.iter().map(|&s| SeededNoise::new(s)).collect();
-        let mut refs: Vec<&mut dyn NoiseSource> = sources
-            .iter_mut()
-            .map(|s| s as &mut dyn NoiseSource)
-            .collect();
-        let counts = vec![1; p.seeds.len()];
         let mut noise = SplitNoise {
-            counts: &counts,
-            sources: &mut refs,
+            counts: vec![1; p.seeds.len()],
+            sources: sources
+                .iter_mut()
+                .map(|s| s as &mut dyn NoiseSource)
+                .collect(),
         };
         let c = MotionCondition {
             cond: &p.cond,
             uncond: &p.uncond,
             guidance: &p.guidance,
         };
-        self.generate_with(&c, s, &mut noise, stop)
+        self.generate_with(&c, s, &mut noise, &|rows: &[usize]| {
+            rows.iter().map(|&r| wanted(r)).collect()
+        })
     }
 
-    /// Motions of `s.frames` frames. Lengths beyond the VAE's window are made by chaining
-    /// windows, each drawing on from `noise`, whose feature rows overlap by [`CHAIN_OVERLAP`]
-    /// frames, cross-faded: each window continues from where the last ended, and repeats the
-    /// prompt rather than going on with it.
+    /// Motions of `s.frames` frames, `None` for a row `wanted` let go. Lengths beyond the VAE's
+    /// window are made by chaining windows, each drawing on from `noise`, whose feature rows
+    /// overlap by [`CHAIN_OVERLAP`] frames, cross-faded: each window continues from where the last
+    /// ended, and repeats the prompt rather than going on with it.
     pub fn generate_with(
         &self,
         c: &MotionCondition,
         s: &MotionShape,
         noise: &mut dyn NoiseSource,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Vec<Vec<Pose>>> {
+        wanted: &Wanted,
+    ) -> Result<Vec<Option<Vec<Pose>>>> {
         self.check_frames(s.frames)?;
+        let n = c.cond.dim(0)?;
         let max = self.vae.config.max_frames;
+        let mut out: Vec<Option<Vec<Pose>>> = vec![None; n];
         if s.frames <= max {
-            return decode(
-                &self.vae,
-                &self.norm,
-                &self.latents_with(c, s, noise, stop)?,
-                s.frames,
-            );
+            let d = self.latents_with(c, s, noise, wanted)?;
+            let joints = decode(&self.vae, &self.norm, &d.latents, s.frames)?;
+            for (r, j) in d.rows.into_iter().zip(joints) {
+                out[r] = Some(j);
+            }
+            return Ok(out);
         }
         let window = MotionShape { frames: max, ..*s };
-        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); c.cond.dim(0)?];
+        // The rows still made (indices into the batch as it began) and their features so far.
+        let mut alive: Vec<usize> = (0..n).collect();
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); n];
         // Rows are one fewer than the frames they describe.
-        while rows[0].len() / crate::motion::FEATURES + 1 < s.frames {
-            let z = self.latents_with(c, &window, noise, stop)?;
-            let part = decode(&self.vae, &self.norm, &z, max)?;
-            for (r, joints) in rows.iter_mut().zip(&part) {
+        while rows[alive[0]].len() / crate::motion::FEATURES + 1 < s.frames {
+            let part_cond = subset(c, &alive, n)?;
+            let part = MotionCondition {
+                cond: &part_cond.0,
+                uncond: &part_cond.1,
+                guidance: &part_cond.2,
+            };
+            let d = self.latents_with(&part, &window, noise, &|local: &[usize]| {
+                let ids: Vec<usize> = local.iter().map(|&k| alive[k]).collect();
+                wanted(&ids)
+            })?;
+            let joints = decode(&self.vae, &self.norm, &d.latents, max)?;
+            alive = d.rows.iter().map(|&k| alive[k]).collect();
+            for (&r, joints) in alive.iter().zip(&joints) {
                 let f = crate::motion::features(joints, &Default::default())?;
-                *r = if r.is_empty() {
+                rows[r] = if rows[r].is_empty() {
                     f
                 } else {
-                    crate::motion::features::concat_rows(r, &f, CHAIN_OVERLAP)
+                    crate::motion::features::concat_rows(&rows[r], &f, CHAIN_OVERLAP)
                 };
             }
         }
-        rows.iter()
-            .map(|r| {
-                let j = joints_from_features(r)?;
-                Ok(j[..s.frames.min(j.len())].to_vec())
-            })
-            .collect()
+        for &r in &alive {
+            let j = joints_from_features(&rows[r])?;
+            out[r] = Some(j[..s.frames.min(j.len())].to_vec());
+        }
+        Ok(out)
     }
 
     /// [`MIN_FRAMES`] to [`MAX_FRAMES`].
@@ -469,7 +509,9 @@ impl MotionPipeline {
             uncond: &self.uncond,
             guidance: &guidance,
         };
-        self.latents_with(&c, &o.shape(), &mut SeededNoise::new(o.seed), &|| false)
+        Ok(self
+            .latents_with(&c, &o.shape(), &mut SeededNoise::new(o.seed), &all_wanted)?
+            .latents)
     }
 
     fn latents_with(
@@ -477,8 +519,8 @@ impl MotionPipeline {
         c: &MotionCondition,
         s: &MotionShape,
         noise: &mut dyn NoiseSource,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Tensor> {
+        wanted: &Wanted,
+    ) -> Result<Denoised> {
         let d = &self.folder.denoiser;
         sample_latents_with(
             &self.denoiser,
@@ -487,7 +529,7 @@ impl MotionPipeline {
             c,
             s,
             noise,
-            stop,
+            wanted,
         )
     }
 

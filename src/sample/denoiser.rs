@@ -92,7 +92,7 @@ pub fn denoise(
     noise: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(StepEvent),
 ) -> Result<Tensor> {
-    denoise_until(net, sampler, latents, cond, noise, on_step, &|| false)
+    Ok(denoise_until(net, sampler, latents, cond, noise, on_step, &all_wanted)?.latents)
 }
 
 /// Why work stopped early: whoever asked for it no longer wants it (a server request past its
@@ -101,8 +101,63 @@ pub fn denoise(
 #[error("cancelled")]
 pub struct Cancelled;
 
-/// [`denoise`], checking `stop` before each network call: once it says yes, the loop ends with
-/// [`Cancelled`] (so a long batch nobody waits for does not run to its end).
+/// What [`denoise_until`] finished: the final latents of the rows still wanted, and which rows of
+/// the batch they are (ascending).
+#[derive(Debug)]
+pub struct Denoised {
+    pub latents: Tensor,
+    pub rows: Vec<usize>,
+}
+
+impl Conditioning {
+    /// The conditioning of the `keep` rows (ascending) of a batch of `n`.
+    pub fn select(&self, keep: &[usize], n: usize) -> Result<Conditioning> {
+        let device = self.context.device();
+        let idx = |rows: Vec<u32>, len: usize| Tensor::from_vec(rows, len, device);
+        let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+        let own = idx(rows.clone(), keep.len())?;
+        let context = if self.cfg.is_some() {
+            // [uncond; cond]: the same rows from both halves.
+            let both: Vec<u32> = rows
+                .iter()
+                .copied()
+                .chain(rows.iter().map(|&r| r + n as u32))
+                .collect();
+            self.context.index_select(&idx(both, 2 * keep.len())?, 0)?
+        } else {
+            self.context.index_select(&own, 0)?
+        };
+        let cfg = match &self.cfg {
+            Some((g, Some(per))) => Some((*g, Some(per.index_select(&own, 0)?))),
+            Some((g, None)) => Some((*g, None)),
+            None => None,
+        };
+        let w_embedding = match &self.w_embedding {
+            Some(w) => Some(w.index_select(&own, 0)?),
+            None => None,
+        };
+        Ok(Conditioning {
+            context,
+            cfg,
+            w_embedding,
+        })
+    }
+}
+
+/// Says, for the rows of a batch still running (ascending indices into the batch as it began),
+/// which are still wanted: asked once before each network call.
+pub type Wanted<'a> = dyn Fn(&[usize]) -> Vec<bool> + 'a;
+
+/// Every row, always.
+pub fn all_wanted(rows: &[usize]) -> Vec<bool> {
+    vec![true; rows.len()]
+}
+
+/// [`denoise`], asking `wanted` about the rows still in the batch before each network call: a
+/// row nobody wants any more leaves the batch — its latents, conditioning and noise stream
+/// (`noise` must be able to [drop](NoiseSource::retain) it) — and the rest go on unchanged, so a
+/// cancelled request stops costing its share of every later step. Once no row is wanted the loop
+/// ends with [`Cancelled`].
 pub fn denoise_until(
     net: &dyn Denoiser,
     sampler: &Sampler,
@@ -110,14 +165,32 @@ pub fn denoise_until(
     cond: &Conditioning,
     noise: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(StepEvent),
-    stop: &dyn Fn() -> bool,
-) -> Result<Tensor> {
-    let n = latents.dim(0)?;
-    let batch = if cond.cfg.is_some() { 2 * n } else { n };
+    wanted: &Wanted,
+) -> Result<Denoised> {
+    let mut rows: Vec<usize> = (0..latents.dim(0)?).collect();
+    // The conditioning of the rows left, once some have gone.
+    let mut narrowed: Option<Conditioning> = None;
     for (i, &t) in sampler.timesteps.iter().enumerate() {
-        if stop() {
+        let keep = wanted(&rows);
+        if keep.len() != rows.len() {
+            anyhow::bail!("asked about {} rows, told about {}", rows.len(), keep.len())
+        }
+        if !keep.contains(&true) {
             return Err(Cancelled.into());
         }
+        if keep.contains(&false) {
+            let local: Vec<usize> = (0..rows.len()).filter(|&k| keep[k]).collect();
+            noise.retain(&keep)?;
+            let current = narrowed.as_ref().unwrap_or(cond);
+            narrowed = Some(current.select(&local, rows.len())?);
+            let idx: Vec<u32> = local.iter().map(|&k| k as u32).collect();
+            latents =
+                latents.index_select(&Tensor::from_vec(idx, local.len(), latents.device())?, 0)?;
+            rows = local.iter().map(|&k| rows[k]).collect();
+        }
+        let cond = narrowed.as_ref().unwrap_or(cond);
+        let n = rows.len();
+        let batch = if cond.cfg.is_some() { 2 * n } else { n };
         let model_in = if cond.cfg.is_some() {
             Tensor::cat(&[&latents, &latents], 0)?
         } else {
@@ -153,5 +226,128 @@ pub fn denoise_until(
         });
         latents = step.prev_sample;
     }
-    Ok(latents)
+    Ok(Denoised { latents, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::config::SchedulerConfig;
+    use crate::sample::noise::{SeededNoise, SplitNoise};
+    use crate::sample::sampler::{SamplerKind, SamplerOptions};
+
+    /// A network each row of which depends on that row alone (x, its conditioning, its
+    /// guidance embedding), recording the batch size of every call.
+    struct RowWise(RefCell<Vec<usize>>);
+
+    impl Denoiser for RowWise {
+        fn predict_eps(
+            &self,
+            x: &Tensor,
+            _t: &[usize],
+            cond: &Tensor,
+            w: Option<&Tensor>,
+        ) -> Result<Tensor> {
+            self.0.borrow_mut().push(x.dim(0)?);
+            let c = cond.broadcast_as(x.shape())?;
+            let mut eps = ((x * 0.3)? + (c * 0.5)?)?;
+            if let Some(w) = w {
+                // With CFG the network sees every row twice, the embedding once per sample.
+                let w = w.repeat(x.dim(0)? / w.dim(0)?)?;
+                eps = eps.broadcast_add(&w.reshape((x.dim(0)?, 1, 1))?)?;
+            }
+            Ok(eps)
+        }
+
+        fn guidance_embedding_dim(&self) -> Option<usize> {
+            None
+        }
+    }
+
+    /// Rows `rows` of a three-row batch: conditioning, per-sample CFG and a w embedding, each
+    /// row's noise its own seeded stream.
+    fn run(rows: &[usize], wanted: &Wanted, net: &RowWise) -> Result<Denoised> {
+        let dev = Device::Cpu;
+        let n = rows.len();
+        let pick = |v: &[f32]| rows.iter().map(|&r| v[r]).collect::<Vec<f32>>();
+        let cond = Tensor::from_vec(pick(&[0.1, -0.2, 0.4]), (n, 1, 1), &dev)?;
+        let uncond = Tensor::from_vec(pick(&[0.0, 0.05, -0.1]), (n, 1, 1), &dev)?;
+        let cond = Conditioning {
+            context: Tensor::cat(&[&uncond, &cond], 0)?,
+            cfg: Some((
+                2.0,
+                Some(Tensor::from_vec(pick(&[2.0, 3.0, 5.0]), (n, 1, 1), &dev)?),
+            )),
+            w_embedding: Some(Tensor::from_vec(pick(&[0.01, 0.02, 0.03]), n, &dev)?),
+        };
+        let mut sources: Vec<SeededNoise> =
+            rows.iter().map(|&r| SeededNoise::new(r as u64)).collect();
+        let mut noise = SplitNoise {
+            counts: vec![1; n],
+            sources: sources
+                .iter_mut()
+                .map(|s| s as &mut dyn NoiseSource)
+                .collect(),
+        };
+        let sampler = Sampler::new(
+            SamplerKind::Lcm,
+            &SchedulerConfig::default(),
+            4,
+            SamplerOptions::default(),
+        )?;
+        let latents = noise.sample(&(n, 2, 3).into(), &dev)?;
+        denoise_until(
+            net,
+            &sampler,
+            latents,
+            &cond,
+            &mut noise,
+            &mut |_| {},
+            wanted,
+        )
+    }
+
+    #[test]
+    fn rows_that_leave_stop_costing_and_the_rest_equal_running_alone() -> Result<()> {
+        let net = RowWise(RefCell::new(Vec::new()));
+        let calls = RefCell::new(0);
+        // Row 1 goes after the second step.
+        let wanted = |rows: &[usize]| {
+            *calls.borrow_mut() += 1;
+            rows.iter()
+                .map(|&r| r != 1 || *calls.borrow() <= 2)
+                .collect()
+        };
+        let done = run(&[0, 1, 2], &wanted, &net)?;
+        assert_eq!(done.rows, [0, 2]);
+        // CFG doubles the rows: 3 rows for two steps, then 2.
+        assert_eq!(*net.0.borrow(), [6, 6, 4, 4]);
+        // The LCM sampler re-noises every step: rows 0 and 2 drew from their own streams
+        // throughout, so they are exactly what the two alone make.
+        let alone = run(&[0, 2], &all_wanted, &RowWise(RefCell::new(Vec::new())))?;
+        let diff = (done.latents - alone.latents)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn nobody_left_is_cancelled_and_one_shared_stream_cannot_lose_rows() -> Result<()> {
+        let net = RowWise(RefCell::new(Vec::new()));
+        let err = run(&[0, 1, 2], &|rows: &[usize]| vec![false; rows.len()], &net).unwrap_err();
+        assert!(err.is::<Cancelled>());
+        assert!(net.0.borrow().is_empty());
+        // One stream for the batch: dropping a row would shift the others' draws, so it errors.
+        let mut one = SeededNoise::new(7);
+        assert!(one.retain(&[true, true]).is_ok());
+        let e = one.retain(&[true, false]).unwrap_err().to_string();
+        assert!(e.contains("own source"), "{e}");
+        Ok(())
+    }
 }

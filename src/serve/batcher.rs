@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use super::metrics::Metrics;
+use crate::sample::denoiser::Cancelled;
 
 /// A model that can run several compatible jobs at once. `run` is blocking (it computes).
 pub trait BatchModel: Send + Sync + 'static {
@@ -43,14 +44,16 @@ pub trait BatchModel: Send + Sync + 'static {
 }
 
 /// The common shape of a model's `run`: every job is a list of items (images, motions); the items
-/// of all jobs run in chunks of at most `max` through `run_chunk`, which gets a `stop` check
-/// saying that no job with an item in the chunk is wanted any more. A chunk no job wants is
-/// skipped. Outputs are regrouped per job; a job with a failed chunk fails with its error.
+/// of all jobs run in chunks of at most `max` through `run_chunk`, which gets `wanted(item)` for
+/// the chunk's items (whether the item's job is still wanted) and returns an output per item, or
+/// `None` for an item that left the chunk because its job stopped being wanted. A chunk no job
+/// wants is skipped. Outputs are regrouped per job; a job with a failed chunk fails with its
+/// error, one with an item left out is [`Cancelled`].
 pub fn run_in_chunks<I, O>(
     jobs: &[Vec<I>],
     max: usize,
     wanted: &(dyn Fn(usize) -> bool + Sync),
-    run_chunk: impl Fn(&[&I], &dyn Fn() -> bool) -> anyhow::Result<Vec<O>>,
+    run_chunk: impl Fn(&[&I], &dyn Fn(usize) -> bool) -> anyhow::Result<Vec<Option<O>>>,
 ) -> Vec<anyhow::Result<Vec<O>>> {
     let items: Vec<(usize, &I)> = jobs
         .iter()
@@ -61,28 +64,29 @@ pub fn run_in_chunks<I, O>(
     for chunk in items.chunks(max.max(1)) {
         let mut owners: Vec<usize> = chunk.iter().map(|(j, _)| *j).collect();
         owners.dedup();
-        let live = || owners.iter().any(|&j| wanted(j));
-        if !live() {
+        if !owners.iter().any(|&j| wanted(j)) {
             for &j in &owners {
-                out[j] = Err(crate::sample::denoiser::Cancelled.into());
+                out[j] = Err(Cancelled.into());
             }
             continue;
         }
         let chunk_items: Vec<&I> = chunk.iter().map(|(_, it)| *it).collect();
-        match run_chunk(&chunk_items, &|| !live()) {
+        match run_chunk(&chunk_items, &|i| wanted(chunk[i].0)) {
             Ok(made) => {
                 for ((j, _), o) in chunk.iter().zip(made) {
-                    if let Ok(v) = &mut out[*j] {
-                        v.push(o);
+                    match (o, &mut out[*j]) {
+                        (Some(o), Ok(v)) => v.push(o),
+                        (None, slot @ Ok(_)) => *slot = Err(Cancelled.into()),
+                        (_, Err(_)) => {}
                     }
                 }
             }
             Err(e) => {
-                let cancelled = e.is::<crate::sample::denoiser::Cancelled>();
+                let cancelled = e.is::<Cancelled>();
                 let msg = format!("{e:#}");
                 for &j in &owners {
                     out[j] = Err(if cancelled {
-                        crate::sample::denoiser::Cancelled.into()
+                        Cancelled.into()
                     } else {
                         anyhow::anyhow!("{msg}")
                     });
@@ -573,10 +577,10 @@ mod tests {
         let jobs = vec![vec![1, 2], vec![3], vec![4, 5, 6]];
         let ran = Mutex::new(Vec::new());
         // Job 0 is gone; chunks of two: [1 2] skipped, [3 4] runs (job 1 wants it), [5 6] runs.
-        let out = run_in_chunks(&jobs, 2, &|j| j != 0, |chunk, stop| {
-            assert!(!stop());
+        let out = run_in_chunks(&jobs, 2, &|j| j != 0, |chunk, wanted| {
+            assert!((0..chunk.len()).all(wanted));
             lock(&ran).push(chunk.iter().map(|&&x| x).collect::<Vec<i32>>());
-            Ok(chunk.iter().map(|&&x| x * 10).collect())
+            Ok(chunk.iter().map(|&&x| Some(x * 10)).collect())
         });
         assert_eq!(*lock(&ran), vec![vec![3, 4], vec![5, 6]]);
         assert!(out[0]
@@ -585,11 +589,34 @@ mod tests {
         assert_eq!(out[1].as_ref().unwrap(), &vec![30]);
         assert_eq!(out[2].as_ref().unwrap(), &vec![40, 50, 60]);
         // A chunk that fails fails each of its jobs, keeping a cancellation recognisable.
-        let out = run_in_chunks(&jobs, 8, &|_| true, |_, _| -> anyhow::Result<Vec<i32>> {
-            Err(crate::sample::denoiser::Cancelled.into())
-        });
+        let out = run_in_chunks(
+            &jobs,
+            8,
+            &|_| true,
+            |_, _| -> anyhow::Result<Vec<Option<i32>>> {
+                Err(crate::sample::denoiser::Cancelled.into())
+            },
+        );
         assert!(out.iter().all(|r| r
             .as_ref()
             .is_err_and(|e| e.is::<crate::sample::denoiser::Cancelled>())));
+        // Items that left a running chunk (job 1 went while it ran) cancel their job only; the
+        // chunk's wanted(i) answers for item i's job.
+        let out = run_in_chunks(&jobs, 8, &|j| j != 1, |chunk, wanted| {
+            assert_eq!(
+                (0..chunk.len()).map(wanted).collect::<Vec<_>>(),
+                [true, true, false, true, true, true]
+            );
+            Ok(chunk
+                .iter()
+                .enumerate()
+                .map(|(i, &&x)| wanted(i).then_some(x))
+                .collect())
+        });
+        assert_eq!(out[0].as_ref().unwrap(), &vec![1, 2]);
+        assert!(out[1]
+            .as_ref()
+            .is_err_and(|e| e.is::<crate::sample::denoiser::Cancelled>()));
+        assert_eq!(out[2].as_ref().unwrap(), &vec![4, 5, 6]);
     }
 }

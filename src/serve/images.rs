@@ -59,14 +59,14 @@ pub struct ImageModel {
 }
 
 impl ImageModel {
-    /// Run items sharing `shape` as one U-Net batch, stopping before any U-Net call once `stop`
-    /// says so.
+    /// Run items sharing `shape` as one U-Net batch; an item stops being made (`None`) once
+    /// `wanted(item)` says no before a U-Net call.
     pub fn generate(
         &self,
         shape: &ImageShape,
         items: &[&ImageItem],
-        stop: &dyn Fn() -> bool,
-    ) -> anyhow::Result<Vec<GeneratedImage>> {
+        wanted: &dyn Fn(usize) -> bool,
+    ) -> anyhow::Result<Vec<Option<GeneratedImage>>> {
         let reqs: Vec<GenerateRequest> = items
             .iter()
             .map(|it| GenerateRequest {
@@ -95,16 +95,18 @@ impl ImageModel {
             &Defaults::default(),
             &mut noises,
             &mut |_| {},
-            stop,
+            wanted,
         )?;
         let mut out = Vec::with_capacity(items.len());
         for (g, it) in gens.iter().zip(items) {
-            for img in &g.images {
-                out.push(GeneratedImage {
+            // One image per item (n = 1 above).
+            out.push(match g.as_ref().and_then(|g| g.images.first()) {
+                Some(img) => Some(GeneratedImage {
                     png: crate::pipeline::image_io::encode_png(img)?,
                     seed: it.seed,
-                });
-            }
+                }),
+                None => None,
+            });
         }
         Ok(out)
     }
@@ -152,8 +154,8 @@ impl BatchModel for ImageModel {
             return Vec::new();
         };
         let items: Vec<Vec<ImageItem>> = jobs.into_iter().map(|j| j.items).collect();
-        run_in_chunks(&items, self.max_batch, wanted, |chunk, stop| {
-            self.generate(&shape, chunk, stop)
+        run_in_chunks(&items, self.max_batch, wanted, |chunk, wanted| {
+            self.generate(&shape, chunk, wanted)
         })
     }
 }

@@ -116,15 +116,17 @@ impl BatchModel for MotionModel {
             return Vec::new();
         };
         let items: Vec<Vec<MotionItem>> = jobs.into_iter().map(|j| j.items).collect();
-        run_in_chunks(&items, self.max_batch, wanted, |chunk, stop| {
+        run_in_chunks(&items, self.max_batch, wanted, |chunk, wanted| {
             let chunk: Vec<MotionItem> = chunk.iter().map(|&it| it.clone()).collect();
-            let motions = self.pipe.generate_items(&chunk, &key.shape, stop)?;
+            let motions = self.pipe.generate_items(&chunk, &key.shape, wanted)?;
             Ok(motions
                 .into_iter()
                 .zip(&chunk)
-                .map(|(joints, it)| GeneratedMotion {
-                    joints,
-                    seed: it.seed,
+                .map(|(joints, it)| {
+                    joints.map(|joints| GeneratedMotion {
+                        joints,
+                        seed: it.seed,
+                    })
                 })
                 .collect())
         })

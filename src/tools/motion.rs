@@ -188,7 +188,12 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
     let prepared = pipe.prepare(&items)?;
     let text = t1.elapsed();
     let t2 = Instant::now();
-    let motions = pipe.generate_prepared(&prepared, &o.shape(), &|| false)?;
+    // Every motion is wanted throughout, so each is there.
+    let motions: Vec<_> = pipe
+        .generate_prepared(&prepared, &o.shape(), &|_| true)?
+        .into_iter()
+        .flatten()
+        .collect();
     let gen = t2.elapsed();
     for (m, p) in motions.iter().zip(&paths) {
         write_clip(p, m)?;

@@ -63,7 +63,7 @@ pub fn request(
 
 /// Read one response: up to Content-Length when given (some servers keep the connection open
 /// regardless of `Connection: close`), else to EOF.
-fn read_response(s: &mut TcpStream) -> Resp {
+pub fn read_response(s: &mut TcpStream) -> Resp {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
