@@ -472,6 +472,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "model {} | sampler {} | steps {} | guidance {} | seed {} | {}x{} | n {}",
         resolved.label, s.sampler, s.steps, s.guidance, seed, s.width, s.height, args.n
     );
+    if device.is_cpu() {
+        println!("kernels: {}", lcm::kernels::cpu::path());
+    }
     println!(
         "time: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.3}s/step), decode {:.3}s, total {:.3}s",
         load_time.as_secs_f64(),

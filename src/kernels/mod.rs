@@ -5,8 +5,31 @@
 //! tensor ops — and [`apply`] hands it to candle as a custom op; every matrix product goes through
 //! [`matmul`].
 
+/// `$vis fn $name(args)` running `$body(args)` (an `#[inline(always)]` fn) compiled for AVX-512
+/// where the CPU has it, for the build's baseline (AVX2 + FMA) otherwise: the same source
+/// vectorised at both widths, chosen at run time.
+macro_rules! avx512_dispatch {
+    ($vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? => $body:ident) => {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            if $crate::kernels::cpu::avx512() {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn fast($($a: $t),*) $(-> $r)? {
+                    $body($($a),*)
+                }
+                // SAFETY: the CPU has AVX-512F (checked at run time).
+                return unsafe { fast($($a),*) };
+            }
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use avx512_dispatch;
+
+pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod cpu;
 pub mod norm;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};

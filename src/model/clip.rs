@@ -20,7 +20,7 @@ impl Activation {
         match self {
             // x·σ(1.702x), the activation of the original CLIP.
             Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Activation::Gelu => xs.gelu_erf(),
+            Activation::Gelu => crate::nn::gelu(xs),
         }
     }
 }

@@ -57,11 +57,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        self.out.forward(&nn::geglu(&self.proj.forward(xs)?)?)
     }
 }
 
@@ -415,7 +411,7 @@ impl UNet2DConditionModel {
             (None, None) => t_emb,
         };
         self.time_linear_2
-            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)
+            .forward(&nn::silu(&self.time_linear_1.forward(&t_emb)?)?)
     }
 
     /// Predict noise. `sample`: `[b, c, h, w]`; `timesteps`: `[b]` (any numeric dtype, one per
@@ -472,7 +468,8 @@ impl UNet2DConditionModel {
                 xs = u.forward(&xs, size)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&nn::silu(&self.norm_out.forward(&xs)?)?)
     }
 }
 

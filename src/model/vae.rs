@@ -174,7 +174,8 @@ impl Encoder {
             }
         }
         let xs = self.mid.forward(&xs)?;
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&nn::silu(&self.norm_out.forward(&xs)?)?)
     }
 }
 
@@ -224,7 +225,8 @@ impl Decoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&nn::silu(&self.norm_out.forward(&xs)?)?)
     }
 }
 

@@ -52,15 +52,19 @@ impl ResnetBlock2D {
 
     /// `temb`: the already-computed `[b, temb_channels]` time embedding (SiLU is applied here).
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self
+            .conv1
+            .forward(&super::silu(&self.norm1.forward(xs)?)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                let t = proj.forward(&super::silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
                 h.broadcast_add(&t)?
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self
+            .conv2
+            .forward(&super::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

@@ -349,6 +349,41 @@ pub fn guidance_embedding(w: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
+/// Whether `x` runs on the project's own f32 CPU kernels.
+fn own_kernels(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// GELU (erf form): one vectorised pass on CPU f32, candle's op elsewhere.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if own_kernels(x) {
+        crate::kernels::activation::gelu_erf(x)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// SiLU: one vectorised pass on CPU f32, candle's op elsewhere.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if own_kernels(x) {
+        crate::kernels::activation::silu_f32(x)
+    } else {
+        x.silu()
+    }
+}
+
+/// GEGLU's `hidden · gelu(gate)` of `h = [hidden, gate]` (last dimension).
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if own_kernels(h) {
+        crate::kernels::activation::geglu(h)
+    } else {
+        let half = h.dim(candle_core::D::Minus1)? / 2;
+        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
+        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
+        hidden * gate.gelu_erf()?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

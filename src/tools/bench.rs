@@ -83,6 +83,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("give --model DIR|NAME or --preset sd15")
     }
     let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    let cpu_path = crate::kernels::cpu::path();
+    let child = wanted.len() == 1 && !args.in_process;
+    if !child {
+        eprintln!("kernels: {cpu_path}");
+    }
     let mut results = Vec::new();
     for c in &wanted {
         let m = if args.in_process || wanted.len() == 1 {
@@ -90,7 +95,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         } else {
             measure_in_subprocess(args, c)?
         };
-        let child = wanted.len() == 1 && !args.in_process;
         if !child {
             eprintln!(
                 "{:<9} median {:>9.4} s  peak RSS {:>8.0} MB  {}",
@@ -102,6 +106,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let summary = serde_json::json!({
         "model": args.model, "preset": args.preset, "size": args.size,
         "threads": threads, "dtype": args.runtime.dtype, "device": args.runtime.device,
+        "kernels": cpu_path,
         "results": results,
     });
     if wanted.len() == 1 && !args.in_process {

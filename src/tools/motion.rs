@@ -209,6 +209,9 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
         o.frames,
         g.n
     );
+    if g.device.is_cpu() {
+        println!("kernels: {}", crate::kernels::cpu::path());
+    }
     println!(
         "time: load {:.3}s, text encode {:.3}s, denoise + decode {:.3}s ({:.1} ms per motion), total {:.3}s",
         load.as_secs_f64(),

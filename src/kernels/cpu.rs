@@ -1,0 +1,86 @@
+//! Which instruction tier the CPU kernels run on, detected once at run time. The binary is built
+//! for x86-64-v3 (AVX2 + FMA); AVX-512 paths are compiled beside it (gemm's `x86-v4` kernels,
+//! `#[target_feature]` copies of the project's hot loops) and chosen here, so one binary serves
+//! both kinds of machine.
+
+use std::sync::OnceLock;
+
+/// The CPU features that choose a kernel path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuFeatures {
+    pub avx2_fma: bool,
+    pub avx512f: bool,
+    /// AMX bf16 tiles in the CPU (CPUID leaf 7: AMX-BF16 and AMX-TILE); not used yet.
+    pub amx_bf16: bool,
+}
+
+/// This machine's features (detected on first use).
+pub fn features() -> CpuFeatures {
+    static F: OnceLock<CpuFeatures> = OnceLock::new();
+    *F.get_or_init(detect)
+}
+
+/// Whether the AVX-512 paths run.
+pub fn avx512() -> bool {
+    features().avx512f
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> CpuFeatures {
+    // CPUID leaf 7 exists on every x86-64 CPU that runs an x86-64-v3 binary.
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    CpuFeatures {
+        avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        avx512f: is_x86_feature_detected!("avx512f"),
+        amx_bf16: leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> CpuFeatures {
+    CpuFeatures {
+        avx2_fma: false,
+        avx512f: false,
+        amx_bf16: false,
+    }
+}
+
+/// The f32 path in words, for `lcm bench` and `lcm generate` (e.g. "AVX-512 f32").
+pub fn path() -> String {
+    let f = features();
+    let tier = if f.avx512f {
+        "AVX-512 f32"
+    } else if f.avx2_fma {
+        "AVX2+FMA f32"
+    } else {
+        "portable f32"
+    };
+    if f.amx_bf16 {
+        format!("{tier} (AMX bf16 present, not used yet)")
+    } else {
+        tier.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_path_agrees_with_proc_cpuinfo() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            println!("no /proc/cpuinfo here: nothing to compare");
+            return;
+        };
+        let flags: Vec<&str> = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags"))
+            .map(|l| l.split_whitespace().collect())
+            .unwrap_or_default();
+        let f = super::features();
+        assert_eq!(f.avx512f, flags.contains(&"avx512f"));
+        assert_eq!(
+            f.amx_bf16,
+            flags.contains(&"amx_bf16") && flags.contains(&"amx_tile")
+        );
+        println!("kernel path on this CPU: {}", super::path());
+    }
+}
