@@ -155,7 +155,7 @@ fn unet_matches_diffusers_with_per_sample_timesteps_and_guidance() {
     let ctx = g("unet_encoder_hidden_states");
     let lcm_unet = fixture_unet("tiny-lcm");
     let wemb = lcm::nn::guidance_embedding(&g("unet_w"), 32).unwrap();
-    let temb = lcm_unet.time_embedding(&ts, Some(&wemb)).unwrap();
+    let temb = lcm_unet.time_embedding(&ts, None, Some(&wemb)).unwrap();
     assert_close(
         "unet_time_embedding",
         &temb,

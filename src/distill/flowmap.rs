@@ -24,86 +24,12 @@
 //! weight long jumps by b², short ones almost not at all).
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::lcd::{DdimSolver, Loss};
 use crate::sample::denoiser::Denoiser;
+use crate::sample::flowmap::{eps_for_target, jump, EndTime, FlowMapNet};
 use crate::sample::schedule::{per_sample, NoiseSchedule};
-
-/// End time of a jump: a training timestep, or [`CLEAN`] for the data itself (ᾱ = 1).
-pub type EndTime = i64;
-
-/// The end time of the data (ᾱ = 1).
-pub const CLEAN: EndTime = -1;
-
-/// ᾱ at an end time (1 for [`CLEAN`]).
-pub fn end_alpha_bar(schedule: &NoiseSchedule, t: EndTime) -> f64 {
-    if t < 0 {
-        1.0
-    } else {
-        schedule.alpha_bar(t)
-    }
-}
-
-/// A network that predicts the ε of a jump from s to t (the start's timestep, the end time, the
-/// conditioning and an optional guidance embedding, as [`Denoiser`]).
-pub trait FlowMapNet {
-    fn predict_jump_eps(
-        &self,
-        x: &Tensor,
-        start: &[usize],
-        end: &[EndTime],
-        cond: &Tensor,
-        w_embedding: Option<&Tensor>,
-    ) -> Result<Tensor>;
-}
-
-/// The coefficients (a, b) of X_{s→t} = a·x_s + b·ε̂ for one sample.
-pub fn jump_coefficients(schedule: &NoiseSchedule, s: usize, t: EndTime) -> (f64, f64) {
-    let (a_s, a_t) = (schedule.alpha_bar(s as i64), end_alpha_bar(schedule, t));
-    let ratio = (a_t / a_s).sqrt();
-    (ratio, (1.0 - a_t).sqrt() - ratio * (1.0 - a_s).sqrt())
-}
-
-/// X_{s→t}(x) for per-sample starts and ends, given the jump's ε̂.
-pub fn jump(
-    schedule: &NoiseSchedule,
-    x: &Tensor,
-    eps: &Tensor,
-    start: &[usize],
-    end: &[EndTime],
-) -> Result<Tensor> {
-    let (a, b): (Vec<f64>, Vec<f64>) = start
-        .iter()
-        .zip(end)
-        .map(|(&s, &t)| jump_coefficients(schedule, s, t))
-        .unzip();
-    Ok(x.broadcast_mul(&per_sample(&a, x)?)?
-        .add(&eps.broadcast_mul(&per_sample(&b, eps)?)?)?)
-}
-
-/// The ε̂ that makes X_{s→t}(x) equal `target` (ends strictly below starts).
-pub fn eps_for_target(
-    schedule: &NoiseSchedule,
-    x: &Tensor,
-    target: &Tensor,
-    start: &[usize],
-    end: &[EndTime],
-) -> Result<Tensor> {
-    let mut a = Vec::with_capacity(start.len());
-    let mut inv_b = Vec::with_capacity(start.len());
-    for (&s, &t) in start.iter().zip(end) {
-        if t >= s as i64 {
-            bail!("a jump must end before it starts (start {s}, end {t})")
-        }
-        let (ai, bi) = jump_coefficients(schedule, s, t);
-        a.push(ai);
-        inv_b.push(1.0 / bi);
-    }
-    Ok(target
-        .sub(&x.broadcast_mul(&per_sample(&a, x)?)?)?
-        .broadcast_mul(&per_sample(&inv_b, x)?)?)
-}
 
 /// Which self-consistency the off-diagonal targets use (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,55 +203,6 @@ pub fn flow_map_step(
     })
 }
 
-/// Where flow-map sampling jumps.
-pub struct FlowGrid<'a> {
-    /// Descending start timesteps; after the last, a final jump to [`CLEAN`].
-    pub grid: &'a [usize],
-    /// TCD's γ: with γ > 0 each jump lands at ⌊(1−γ)·t⌋ and is re-noised up to t; 0 is
-    /// deterministic.
-    pub gamma: f64,
-}
-
-/// Flow-map sampling from `x` along `g`, re-noising (γ > 0) with draws from `noise`.
-pub fn sample_flow_map(
-    schedule: &NoiseSchedule,
-    net: &dyn FlowMapNet,
-    x: Tensor,
-    g: &FlowGrid,
-    cond: &Tensor,
-    w_embedding: Option<&Tensor>,
-    noise: &mut dyn crate::sample::noise::NoiseSource,
-) -> Result<Tensor> {
-    let (grid, gamma) = (g.grid, g.gamma);
-    if !(0.0..=1.0).contains(&gamma) {
-        bail!("gamma must be in [0, 1], got {gamma}")
-    }
-    if grid.windows(2).any(|w| w[1] >= w[0]) || grid.is_empty() {
-        bail!("the flow-map grid must be non-empty and descending, got {grid:?}")
-    }
-    let b = x.dim(0)?;
-    let mut x = x.to_dtype(DType::F32)?;
-    for (i, &s) in grid.iter().enumerate() {
-        let next: EndTime = grid.get(i + 1).map_or(CLEAN, |&t| t as EndTime);
-        // TCD's γ: land lower, then re-noise back up to `next`.
-        let land = if next > 0 && gamma > 0.0 {
-            ((1.0 - gamma) * next as f64).floor() as EndTime
-        } else {
-            next
-        };
-        let starts = vec![s; b];
-        let ends = vec![land; b];
-        let eps = net.predict_jump_eps(&x, &starts, &ends, cond, w_embedding)?;
-        x = jump(schedule, &x, &eps, &starts, &ends)?;
-        if land < next {
-            let (a_land, a_next) = (end_alpha_bar(schedule, land), end_alpha_bar(schedule, next));
-            let z = noise.sample(x.shape(), x.device())?;
-            x = ((x * (a_next / a_land).sqrt())? + (z * (1.0 - a_next / a_land).sqrt())?)?;
-        }
-    }
-    Ok(x)
-}
-
 #[cfg(test)]
 mod tests {
     //! Closed forms: for Gaussian data x₀ ~ N(μ, σ²) the noisy marginals are Gaussian, the
@@ -339,7 +216,9 @@ mod tests {
 
     use super::*;
     use crate::model::config::SchedulerConfig;
+    use crate::sample::flowmap::{end_alpha_bar, sample_flow_map, FlowGrid, CLEAN};
     use crate::sample::noise::{NoiseSource, SeededNoise};
+    use candle_core::DType;
 
     const MU: f64 = 1.5;
     const SIGMA: f64 = 0.5;

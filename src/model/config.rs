@@ -124,6 +124,10 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     /// The LCM guidance-embedding width (`time_embedding.cond_proj`).
     pub time_cond_proj_dim: Option<usize>,
+    /// A flow-map student (`lcm` only, see docs/flow-map.md): the jump's end time enters through
+    /// `time_embedding.end_proj`, a sinusoid like the timestep's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub end_time_embedding: bool,
     #[serde(default)]
     pub use_linear_projection: bool,
     #[serde(default = "one")]

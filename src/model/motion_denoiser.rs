@@ -34,6 +34,9 @@ pub struct MotionDenoiserConfig {
     /// The student's guidance-embedding width (absent for a teacher).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_cond_proj_dim: Option<usize>,
+    /// A flow-map student: the jump's end time enters through `time_embedding.end_proj`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub end_time_embedding: bool,
 }
 
 impl MotionDenoiserConfig {
@@ -56,6 +59,7 @@ impl MotionDenoiserConfig {
 pub struct MotionDenoiser {
     pub config: MotionDenoiserConfig,
     cond_proj: Option<Linear>,
+    end_proj: Option<Linear>,
     time1: Linear,
     time2: Linear,
     sentence_in: Linear,
@@ -74,6 +78,10 @@ impl MotionDenoiser {
             cond_proj: config
                 .time_cond_proj_dim
                 .map(|w| linear(w, d, false, te.pp("cond_proj")))
+                .transpose()?,
+            end_proj: config
+                .end_time_embedding
+                .then(|| linear(d, d, false, te.pp("end_proj")))
                 .transpose()?,
             time1: linear(d, d, true, te.pp("linear_1"))?,
             time2: linear(d, d, true, te.pp("linear_2"))?,
@@ -94,6 +102,19 @@ impl MotionDenoiser {
         &self,
         x: &Tensor,
         t: &Tensor,
+        cond: &Tensor,
+        w_embedding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_to(x, t, None, cond, w_embedding)
+    }
+
+    /// [`forward`](Self::forward) of a flow-map student: the ε of the jump from `t` to `end`
+    /// `[b]` (default: `t`, a jump of length zero).
+    pub fn forward_to(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        end: Option<&Tensor>,
         cond: &Tensor,
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -122,6 +143,15 @@ impl MotionDenoiser {
             (Some(p), Some(w)) => temb = (temb + p.forward(w)?)?,
             (Some(_), None) => bail!("this motion student needs a guidance embedding"),
             (None, Some(_)) => bail!("this motion denoiser takes no guidance embedding"),
+            (None, None) => {}
+        }
+        match (&self.end_proj, end) {
+            (Some(p), end) => {
+                temb = (temb + p.forward(&timestep_embedding(end.unwrap_or(t), d, true, 0.0)?)?)?
+            }
+            (None, Some(_)) => {
+                bail!("an end time was given but this motion denoiser is no flow map")
+            }
             (None, None) => {}
         }
         let temb = self.time2.forward(&self.time1.forward(&temb)?.silu()?)?;

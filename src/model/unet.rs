@@ -243,6 +243,8 @@ pub struct UNet2DConditionModel {
     time_linear_1: Linear,
     time_linear_2: Linear,
     cond_proj: Option<Linear>,
+    /// A flow-map student's end-time embedding.
+    end_proj: Option<Linear>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -273,6 +275,10 @@ impl UNet2DConditionModel {
             Some(d) => Some(nn::linear(d, ch[0], false, vb_t.pp("cond_proj"))?),
             None => None,
         };
+        let end_proj = cfg
+            .end_time_embedding
+            .then(|| nn::linear(ch[0], ch[0], false, vb_t.pp("end_proj")))
+            .transpose()?;
         let time_linear_1 = nn::linear(ch[0], temb_dim, true, vb_t.pp("linear_1"))?;
         let time_linear_2 = nn::linear(temb_dim, temb_dim, true, vb_t.pp("linear_2"))?;
 
@@ -354,6 +360,7 @@ impl UNet2DConditionModel {
             time_linear_1,
             time_linear_2,
             cond_proj,
+            end_proj,
             down,
             mid,
             up,
@@ -386,20 +393,32 @@ impl UNet2DConditionModel {
     }
 
     /// The `[b, time_embed_dim]` embedding of per-sample timesteps `[b]` plus, for an LCM U-Net, the
-    /// guidance embedding `[b, time_cond_proj_dim]`.
+    /// guidance embedding `[b, time_cond_proj_dim]`, and for a flow-map student the end times
+    /// `[b]` (default: the timesteps themselves, a jump of length zero).
     pub fn time_embedding(
         &self,
         timesteps: &Tensor,
+        end: Option<&Tensor>,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
-        let t_emb = nn::timestep_embedding(
-            timesteps,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-        )?
-        .to_dtype(self.time_linear_1.weight().dtype())?;
+        let sinusoid = |t: &Tensor| {
+            nn::timestep_embedding(
+                t,
+                cfg.block_out_channels[0],
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+            )?
+            .to_dtype(self.time_linear_1.weight().dtype())
+        };
+        let mut t_emb = sinusoid(timesteps)?;
+        match (&self.end_proj, end) {
+            (Some(p), end) => t_emb = (p.forward(&sinusoid(end.unwrap_or(timesteps))?)? + t_emb)?,
+            (None, Some(_)) => {
+                candle_core::bail!("an end time was given but this U-Net is no flow map")
+            }
+            (None, None) => {}
+        }
         let t_emb = match (&self.cond_proj, timestep_cond) {
             (Some(p), Some(c)) => (p.forward(&c.to_dtype(t_emb.dtype())?)? + t_emb)?,
             (Some(_), None) => candle_core::bail!(
@@ -424,6 +443,19 @@ impl UNet2DConditionModel {
         context: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_to(sample, timesteps, None, context, timestep_cond)
+    }
+
+    /// [`forward`](Self::forward) of a flow-map student: the ε of the jump from `timesteps` to
+    /// `end` `[b]`.
+    pub fn forward_to(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        end: Option<&Tensor>,
+        context: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let timesteps = match timesteps.rank() {
             0 => timesteps.broadcast_as(b)?.contiguous()?,
@@ -436,7 +468,7 @@ impl UNet2DConditionModel {
                 context.dim(0)?
             )
         }
-        let temb = self.time_embedding(&timesteps, timestep_cond)?;
+        let temb = self.time_embedding(&timesteps, end, timestep_cond)?;
 
         let mut xs = self.conv_in.forward(sample)?;
         let mut skips = vec![xs.clone()];

@@ -3,6 +3,7 @@
 //! implements and the one sampling loop over it.
 
 pub mod denoiser;
+pub mod flowmap;
 pub mod noise;
 pub mod sampler;
 pub mod schedule;
