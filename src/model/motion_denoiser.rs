@@ -179,22 +179,7 @@ impl Denoiser for MotionDenoiser {
         cond: &Tensor,
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        let t = Tensor::new(t.as_slice(), x.device())?;
-        let cond = if cond.dim(0)? == 1 && x.dim(0)? > 1 {
-            cond.repeat((x.dim(0)?, 1, 1))?
-        } else {
-            cond.clone()
-        };
-        let w = w_embedding.map(|w| w.to_dtype(DType::F32)).transpose()?;
-        Ok(self
-            .forward(
-                &x.to_dtype(DType::F32)?,
-                &t,
-                &cond.to_dtype(DType::F32)?,
-                w.as_ref(),
-            )?
-            .to_dtype(x.dtype())?)
+        crate::sample::flowmap::motion_eps(self, x, timesteps, None, cond, w_embedding)
     }
 
     fn guidance_embedding_dim(&self) -> Option<usize> {

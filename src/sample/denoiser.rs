@@ -39,16 +39,7 @@ impl Denoiser for crate::model::unet::UNet2DConditionModel {
         cond: &Tensor,
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        let t = Tensor::new(t.as_slice(), x.device())?;
-        let dtype = self.dtype();
-        let w = match w_embedding {
-            Some(w) => Some(w.to_dtype(dtype)?),
-            None => None,
-        };
-        Ok(self
-            .forward(&x.to_dtype(dtype)?, &t, &cond.to_dtype(dtype)?, w.as_ref())?
-            .to_dtype(x.dtype())?)
+        super::flowmap::unet_eps(self, x, timesteps, None, cond, w_embedding)
     }
 
     fn guidance_embedding_dim(&self) -> Option<usize> {

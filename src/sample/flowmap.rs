@@ -132,10 +132,72 @@ pub fn sample_flow_map(
     Ok(x)
 }
 
-/// End times as the networks' timestep tensor (f32, [`CLEAN`] as −1).
-fn end_tensor(end: &[EndTime], like: &Tensor) -> Result<Tensor> {
-    let v: Vec<f32> = end.iter().map(|&t| t as f32).collect();
-    Ok(Tensor::new(v.as_slice(), like.device())?)
+/// Timesteps and end times ([`CLEAN`] as −1) as a network's f32 `[b]` inputs.
+fn times(
+    timesteps: &[usize],
+    end: Option<&[EndTime]>,
+    like: &Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let f32s = |v: Vec<f32>| Tensor::new(v.as_slice(), like.device());
+    let t = f32s(timesteps.iter().map(|&t| t as f32).collect())?;
+    let end = end
+        .map(|e| f32s(e.iter().map(|&t| t as f32).collect()))
+        .transpose()?;
+    Ok((t, end))
+}
+
+/// The U-Net's ε at `timesteps`, of the jump to `end` for a flow-map student (`None`: the
+/// plain ε), in `x`'s dtype whatever the network's own: the one body of its [`Denoiser`] and
+/// [`FlowMapNet`] impls.
+///
+/// [`Denoiser`]: super::denoiser::Denoiser
+pub(crate) fn unet_eps(
+    net: &crate::model::unet::UNet2DConditionModel,
+    x: &Tensor,
+    timesteps: &[usize],
+    end: Option<&[EndTime]>,
+    cond: &Tensor,
+    w_embedding: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (t, end) = times(timesteps, end, x)?;
+    let dtype = net.dtype();
+    let w = w_embedding.map(|w| w.to_dtype(dtype)).transpose()?;
+    Ok(net
+        .forward_to(
+            &x.to_dtype(dtype)?,
+            &t,
+            end.as_ref(),
+            &cond.to_dtype(dtype)?,
+            w.as_ref(),
+        )?
+        .to_dtype(x.dtype())?)
+}
+
+/// The motion denoiser's ε, as [`unet_eps`] (a one-row `cond` is shared by the batch).
+pub(crate) fn motion_eps(
+    net: &crate::model::motion_denoiser::MotionDenoiser,
+    x: &Tensor,
+    timesteps: &[usize],
+    end: Option<&[EndTime]>,
+    cond: &Tensor,
+    w_embedding: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (t, end) = times(timesteps, end, x)?;
+    let cond = if cond.dim(0)? == 1 && x.dim(0)? > 1 {
+        cond.repeat((x.dim(0)?, 1, 1))?
+    } else {
+        cond.clone()
+    };
+    let w = w_embedding.map(|w| w.to_dtype(DType::F32)).transpose()?;
+    Ok(net
+        .forward_to(
+            &x.to_dtype(DType::F32)?,
+            &t,
+            end.as_ref(),
+            &cond.to_dtype(DType::F32)?,
+            w.as_ref(),
+        )?
+        .to_dtype(x.dtype())?)
 }
 
 impl FlowMapNet for crate::model::unet::UNet2DConditionModel {
@@ -147,19 +209,7 @@ impl FlowMapNet for crate::model::unet::UNet2DConditionModel {
         cond: &Tensor,
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t: Vec<f32> = start.iter().map(|&t| t as f32).collect();
-        let t = Tensor::new(t.as_slice(), x.device())?;
-        let dtype = self.dtype();
-        let w = w_embedding.map(|w| w.to_dtype(dtype)).transpose()?;
-        Ok(self
-            .forward_to(
-                &x.to_dtype(dtype)?,
-                &t,
-                Some(&end_tensor(end, x)?),
-                &cond.to_dtype(dtype)?,
-                w.as_ref(),
-            )?
-            .to_dtype(x.dtype())?)
+        unet_eps(self, x, start, Some(end), cond, w_embedding)
     }
 }
 
@@ -172,23 +222,7 @@ impl FlowMapNet for crate::model::motion_denoiser::MotionDenoiser {
         cond: &Tensor,
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t: Vec<f32> = start.iter().map(|&t| t as f32).collect();
-        let t = Tensor::new(t.as_slice(), x.device())?;
-        let cond = if cond.dim(0)? == 1 && x.dim(0)? > 1 {
-            cond.repeat((x.dim(0)?, 1, 1))?
-        } else {
-            cond.clone()
-        };
-        let w = w_embedding.map(|w| w.to_dtype(DType::F32)).transpose()?;
-        Ok(self
-            .forward_to(
-                &x.to_dtype(DType::F32)?,
-                &t,
-                Some(&end_tensor(end, x)?),
-                &cond.to_dtype(DType::F32)?,
-                w.as_ref(),
-            )?
-            .to_dtype(x.dtype())?)
+        motion_eps(self, x, start, Some(end), cond, w_embedding)
     }
 }
 
