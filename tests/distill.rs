@@ -54,7 +54,11 @@ fn trainer<'t>(
     schedule: NoiseSchedule,
     config: DistillConfig,
 ) -> Result<Distillation<'t>, anyhow::Error> {
-    let student = UNetStudent::new(&teacher.config, config.student_w_embed());
+    let student = UNetStudent::new(
+        &teacher.config,
+        config.student_w_embed(),
+        config.objective.flow_condition().is_some(),
+    );
     distillation(
         teacher,
         Box::new(student),
@@ -165,6 +169,90 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     .check()
     .is_err());
     std::fs::remove_dir_all(run).ok();
+}
+
+/// Flow-map distillation through the same trainer: the student's end-time embedding starts at
+/// zero (so at step 0 the end time changes nothing), losses are finite and move, a resumed run
+/// reproduces the uninterrupted one, the settings name the objective, and LoRA is refused.
+#[test]
+fn flow_map_distillation_starts_at_its_source_and_resumes_exactly() {
+    use lcm::distill::Objective;
+    use lcm::sample::flowmap::{FlowMapNet, CLEAN};
+    setup();
+    let (teacher, weights, schedule) = setup_teacher();
+    let run = std::env::temp_dir().join(format!("lcm-distill-flow-{}", std::process::id()));
+    let flow = || DistillConfig {
+        objective: Objective::FlowMap,
+        ..config()
+    };
+    let mut a = trainer(&teacher, &weights, schedule.clone(), flow()).unwrap();
+    assert_eq!(a.task.settings()["config"]["objective"], "flow-map");
+    assert_eq!(a.task.settings()["student"]["end_time_embedding"], true);
+    let w = a.state.weights();
+    let end = &w["time_embedding.end_proj.weight"];
+    assert_eq!(
+        end.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let mut cfg = teacher.config.clone();
+    cfg.time_cond_proj_dim = Some(32);
+    cfg.end_time_embedding = true;
+    let student = UNet2DConditionModel::new(
+        &cfg,
+        candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let x = g("lcd_z0").narrow(0, 0, 2).unwrap();
+    let c = g("lcd_prompt_embeds").narrow(0, 0, 2).unwrap();
+    let wemb =
+        lcm::nn::guidance_embedding(&Tensor::new(&[3f32, 7.0], &Device::Cpu).unwrap(), 32).unwrap();
+    let to = |e| {
+        student
+            .predict_jump_eps(&x, &[999, 500], &[e, e], &c, Some(&wemb))
+            .unwrap()
+    };
+    assert_eq!(max_abs(&(to(CLEAN) - to(400)).unwrap()), 0.0);
+
+    let mut losses = vec![];
+    for _ in 0..4 {
+        let m = a.step().unwrap();
+        assert!(m.loss.is_finite() && m.grad_norm.is_finite(), "{m:?}");
+        losses.push(m.loss);
+        if m.step == 2 {
+            a.save(&run).unwrap();
+        }
+    }
+    assert!(losses.windows(2).any(|w| w[0] != w[1]), "{losses:?}");
+    let mut b = trainer(&teacher, &weights, schedule.clone(), flow()).unwrap();
+    let latest = lcm::train::checkpoint::latest(&run.join("checkpoints"))
+        .unwrap()
+        .expect("checkpoint written");
+    b.resume(&latest, &Device::Cpu).unwrap();
+    let resumed: Vec<f64> = (0..2).map(|_| b.step().unwrap().loss).collect();
+    assert_eq!(resumed, losses[2..]);
+    // An LCD run cannot resume a flow-map checkpoint (the settings differ).
+    let mut lcd = trainer(&teacher, &weights, schedule, config()).unwrap();
+    assert!(lcd.resume(&latest, &Device::Cpu).is_err());
+    let lora = DistillConfig {
+        lora_rank: Some(4),
+        ..flow()
+    };
+    assert!(lora.check().is_err());
+    std::fs::remove_dir_all(run).ok();
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Four coloured squares with captions plus one corrupt PNG, as an imagefolder under `root/data`.

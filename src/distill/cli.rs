@@ -61,6 +61,11 @@ pub struct DistillArgs {
     /// with `lcm pretrain unet --posterior-mean` (whitened latents).
     #[arg(long)]
     pub posterior_mean: bool,
+    /// lcd (a consistency model, as LCM), flow-map (a flow map: any step count, no multi-step
+    /// decay; docs/flow-map.md) or flow-map-semigroup (the same trained by the semigroup
+    /// condition).
+    #[arg(long, value_enum, default_value = "lcd")]
+    pub objective: super::task::Objective,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -145,6 +150,7 @@ impl DistillArgs {
             noise_offset: self.noise_offset,
             guidance_from: self.guidance_from,
             posterior_mean: self.posterior_mean,
+            objective: self.objective,
         };
         config.check()?;
         Ok(config)
@@ -223,7 +229,11 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         ),
         None => Cow::Borrowed(&teacher_weights),
     };
-    let student = UNetStudent::new(&pipe.unet.config, config.student_w_embed());
+    let student = UNetStudent::new(
+        &pipe.unet.config,
+        config.student_w_embed(),
+        config.objective.flow_condition().is_some(),
+    );
     let student_cfg = student.config.clone();
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
     let lora = config.lora_rank.is_some();

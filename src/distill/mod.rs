@@ -10,4 +10,6 @@ pub mod motion;
 pub mod student;
 pub mod task;
 
-pub use task::{distillation, DistillConfig, Distillation, LcdTask, TrainData, LORA_FILE};
+pub use task::{
+    distillation, DistillConfig, Distillation, LcdTask, Objective, TrainData, LORA_FILE,
+};

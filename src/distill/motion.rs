@@ -86,7 +86,11 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
         "{} training pairs (clip variant, caption)",
         data.latents.dim(0)?
     );
-    let student = MotionStudent::new(&folder.denoiser, config.w_embed_dim);
+    let student = MotionStudent::new(
+        &folder.denoiser,
+        config.w_embed_dim,
+        config.objective.flow_condition().is_some(),
+    );
     let student_cfg = student.config.clone();
     let schedule = NoiseSchedule::from_config(&folder.scheduler)?;
     let export_config = config.clone();

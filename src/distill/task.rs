@@ -15,9 +15,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::flowmap::{flow_map_step, FlowBatch, FlowCondition, FlowConfig};
 use super::lcd::{lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
-use super::student::Student;
+use super::student::{Fresh, Network, Student};
 use crate::sample::denoiser::Denoiser;
+use crate::sample::flowmap::{EndTime, CLEAN};
 use crate::sample::noise::{NoiseSource, SeededNoise};
 use crate::sample::schedule::NoiseSchedule;
 use crate::train::run::{Run, Task};
@@ -51,6 +53,37 @@ pub struct DistillConfig {
     /// --posterior-mean`); the reference samples.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub posterior_mean: bool,
+    /// What the student learns: LCD's consistency function, or a flow map (docs/flow-map.md).
+    #[serde(default, skip_serializing_if = "Objective::is_lcd")]
+    pub objective: Objective,
+}
+
+/// The distillation objective (`--objective`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Latent consistency distillation: every jump to the data.
+    #[default]
+    Lcd,
+    /// A flow map, the discrete Eulerian condition (one teacher step, then the EMA jump).
+    FlowMap,
+    /// A flow map, the semigroup condition (two EMA jumps; the teacher on the diagonal).
+    FlowMapSemigroup,
+}
+
+impl Objective {
+    fn is_lcd(&self) -> bool {
+        *self == Objective::Lcd
+    }
+
+    /// The flow-map condition, for the flow-map objectives.
+    pub fn flow_condition(&self) -> Option<FlowCondition> {
+        match self {
+            Objective::Lcd => None,
+            Objective::FlowMap => Some(FlowCondition::Eulerian),
+            Objective::FlowMapSemigroup => Some(FlowCondition::Semigroup),
+        }
+    }
 }
 
 fn is_zero(x: &usize) -> bool {
@@ -68,6 +101,9 @@ impl DistillConfig {
         }
         if !(0.0..=1.0).contains(&self.noise_offset) {
             bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
+        }
+        if self.objective != Objective::Lcd && self.lora_rank.is_some() {
+            bail!("--objective flow-map needs a full student (its end-time embedding): drop --lora-rank")
         }
         self.options.check()
     }
@@ -93,6 +129,7 @@ impl Default for DistillConfig {
             noise_offset: 0.0,
             guidance_from: 0,
             posterior_mean: false,
+            objective: Objective::Lcd,
         }
     }
 }
@@ -123,9 +160,11 @@ pub struct LcdTask<'t> {
     schedule: NoiseSchedule,
     solver: DdimSolver,
     lcd: LcdConfig,
+    /// Set for a flow-map objective.
+    flow: Option<FlowConfig>,
     teacher: &'t dyn Denoiser,
-    student: Box<dyn Denoiser>,
-    target: Box<dyn Denoiser>,
+    student: Box<dyn Network>,
+    target: Box<dyn Network>,
     spec: Box<dyn Student + 't>,
     data: TrainData,
     /// LCM-LoRA: the frozen base weights the adapters (the trainable variables) are merged into.
@@ -144,7 +183,7 @@ pub type Distillation<'t> = Run<LcdTask<'t>>;
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 
 /// The student's starting weights: `init`'s tensors (the reference script: the teacher's own)
-/// where the student has them, fresh ones ([`Student::is_fresh`]) where it does not.
+/// where the student has them, fresh ones ([`Student::fresh`]) where it does not.
 fn student_weights_from(
     spec: &dyn Student,
     init: &HashMap<String, Tensor>,
@@ -166,15 +205,18 @@ fn student_weights_from(
                 "the student's initial {name} has shape {:?}, the student wants {dims:?}",
                 w.dims()
             ),
-            None if spec.is_fresh(name) => {
-                // nn.Linear's default init: U(−1/√fan_in, 1/√fan_in).
-                let bound = 1.0 / (dims[1] as f64).sqrt();
-                let v: Vec<f32> = (0..dims.iter().product::<usize>())
-                    .map(|_| rng.random_range(-bound..bound) as f32)
-                    .collect();
-                Tensor::from_vec(v, dims, device)?
-            }
-            None => bail!("the student's initial weights lack {name}"),
+            None => match spec.fresh(name) {
+                Some(Fresh::Linear) => {
+                    // nn.Linear's default init: U(−1/√fan_in, 1/√fan_in).
+                    let bound = 1.0 / (dims[1] as f64).sqrt();
+                    let v: Vec<f32> = (0..dims.iter().product::<usize>())
+                        .map(|_| rng.random_range(-bound..bound) as f32)
+                        .collect();
+                    Tensor::from_vec(v, dims, device)?
+                }
+                Some(Fresh::Zero) => Tensor::zeros(dims, DType::F32, device)?,
+                None => bail!("the student's initial weights lack {name}"),
+            },
         };
         out.insert(name.clone(), t);
     }
@@ -212,7 +254,7 @@ pub fn distillation<'t>(
         // The adapters sit beside the frozen base layers (computed on the activations, see
         // crate::nn::Linear): the student sees the adapter variables, the target the same
         // storage detached, so it follows every update without gradients.
-        let with_adapters = |detach: bool| -> Result<Box<dyn Denoiser>> {
+        let with_adapters = |detach: bool| -> Result<Box<dyn Network>> {
             let mut w = base.clone();
             for (k, v) in state.trainable() {
                 let t = if detach {
@@ -236,11 +278,20 @@ pub fn distillation<'t>(
         let target = spec.build(VarBuilder::from_tensors(target_weights, DType::F32, device))?;
         (state, student, target, None)
     };
+    let flow = config
+        .objective
+        .flow_condition()
+        .map(|condition| FlowConfig {
+            condition,
+            w_embed_dim: lcd.w_embed_dim,
+            loss: lcd.loss,
+        });
     let task = LcdTask {
         config,
         schedule,
         solver,
         lcd,
+        flow,
         teacher,
         student,
         target,
@@ -296,6 +347,42 @@ impl Task for LcdTask<'_> {
             // Drawn only with an offset, so plain runs keep their random stream.
             let mut src = SeededNoise::new(rng.random());
             noise = crate::sample::schedule::offset_noise(&noise, cfg.noise_offset, &mut src)?;
+        }
+        if let Some(flow) = &self.flow {
+            // End times: the data, the teacher step's own end, or anywhere between; and an
+            // intermediate time strictly between end and start (used by the semigroup).
+            let (start, teacher_end) = self.solver.timesteps_for(&index);
+            let mut end = Vec::with_capacity(b);
+            let mut mid = Vec::with_capacity(b);
+            for (&s, &s1) in start.iter().zip(&teacher_end) {
+                let t: EndTime = match rng.random_range(0..4) {
+                    0 => CLEAN,
+                    1 => s1 as EndTime,
+                    _ => rng.random_range(CLEAN..=s1 as EndTime),
+                };
+                end.push(t);
+                mid.push(rng.random_range((t + 1).max(0) as usize..s.max(1)));
+            }
+            let batch = FlowBatch {
+                z0: &z0,
+                noise: &noise,
+                index: &index,
+                end: &end,
+                mid: &mid,
+                w: &w,
+                prompt_embeds: &prompt,
+                uncond_embeds: &uncond,
+            };
+            let out = flow_map_step(
+                &self.schedule,
+                &self.solver,
+                self.student.as_ref(),
+                self.teacher,
+                self.target.as_ref(),
+                &batch,
+                flow,
+            )?;
+            return Ok((out.loss, Metrics::new()));
         }
         let batch = LcdBatch {
             z0: &z0,
