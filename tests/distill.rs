@@ -177,7 +177,8 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
 #[test]
 fn flow_map_distillation_starts_at_its_source_and_resumes_exactly() {
     use lcm::distill::Objective;
-    use lcm::sample::flowmap::{FlowMapNet, CLEAN};
+    use lcm::sample::denoiser::Denoiser;
+    use lcm::sample::flowmap::CLEAN;
     setup();
     let (teacher, weights, schedule) = setup_teacher();
     let run = std::env::temp_dir().join(format!("lcm-distill-flow-{}", std::process::id()));
@@ -408,6 +409,44 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("sampler lcm"));
     assert_eq!(image::open(&png).unwrap().dimensions(), (32, 32));
+
+    // --objective flow-map: the export says so in its config, and `lcm generate` samples it with
+    // its own jumps by default, at any step count. An LCM has no jumps to take.
+    let flow = root.join("flow");
+    run(
+        &flow,
+        "2",
+        &["--objective", "flow-map", "--sample-every", "0"],
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(flow.join("unet/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["end_time_embedding"], true);
+    let generate = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red square",
+            "--seed",
+            "1",
+            "--output",
+            png.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lcm_bin(&args)
+    };
+    for steps in ["1", "4", "8"] {
+        let o = generate(&flow, &["--steps", steps]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("sampler flowmap"));
+    }
+    let o = generate(&full, &["--sampler", "flowmap"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a flow map"),
+        "{err}"
+    );
     std::fs::remove_dir_all(root).ok();
 }
 

@@ -364,6 +364,12 @@ fn bad_input_gets_a_json_4xx_and_the_server_keeps_serving() {
             Some("sampler"),
         ),
         (
+            "flow-map sampler on an LCM",
+            br#"{"prompt": "x", "sampler": "flowmap"}"#.to_vec(),
+            400,
+            None,
+        ),
+        (
             "other model",
             br#"{"prompt": "x", "model": "dall-e-3"}"#.to_vec(),
             400,

@@ -264,6 +264,7 @@ fn bad_motion_requests_get_a_json_4xx_and_the_server_keeps_serving() {
         (json!({"prompt": "x", "steps": 0}), "steps"),
         (json!({"prompt": "x", "steps": 51}), "steps"),
         (json!({"prompt": "x", "sampler": "euler"}), "sampler"),
+        (json!({"prompt": "x", "sampler": "flowmap"}), "sampler"),
         (json!({"prompt": "x", "model": "tiny-lcm"}), "model"),
         (json!({"prompt": "x", "size": "64x64"}), "size"),
         (json!({"prompt": "x", "seed": "seven"}), "seed"),

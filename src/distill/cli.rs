@@ -19,6 +19,7 @@ use crate::model::unet::UNet2DConditionModel;
 use crate::pipeline::source::resolve;
 use crate::pipeline::{GenerateRequest, Pipeline};
 use crate::sample::noise::SeededNoise;
+use crate::sample::sampler::SamplerKind;
 use crate::sample::schedule::NoiseSchedule;
 use crate::train::args::{TrainArgs, DISTILL};
 use crate::train::start::check_resolution;
@@ -291,6 +292,9 @@ fn export(
     }
     let mut unet_cfg = teacher.unet.config_json.clone();
     unet_cfg["time_cond_proj_dim"] = config.w_embed_dim.into();
+    if config.objective.flow_condition().is_some() {
+        unet_cfg["end_time_embedding"] = true.into();
+    }
     crate::files::write_atomic(
         &out.join("unet/config.json"),
         &serde_json::to_vec_pretty(&unet_cfg)?,
@@ -344,7 +348,12 @@ fn write_sample_grid(
         for &n in &steps {
             let req = GenerateRequest {
                 prompt: prompt.clone(),
-                sampler: Some(crate::sample::sampler::SamplerKind::Lcm),
+                // The student's sampler: LCM, or a flow map's own jumps.
+                sampler: Some(if sampler.unet.config.end_time_embedding {
+                    SamplerKind::FlowMap
+                } else {
+                    SamplerKind::Lcm
+                }),
                 steps: Some(n),
                 guidance: Some(guidance),
                 width: Some(resolution),

@@ -28,7 +28,7 @@ use candle_core::Tensor;
 
 use super::lcd::{DdimSolver, Loss};
 use crate::sample::denoiser::Denoiser;
-use crate::sample::flowmap::{eps_for_target, jump, EndTime, FlowMapNet};
+use crate::sample::flowmap::{eps_for_target, jump, EndTime};
 use crate::sample::schedule::{per_sample, NoiseSchedule};
 
 /// Which self-consistency the off-diagonal targets use (see the module docs).
@@ -79,9 +79,9 @@ pub struct FlowOutputs {
 pub fn flow_map_step(
     schedule: &NoiseSchedule,
     solver: &DdimSolver,
-    online: &dyn FlowMapNet,
+    online: &dyn Denoiser,
     teacher: &dyn Denoiser,
-    target_net: &dyn FlowMapNet,
+    target_net: &dyn Denoiser,
     batch: &FlowBatch,
     cfg: &FlowConfig,
 ) -> Result<FlowOutputs> {
@@ -265,7 +265,17 @@ mod tests {
     /// The ε̂ whose jump is the exact map.
     struct Oracle(NoiseSchedule);
 
-    impl FlowMapNet for Oracle {
+    impl Denoiser for Oracle {
+        fn predict_eps(
+            &self,
+            _x: &Tensor,
+            _t: &[usize],
+            _c: &Tensor,
+            _w: Option<&Tensor>,
+        ) -> Result<Tensor> {
+            anyhow::bail!("a flow map only jumps here")
+        }
+
         fn predict_jump_eps(
             &self,
             x: &Tensor,
@@ -372,6 +382,56 @@ mod tests {
         Ok(())
     }
 
+    /// The pipelines' loop with `SamplerKind::FlowMap` is the flow-map sampler: same jumps,
+    /// same re-noising draws.
+    #[test]
+    fn the_sampling_loop_with_the_flow_map_sampler_matches_the_sampler_function() -> Result<()> {
+        use crate::sample::denoiser::{denoise, Conditioning};
+        use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
+        let s = schedule();
+        let dev = Device::Cpu;
+        let x_t = SeededNoise::new(3).sample(&(64, 1).into(), &dev)?;
+        let cond = Tensor::zeros((64, 1), DType::F32, &dev)?;
+        for (steps, gamma) in [(1, 0.0), (4, 0.0), (4, 0.3), (8, 1.0)] {
+            let grid = crate::sample::sampler::lcm_timesteps(1000, 50, steps)?;
+            let g = FlowGrid { grid: &grid, gamma };
+            let want = sample_flow_map(
+                &s,
+                &Oracle(schedule()),
+                x_t.clone(),
+                &g,
+                &cond,
+                None,
+                &mut SeededNoise::new(4),
+            )?;
+            let sampler = Sampler::new(
+                SamplerKind::FlowMap,
+                &SchedulerConfig::default(),
+                steps,
+                SamplerOptions {
+                    flow_gamma: gamma,
+                    ..Default::default()
+                },
+            )?;
+            let c = Conditioning {
+                context: cond.clone(),
+                cfg: None,
+                w_embedding: None,
+            };
+            let got = denoise(
+                &Oracle(schedule()),
+                &sampler,
+                x_t.clone(),
+                &c,
+                &mut SeededNoise::new(4),
+                &mut |_| {},
+            )?;
+            let d = crate::kernels::max_abs_diff(&got, &want)?;
+            assert!(d < 1e-5, "{steps} steps, γ {gamma}: differs by {d}");
+        }
+        Ok(())
+    }
+
     /// The objective at the exact map: zero for every off-diagonal semigroup target; at the
     /// diagonal it is the teacher step's own discretisation error, which is small.
     #[test]
@@ -456,7 +516,17 @@ mod tests {
         }
     }
 
-    impl FlowMapNet for Mlp {
+    impl Denoiser for Mlp {
+        fn predict_eps(
+            &self,
+            _x: &Tensor,
+            _t: &[usize],
+            _c: &Tensor,
+            _w: Option<&Tensor>,
+        ) -> Result<Tensor> {
+            anyhow::bail!("a flow map only jumps here")
+        }
+
         fn predict_jump_eps(
             &self,
             x: &Tensor,
@@ -480,7 +550,7 @@ mod tests {
     }
 
     /// Sampling error against the exact ODE solution from the same noise, over n-step grids.
-    fn sample_errors(net: &dyn FlowMapNet, x_t: &Tensor) -> Result<Vec<(usize, f32)>> {
+    fn sample_errors(net: &dyn Denoiser, x_t: &Tensor) -> Result<Vec<(usize, f32)>> {
         let s = schedule();
         let cond = Tensor::zeros((x_t.dim(0)?, 1), DType::F32, x_t.device())?;
         let exact = exact_map(&s, x_t, 999, CLEAN)?;

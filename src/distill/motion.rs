@@ -117,12 +117,16 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
                 &student_cfg,
                 VarBuilder::from_tensors(weights.clone(), DType::F32, &dev),
             )?;
-            // One row per prompt and step count (1, 2, 4), LCM sampling at guidance 7.5.
+            // One row per prompt and step count (1, 2, 4), the student's sampler, guidance 7.5.
             let mut clips = Vec::new();
             for steps in [1, 2, 4] {
                 let o = MotionOptions {
                     frames: 80,
-                    sampler: SamplerKind::Lcm,
+                    sampler: if student_cfg.end_time_embedding {
+                        SamplerKind::FlowMap
+                    } else {
+                        SamplerKind::Lcm
+                    },
                     steps,
                     guidance: 7.5,
                     seed: 0,

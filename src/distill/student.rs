@@ -10,12 +10,6 @@ use candle_nn::VarBuilder;
 use crate::model::config::UNetConfig;
 use crate::model::unet::UNet2DConditionModel;
 use crate::sample::denoiser::Denoiser;
-use crate::sample::flowmap::FlowMapNet;
-
-/// A student network: an ε-predictor, and a flow map when it has an end-time embedding.
-pub trait Network: Denoiser + FlowMapNet {}
-
-impl<T: Denoiser + FlowMapNet> Network for T {}
 
 /// How a student tensor the teacher lacks starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +35,7 @@ fn fresh_embedding(name: &str) -> Option<Fresh> {
 pub trait Student {
     /// The student network over `vb` (live variables for the online student, detached tensors
     /// for the target).
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Network>>;
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Denoiser>>;
 
     /// How the student's tensor `name` starts if it is new to it (absent from the teacher);
     /// `None`: it must come from the teacher.
@@ -72,7 +66,7 @@ impl UNetStudent {
 }
 
 impl Student for UNetStudent {
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Network>> {
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Denoiser>> {
         let vb = vb.set_dtype(DType::F32);
         Ok(Box::new(UNet2DConditionModel::new(&self.config, vb)?))
     }
@@ -106,7 +100,7 @@ impl MotionStudent {
 }
 
 impl Student for MotionStudent {
-    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Network>> {
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Denoiser>> {
         Ok(Box::new(
             crate::model::motion_denoiser::MotionDenoiser::new(
                 &self.config,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::flowmap::{flow_map_step, FlowBatch, FlowCondition, FlowConfig};
 use super::lcd::{lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
-use super::student::{Fresh, Network, Student};
+use super::student::{Fresh, Student};
 use crate::sample::denoiser::Denoiser;
 use crate::sample::flowmap::{EndTime, CLEAN};
 use crate::sample::noise::{NoiseSource, SeededNoise};
@@ -163,8 +163,8 @@ pub struct LcdTask<'t> {
     /// Set for a flow-map objective.
     flow: Option<FlowConfig>,
     teacher: &'t dyn Denoiser,
-    student: Box<dyn Network>,
-    target: Box<dyn Network>,
+    student: Box<dyn Denoiser>,
+    target: Box<dyn Denoiser>,
     spec: Box<dyn Student + 't>,
     data: TrainData,
     /// LCM-LoRA: the frozen base weights the adapters (the trainable variables) are merged into.
@@ -254,7 +254,7 @@ pub fn distillation<'t>(
         // The adapters sit beside the frozen base layers (computed on the activations, see
         // crate::nn::Linear): the student sees the adapter variables, the target the same
         // storage detached, so it follows every update without gradients.
-        let with_adapters = |detach: bool| -> Result<Box<dyn Network>> {
+        let with_adapters = |detach: bool| -> Result<Box<dyn Denoiser>> {
             let mut w = base.clone();
             for (k, v) in state.trainable() {
                 let t = if detach {

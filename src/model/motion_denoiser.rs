@@ -150,7 +150,7 @@ impl MotionDenoiser {
                 temb = (temb + p.forward(&timestep_embedding(end.unwrap_or(t), d, true, 0.0)?)?)?
             }
             (None, Some(_)) => {
-                bail!("an end time was given but this motion denoiser is no flow map")
+                bail!("this motion denoiser is not a flow map (it has no end-time embedding)")
             }
             (None, None) => {}
         }
@@ -180,6 +180,21 @@ impl Denoiser for MotionDenoiser {
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
         crate::sample::flowmap::motion_eps(self, x, timesteps, None, cond, w_embedding)
+    }
+
+    fn predict_jump_eps(
+        &self,
+        x: &Tensor,
+        timesteps: &[usize],
+        end: &[crate::sample::flowmap::EndTime],
+        cond: &Tensor,
+        w_embedding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        crate::sample::flowmap::motion_eps(self, x, timesteps, Some(end), cond, w_embedding)
+    }
+
+    fn is_flow_map(&self) -> bool {
+        self.config.end_time_embedding
     }
 
     fn guidance_embedding_dim(&self) -> Option<usize> {

@@ -415,7 +415,7 @@ impl UNet2DConditionModel {
         match (&self.end_proj, end) {
             (Some(p), end) => t_emb = (p.forward(&sinusoid(end.unwrap_or(timesteps))?)? + t_emb)?,
             (None, Some(_)) => {
-                candle_core::bail!("an end time was given but this U-Net is no flow map")
+                candle_core::bail!("this U-Net is not a flow map (it has no end-time embedding)")
             }
             (None, None) => {}
         }

@@ -188,6 +188,9 @@ impl Pipeline {
     pub fn resolve(&self, req: &GenerateRequest, extra: &Defaults) -> Result<Resolved> {
         let d = extra.or(&self.defaults);
         let sampler = req.sampler.or(d.sampler).unwrap_or(SamplerKind::Lcm);
+        if sampler == SamplerKind::FlowMap && !self.unet.config.end_time_embedding {
+            bail!("--sampler flowmap: this model is not a flow map (distil one with `lcm distill --objective flow-map`)")
+        }
         let steps = req.steps.or(d.steps).unwrap_or(4);
         let guidance = req.guidance.or(d.guidance).unwrap_or(1.0);
         let f = self.vae_scale_factor();
@@ -573,7 +576,10 @@ fn class_defaults(
         || scheduler_class == "LCMScheduler"
         || unet.has_guidance_embedding();
     let size = unet.config.sample_size.map(|s| s * vae.scale_factor());
-    let (sampler, steps, guidance) = if scheduler_class == "TCDScheduler" {
+    let (sampler, steps, guidance) = if unet.config.end_time_embedding {
+        // A flow-map student (`lcm distill --objective flow-map`) samples with its own jumps.
+        (SamplerKind::FlowMap, 4, 8.5)
+    } else if scheduler_class == "TCDScheduler" {
         (SamplerKind::Tcd, 4, 1.0)
     } else if lcm_like {
         (SamplerKind::Lcm, 4, 8.5)

@@ -180,6 +180,9 @@ pub fn sample_latents_with(
     wanted: &Wanted,
 ) -> Result<Denoised> {
     let n = c.cond.dim(0)?;
+    if s.sampler == SamplerKind::FlowMap && !net.is_flow_map() {
+        bail!("--sampler flowmap: this model is not a flow map (distil one with `lcm distill --objective flow-map`)")
+    }
     if c.guidance.len() != n {
         bail!("{} guidance scales for {n} motions", c.guidance.len())
     }
@@ -320,12 +323,14 @@ impl MotionPipeline {
         })
     }
 
-    /// What the model samples with unless told otherwise: a distilled student LCM 4 steps, a
-    /// teacher DDIM 50 steps with CFG; guidance 7.5, 4 s.
+    /// What the model samples with unless told otherwise: a distilled student LCM 4 steps (a
+    /// flow-map student its own jumps), a teacher DDIM 50 steps with CFG; guidance 7.5, 4 s.
     pub fn class_defaults(&self) -> crate::pipeline::source::Defaults {
         let student = self.folder.denoiser.time_cond_proj_dim.is_some();
         crate::pipeline::source::Defaults {
-            sampler: Some(if student {
+            sampler: Some(if self.folder.denoiser.end_time_embedding {
+                SamplerKind::FlowMap
+            } else if student {
                 SamplerKind::Lcm
             } else {
                 SamplerKind::Ddim

@@ -1,11 +1,12 @@
 //! The seam between networks and everything that drives them: [`Denoiser`] is any ε-predicting
 //! network (the image U-Net today, a motion transformer tomorrow), and [`denoise`] is the one
 //! sampling loop over it — classifier-free guidance or the LCM guidance embedding, any sampler
-//! (LCM, TCD, DDIM). Distillation drives the same trait (`crate::distill::lcd`).
+//! (LCM, TCD, DDIM, a flow map's jumps). Distillation drives the same trait (`crate::distill`).
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
+use super::flowmap::EndTime;
 use super::noise::NoiseSource;
 use super::sampler::{Sampler, StepOutput};
 
@@ -29,6 +30,24 @@ pub trait Denoiser {
     fn compute_dtype(&self) -> DType {
         DType::F32
     }
+
+    /// A flow map's ε for the jump from `timesteps` to `end` (see [`super::flowmap`]); networks
+    /// without an end-time embedding refuse.
+    fn predict_jump_eps(
+        &self,
+        _x: &Tensor,
+        _timesteps: &[usize],
+        _end: &[EndTime],
+        _cond: &Tensor,
+        _w_embedding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        anyhow::bail!("this network is not a flow map (it has no end-time embedding)")
+    }
+
+    /// Whether [`predict_jump_eps`](Self::predict_jump_eps) works (a flow-map student).
+    fn is_flow_map(&self) -> bool {
+        false
+    }
 }
 
 impl Denoiser for crate::model::unet::UNet2DConditionModel {
@@ -40,6 +59,21 @@ impl Denoiser for crate::model::unet::UNet2DConditionModel {
         w_embedding: Option<&Tensor>,
     ) -> Result<Tensor> {
         super::flowmap::unet_eps(self, x, timesteps, None, cond, w_embedding)
+    }
+
+    fn predict_jump_eps(
+        &self,
+        x: &Tensor,
+        timesteps: &[usize],
+        end: &[EndTime],
+        cond: &Tensor,
+        w_embedding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        super::flowmap::unet_eps(self, x, timesteps, Some(end), cond, w_embedding)
+    }
+
+    fn is_flow_map(&self) -> bool {
+        self.config.end_time_embedding
     }
 
     fn guidance_embedding_dim(&self) -> Option<usize> {
@@ -187,12 +221,21 @@ pub fn denoise_until(
         } else {
             latents.clone()
         };
-        let out = net.predict_eps(
-            &model_in,
-            &vec![t; batch],
-            &cond.context,
-            cond.w_embedding.as_ref(),
-        )?;
+        let out = match sampler.jump_end(i) {
+            Some(end) => net.predict_jump_eps(
+                &model_in,
+                &vec![t; batch],
+                &vec![end; batch],
+                &cond.context,
+                cond.w_embedding.as_ref(),
+            )?,
+            None => net.predict_eps(
+                &model_in,
+                &vec![t; batch],
+                &cond.context,
+                cond.w_embedding.as_ref(),
+            )?,
+        };
         let eps = match &cond.cfg {
             Some((scale, per_sample)) => {
                 let u = out.narrow(0, 0, n)?;

@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
+use super::denoiser::Denoiser;
 use super::schedule::{per_sample, NoiseSchedule};
 
 /// End time of a jump: a training timestep, or [`CLEAN`] for the data itself (ᾱ = 1).
@@ -21,19 +22,6 @@ pub fn end_alpha_bar(schedule: &NoiseSchedule, t: EndTime) -> f64 {
     } else {
         schedule.alpha_bar(t)
     }
-}
-
-/// A network that predicts the ε of a jump from s to t (the start's timestep, the end time, the
-/// conditioning and an optional guidance embedding, as [`Denoiser`]).
-pub trait FlowMapNet {
-    fn predict_jump_eps(
-        &self,
-        x: &Tensor,
-        start: &[usize],
-        end: &[EndTime],
-        cond: &Tensor,
-        w_embedding: Option<&Tensor>,
-    ) -> Result<Tensor>;
 }
 
 /// The coefficients (a, b) of X_{s→t} = a·x_s + b·ε̂ for one sample.
@@ -95,7 +83,7 @@ pub struct FlowGrid<'a> {
 /// Flow-map sampling from `x` along `g`, re-noising (γ > 0) with draws from `noise`.
 pub fn sample_flow_map(
     schedule: &NoiseSchedule,
-    net: &dyn FlowMapNet,
+    net: &dyn Denoiser,
     x: Tensor,
     g: &FlowGrid,
     cond: &Tensor,
@@ -147,10 +135,8 @@ fn times(
 }
 
 /// The U-Net's ε at `timesteps`, of the jump to `end` for a flow-map student (`None`: the
-/// plain ε), in `x`'s dtype whatever the network's own: the one body of its [`Denoiser`] and
-/// [`FlowMapNet`] impls.
-///
-/// [`Denoiser`]: super::denoiser::Denoiser
+/// plain ε), in `x`'s dtype whatever the network's own: the one body of both its [`Denoiser`]
+/// methods.
 pub(crate) fn unet_eps(
     net: &crate::model::unet::UNet2DConditionModel,
     x: &Tensor,
@@ -200,32 +186,6 @@ pub(crate) fn motion_eps(
         .to_dtype(x.dtype())?)
 }
 
-impl FlowMapNet for crate::model::unet::UNet2DConditionModel {
-    fn predict_jump_eps(
-        &self,
-        x: &Tensor,
-        start: &[usize],
-        end: &[EndTime],
-        cond: &Tensor,
-        w_embedding: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        unet_eps(self, x, start, Some(end), cond, w_embedding)
-    }
-}
-
-impl FlowMapNet for crate::model::motion_denoiser::MotionDenoiser {
-    fn predict_jump_eps(
-        &self,
-        x: &Tensor,
-        start: &[usize],
-        end: &[EndTime],
-        cond: &Tensor,
-        w_embedding: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        motion_eps(self, x, start, Some(end), cond, w_embedding)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -235,7 +195,6 @@ mod tests {
     use candle_nn::{VarBuilder, VarMap};
 
     use super::*;
-    use crate::sample::denoiser::Denoiser;
 
     /// A student with the teacher's weights and a zero `end_proj` predicts the teacher's ε for
     /// every end time; a non-zero one makes the end time matter. Checked on the motion denoiser

@@ -1,4 +1,4 @@
-//! Sampling: the noise [`schedule`], noise sources, and the samplers (LCM, TCD, DDIM) as pure
+//! Sampling: the noise [`schedule`], noise sources, and the samplers (LCM, TCD, DDIM, flow map) as pure
 //! step functions over tensors, and the [`denoiser`] seam: the trait every ε-predicting network
 //! implements and the one sampling loop over it.
 

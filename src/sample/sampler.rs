@@ -7,6 +7,9 @@
 //! * TCD (Zheng et al. 2024, `TCDScheduler`): strategic stochastic sampling with gamma (diffusers'
 //!   `eta`); gamma = 0 is deterministic, gamma = 1 re-noises fully like LCM.
 //! * DDIM (Song et al. 2020, `DDIMScheduler`, eta 0): the teacher's sampler.
+//! * Flow map (`lcm` only, docs/flow-map.md): on the LCM grid, each step is the network's own
+//!   jump to the next grid time (the last to the data), optionally TCD-style re-noised; the
+//!   network is asked for the jump's ε ([`Sampler::jump_end`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,6 +27,7 @@ pub enum SamplerKind {
     Lcm,
     Tcd,
     Ddim,
+    FlowMap,
 }
 
 /// `--sampler` for clap (its parsers want a displayable error).
@@ -38,7 +42,8 @@ impl FromStr for SamplerKind {
             "lcm" => Ok(Self::Lcm),
             "tcd" => Ok(Self::Tcd),
             "ddim" => Ok(Self::Ddim),
-            _ => bail!("unknown sampler {s:?} (expected lcm, tcd or ddim)"),
+            "flowmap" | "flow-map" => Ok(Self::FlowMap),
+            _ => bail!("unknown sampler {s:?} (expected lcm, tcd, ddim or flowmap)"),
         }
     }
 }
@@ -49,6 +54,7 @@ impl fmt::Display for SamplerKind {
             Self::Lcm => "lcm",
             Self::Tcd => "tcd",
             Self::Ddim => "ddim",
+            Self::FlowMap => "flowmap",
         })
     }
 }
@@ -177,6 +183,8 @@ pub struct SamplerOptions {
     /// as `LatentConsistencyModelImg2ImgPipeline` does (a shorter distillation grid), DDIM and
     /// TCD as `StableDiffusionImg2ImgPipeline` does (the tail of the full grid).
     pub strength: f64,
+    /// The flow-map sampler's γ (0: deterministic jumps).
+    pub flow_gamma: f64,
 }
 
 impl Default for SamplerOptions {
@@ -185,6 +193,7 @@ impl Default for SamplerOptions {
             original_inference_steps: 50,
             tcd_gamma: 0.3,
             strength: 1.0,
+            flow_gamma: 0.0,
         }
     }
 }
@@ -204,7 +213,7 @@ impl Sampler {
             SamplerKind::Lcm => {
                 lcm_timesteps_strength(cfg.num_train_timesteps, original, steps, opts.strength)?
             }
-            SamplerKind::Tcd => strength_tail(
+            SamplerKind::Tcd | SamplerKind::FlowMap => strength_tail(
                 &lcm_timesteps(cfg.num_train_timesteps, original, steps)?,
                 opts.strength,
             )?,
@@ -213,13 +222,20 @@ impl Sampler {
         if !(0.0..=1.0).contains(&opts.tcd_gamma) {
             bail!("TCD gamma must be in [0, 1], got {}", opts.tcd_gamma)
         }
+        if !(0.0..=1.0).contains(&opts.flow_gamma) {
+            bail!("flow-map gamma must be in [0, 1], got {}", opts.flow_gamma)
+        }
         Ok(Self {
             kind,
             schedule,
             timesteps,
             num_train: cfg.num_train_timesteps,
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
-            gamma: opts.tcd_gamma,
+            gamma: if kind == SamplerKind::FlowMap {
+                opts.flow_gamma
+            } else {
+                opts.tcd_gamma
+            },
             grid_steps: steps,
         })
     }
@@ -228,7 +244,25 @@ impl Sampler {
         Ok(Tensor::new(v as f32, like.device())?.to_dtype(like.dtype())?)
     }
 
-    /// Advance from step `i` (at `self.timesteps[i]`), given the model's ε prediction.
+    /// The flow-map sampler's jump target at step `i`: the next grid time ([`CLEAN`] after the
+    /// last), lowered to ⌊(1−γ)·t⌋ with γ > 0. `None` for the ε samplers.
+    ///
+    /// [`CLEAN`]: crate::sample::flowmap::CLEAN
+    pub fn jump_end(&self, i: usize) -> Option<crate::sample::flowmap::EndTime> {
+        use crate::sample::flowmap::{EndTime, CLEAN};
+        if self.kind != SamplerKind::FlowMap {
+            return None;
+        }
+        let next: EndTime = self.timesteps.get(i + 1).map_or(CLEAN, |&t| t as EndTime);
+        Some(if next > 0 && self.gamma > 0.0 {
+            ((1.0 - self.gamma) * next as f64).floor() as EndTime
+        } else {
+            next
+        })
+    }
+
+    /// Advance from step `i` (at `self.timesteps[i]`), given the model's ε prediction (for the
+    /// flow map: the ε of its jump to [`jump_end`](Self::jump_end)).
     pub fn step(
         &self,
         i: usize,
@@ -277,6 +311,27 @@ impl Sampler {
                 Ok(StepOutput {
                     prev_sample,
                     denoised,
+                })
+            }
+            SamplerKind::FlowMap => {
+                use crate::sample::flowmap::{end_alpha_bar, jump, EndTime, CLEAN};
+                let land = self.jump_end(i).unwrap_or(CLEAN);
+                let b = sample.dim(0)?;
+                let landed = jump(&self.schedule, sample, eps, &vec![t; b], &vec![land; b])?;
+                let next: EndTime = self.timesteps.get(i + 1).map_or(CLEAN, |&t| t as EndTime);
+                let prev_sample = if land < next {
+                    let z = noise
+                        .sample(sample.shape(), sample.device())?
+                        .to_dtype(sample.dtype())?;
+                    let ratio =
+                        end_alpha_bar(&self.schedule, next) / end_alpha_bar(&self.schedule, land);
+                    ((&landed * ratio.sqrt())? + (z * (1.0 - ratio).sqrt())?)?
+                } else {
+                    landed.clone()
+                };
+                Ok(StepOutput {
+                    prev_sample,
+                    denoised: landed,
                 })
             }
             SamplerKind::Ddim => {

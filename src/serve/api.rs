@@ -625,9 +625,10 @@ pub fn a1111_sampler(name: &str) -> Result<Option<SamplerKind>, ApiError> {
         "lcm" => Ok(Some(SamplerKind::Lcm)),
         "ddim" => Ok(Some(SamplerKind::Ddim)),
         "tcd" => Ok(Some(SamplerKind::Tcd)),
+        "flowmap" | "flow map" => Ok(Some(SamplerKind::FlowMap)),
         _ => Err(ApiError::invalid(
             "sampler_name",
-            format!("sampler_name {name:?} is not available (LCM, TCD or DDIM)"),
+            format!("sampler_name {name:?} is not available (LCM, TCD, DDIM or flow map)"),
         )),
     }
 }

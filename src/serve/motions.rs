@@ -278,6 +278,12 @@ impl MotionRequest {
                 .map_err(|e| ApiError::invalid("sampler", e.to_string()))?,
             None => model.defaults.sampler.unwrap_or(SamplerKind::Lcm),
         };
+        if sampler == SamplerKind::FlowMap && !model.pipe.folder.denoiser.end_time_embedding {
+            return Err(ApiError::invalid(
+                "sampler",
+                "sampler flowmap: this model is not a flow map".to_string(),
+            ));
+        }
         // The sampler's own limits (e.g. LCM needs steps ≤ the distillation's solver steps).
         crate::sample::sampler::Sampler::new(
             sampler,
