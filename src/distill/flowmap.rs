@@ -28,7 +28,7 @@ use candle_core::Tensor;
 
 use super::lcd::{DdimSolver, Loss};
 use crate::sample::denoiser::Denoiser;
-use crate::sample::flowmap::{eps_for_target, jump, EndTime};
+use crate::sample::flowmap::{eps_for_target, jump, EndTime, CLEAN};
 use crate::sample::schedule::{per_sample, NoiseSchedule};
 
 /// Which self-consistency the off-diagonal targets use (see the module docs).
@@ -60,6 +60,28 @@ pub struct FlowConfig {
     pub condition: FlowCondition,
     pub w_embed_dim: Option<usize>,
     pub loss: Loss,
+}
+
+/// Per example, an end time — the data (¼), the teacher step's own end (¼), or uniform between
+/// (½) — and an intermediate time strictly between end and start (used by the semigroup), for
+/// starts `start` whose teacher steps end at `teacher_end`.
+pub fn draw_times(
+    rng: &mut impl rand::Rng,
+    start: &[usize],
+    teacher_end: &[usize],
+) -> (Vec<EndTime>, Vec<usize>) {
+    start
+        .iter()
+        .zip(teacher_end)
+        .map(|(&s, &s1)| {
+            let t: EndTime = match rng.random_range(0..4) {
+                0 => CLEAN,
+                1 => s1 as EndTime,
+                _ => rng.random_range(CLEAN..=s1 as EndTime),
+            };
+            (t, rng.random_range((t + 1).max(0) as usize..s.max(1)))
+        })
+        .unzip()
 }
 
 /// What one step computed.
@@ -216,7 +238,7 @@ mod tests {
 
     use super::*;
     use crate::model::config::SchedulerConfig;
-    use crate::sample::flowmap::{end_alpha_bar, sample_flow_map, FlowGrid, CLEAN};
+    use crate::sample::flowmap::{end_alpha_bar, sample_flow_map, FlowGrid};
     use crate::sample::noise::{NoiseSource, SeededNoise};
     use candle_core::DType;
 
@@ -646,24 +668,8 @@ mod tests {
         let mut losses = Vec::new();
         for _ in 0..2000 {
             let index: Vec<usize> = (0..b).map(|_| rng.random_range(0..50)).collect();
-            let (start, _) = solver.timesteps_for(&index);
-            let end: Vec<EndTime> = start
-                .iter()
-                .map(|&s| {
-                    let below = s as EndTime - solver.skip as EndTime;
-                    match rng.random_range(0..4) {
-                        0 => CLEAN,
-                        1 => below,
-                        _ => rng.random_range(-1..=below),
-                    }
-                })
-                .collect();
-            // Intermediates strictly between each end and start (used by the semigroup).
-            let mid: Vec<usize> = start
-                .iter()
-                .zip(&end)
-                .map(|(&s, &t)| rng.random_range((t + 1).max(0) as usize..s.max(1)))
-                .collect();
+            let (start, teacher_end) = solver.timesteps_for(&index);
+            let (end, mid) = draw_times(&mut rng, &start, &teacher_end);
             let z0 = noise_src.sample(&(b, 1).into(), &dev)?.affine(SIGMA, MU)?;
             let noise = noise_src.sample(&(b, 1).into(), &dev)?;
             let batch = FlowBatch {

@@ -15,11 +15,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::flowmap::{flow_map_step, FlowBatch, FlowCondition, FlowConfig};
+use super::flowmap::{draw_times, flow_map_step, FlowBatch, FlowCondition, FlowConfig};
 use super::lcd::{lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
 use super::student::{Fresh, Student};
 use crate::sample::denoiser::Denoiser;
-use crate::sample::flowmap::{EndTime, CLEAN};
 use crate::sample::noise::{NoiseSource, SeededNoise};
 use crate::sample::schedule::NoiseSchedule;
 use crate::train::run::{Run, Task};
@@ -349,20 +348,8 @@ impl Task for LcdTask<'_> {
             noise = crate::sample::schedule::offset_noise(&noise, cfg.noise_offset, &mut src)?;
         }
         if let Some(flow) = &self.flow {
-            // End times: the data, the teacher step's own end, or anywhere between; and an
-            // intermediate time strictly between end and start (used by the semigroup).
             let (start, teacher_end) = self.solver.timesteps_for(&index);
-            let mut end = Vec::with_capacity(b);
-            let mut mid = Vec::with_capacity(b);
-            for (&s, &s1) in start.iter().zip(&teacher_end) {
-                let t: EndTime = match rng.random_range(0..4) {
-                    0 => CLEAN,
-                    1 => s1 as EndTime,
-                    _ => rng.random_range(CLEAN..=s1 as EndTime),
-                };
-                end.push(t);
-                mid.push(rng.random_range((t + 1).max(0) as usize..s.max(1)));
-            }
+            let (end, mid) = draw_times(rng, &start, &teacher_end);
             let batch = FlowBatch {
                 z0: &z0,
                 noise: &noise,
