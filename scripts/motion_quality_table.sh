@@ -6,6 +6,8 @@
 #
 #   scripts/motion_quality_table.sh DATA EVALUATOR TEACHER STUDENT [OUT_DIR]
 #   LCM=/path/to/lcm scripts/motion_quality_table.sh ...     (use that binary, build nothing)
+#   FLOW=DIR scripts/motion_quality_table.sh ...   (also a flow-map student at 1, 2, 4, 8 and 16
+#                                                   steps, and the LCM at 8 and 16 beside it)
 set -euo pipefail
 if [ -n "${LCM:-}" ]; then LCM=$(realpath "$LCM"); fi
 DATA=$(realpath "$1"); EVALUATOR=$(realpath "$2"); TEACHER=$3; STUDENT=$4; OUT=${5:-motion-eval}
@@ -23,12 +25,22 @@ row() { # name, model, then lcm eval flags; a row whose JSON exists is kept (del
         --output "$OUT/$name.json" "$@" >/dev/null
 }
 row teacher-ddim50 "$TEACHER" --sampler ddim --steps 50 --guidance 7.5 --baselines
-for n in 1 2 4; do
+LCM_STEPS="1 2 4"
+if [ -n "${FLOW:-}" ]; then LCM_STEPS="1 2 4 8 16"; fi
+rows=(teacher-ddim50)
+for n in $LCM_STEPS; do
     row "student-$n" "$STUDENT" --sampler lcm --steps "$n" --guidance 7.5 --multimodality 20,10
+    rows+=("student-$n")
 done
+if [ -n "${FLOW:-}" ]; then
+    for n in 1 2 4 8 16; do
+        row "flow-$n" "$FLOW" --sampler flowmap --steps "$n" --guidance 7.5 --multimodality 20,10
+        rows+=("flow-$n")
+    done
+fi
 # One table: the header once, then every row of every file.
 head -2 "$OUT/teacher-ddim50.md"
-for f in teacher-ddim50 student-1 student-2 student-4; do
-    label=$(echo "$f" | sed 's/student-\([0-9]\)/student, LCM \1 step(s)/')
-    tail -n +3 "$OUT/$f.md" | sed "s#| $STUDENT |#| $label |#; s#| $TEACHER |#| teacher, DDIM 50 |#"
+for f in "${rows[@]}"; do
+    label=$(echo "$f" | sed 's/student-\([0-9]*\)/student, LCM \1 step(s)/; s/flow-\([0-9]*\)/flow map, \1 step(s)/')
+    tail -n +3 "$OUT/$f.md" | sed "s#| $STUDENT |#| $label |#; s#| $TEACHER |#| teacher, DDIM 50 |#; s#| ${FLOW:-/nonexistent} |#| $label |#"
 done | sort -s -t'|' -k2,2
