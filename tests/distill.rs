@@ -441,6 +441,13 @@ fn distill_cli_trains_checkpoints_resumes_and_exports_a_generating_pipeline() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(String::from_utf8_lossy(&o.stdout).contains("sampler flowmap"));
     }
+    // --tcd-gamma re-noises between the jumps: the same seed gives another image.
+    let deterministic = image::open(&png).unwrap().to_rgb8();
+    let o = generate(&flow, &["--steps", "8", "--tcd-gamma", "0.5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(image::open(&png).unwrap().to_rgb8(), deterministic);
+    let o = generate(&flow, &["--tcd-gamma", "1.5"]);
+    assert!(!o.status.success());
     let o = generate(&full, &["--sampler", "flowmap"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

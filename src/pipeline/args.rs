@@ -59,7 +59,8 @@ pub struct SamplingArgs {
     /// Guidance scale (LCM: fed as w = guidance − 1 to the guidance embedding; otherwise CFG).
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// TCD's gamma (stochasticity), 0..1.
+    /// TCD's gamma (stochasticity), 0..1 (default 0.3); with `--sampler flowmap` the flow map's
+    /// re-noising, the same way (default 0: deterministic jumps).
     #[arg(long)]
     pub tcd_gamma: Option<f64>,
 }

@@ -197,7 +197,10 @@ impl Pipeline {
         let native = self.unet.config.sample_size.unwrap_or(64) * f;
         let width = req.width.or(d.width).unwrap_or(native);
         let height = req.height.or(d.height).unwrap_or(native);
-        let tcd_gamma = req.tcd_gamma.or(d.tcd_gamma).unwrap_or(0.3);
+        let tcd_gamma = req.tcd_gamma.or(d.tcd_gamma).unwrap_or(match sampler {
+            SamplerKind::FlowMap => 0.0,
+            _ => 0.3,
+        });
         let strength = match (&req.init_image, req.strength) {
             (Some(_), s) => s.unwrap_or(0.8),
             (None, None) => 1.0,
@@ -222,6 +225,8 @@ impl Pipeline {
         let opts = SamplerOptions {
             tcd_gamma,
             strength,
+            // One γ flag for both stochastic samplers; each reads its own.
+            flow_gamma: tcd_gamma,
             ..Default::default()
         };
         let plan =
@@ -480,6 +485,7 @@ impl Pipeline {
             SamplerOptions {
                 tcd_gamma: s.tcd_gamma,
                 strength: s.strength,
+                flow_gamma: s.tcd_gamma,
                 ..Default::default()
             },
         )?;
