@@ -71,6 +71,32 @@ pub fn eps_for_target(
         .broadcast_mul(&per_sample(&inv_b, x)?)?)
 }
 
+/// Where a flow-map step aimed at `next` lands: `next`, or with γ > 0 lower, at ⌊(1−γ)·next⌋
+/// (TCD's stochastic step; the data itself is never lowered).
+pub fn landing(next: EndTime, gamma: f64) -> EndTime {
+    if next > 0 && gamma > 0.0 {
+        ((1.0 - gamma) * next as f64).floor() as EndTime
+    } else {
+        next
+    }
+}
+
+/// `x` at `land`, re-noised up to `next` with a draw from `noise` when it landed lower.
+pub fn renoise(
+    schedule: &NoiseSchedule,
+    x: &Tensor,
+    land: EndTime,
+    next: EndTime,
+    noise: &mut dyn crate::sample::noise::NoiseSource,
+) -> Result<Tensor> {
+    if land >= next {
+        return Ok(x.clone());
+    }
+    let ratio = end_alpha_bar(schedule, next) / end_alpha_bar(schedule, land);
+    let z = noise.sample(x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(((x * ratio.sqrt())? + (z * (1.0 - ratio).sqrt())?)?)
+}
+
 /// Where flow-map sampling jumps.
 pub struct FlowGrid<'a> {
     /// Descending start timesteps; after the last, a final jump to [`CLEAN`].
@@ -101,21 +127,17 @@ pub fn sample_flow_map(
     let mut x = x.to_dtype(DType::F32)?;
     for (i, &s) in grid.iter().enumerate() {
         let next: EndTime = grid.get(i + 1).map_or(CLEAN, |&t| t as EndTime);
-        // TCD's γ: land lower, then re-noise back up to `next`.
-        let land = if next > 0 && gamma > 0.0 {
-            ((1.0 - gamma) * next as f64).floor() as EndTime
-        } else {
-            next
-        };
+        let land = landing(next, gamma);
         let starts = vec![s; b];
         let ends = vec![land; b];
         let eps = net.predict_jump_eps(&x, &starts, &ends, cond, w_embedding)?;
-        x = jump(schedule, &x, &eps, &starts, &ends)?;
-        if land < next {
-            let (a_land, a_next) = (end_alpha_bar(schedule, land), end_alpha_bar(schedule, next));
-            let z = noise.sample(x.shape(), x.device())?;
-            x = ((x * (a_next / a_land).sqrt())? + (z * (1.0 - a_next / a_land).sqrt())?)?;
-        }
+        x = renoise(
+            schedule,
+            &jump(schedule, &x, &eps, &starts, &ends)?,
+            land,
+            next,
+            noise,
+        )?;
     }
     Ok(x)
 }

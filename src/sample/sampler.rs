@@ -249,16 +249,15 @@ impl Sampler {
     ///
     /// [`CLEAN`]: crate::sample::flowmap::CLEAN
     pub fn jump_end(&self, i: usize) -> Option<crate::sample::flowmap::EndTime> {
-        use crate::sample::flowmap::{EndTime, CLEAN};
-        if self.kind != SamplerKind::FlowMap {
-            return None;
-        }
-        let next: EndTime = self.timesteps.get(i + 1).map_or(CLEAN, |&t| t as EndTime);
-        Some(if next > 0 && self.gamma > 0.0 {
-            ((1.0 - self.gamma) * next as f64).floor() as EndTime
-        } else {
-            next
-        })
+        (self.kind == SamplerKind::FlowMap)
+            .then(|| crate::sample::flowmap::landing(self.flow_next(i), self.gamma))
+    }
+
+    /// The grid time after step `i` ([`CLEAN`](crate::sample::flowmap::CLEAN) after the last).
+    fn flow_next(&self, i: usize) -> crate::sample::flowmap::EndTime {
+        self.timesteps
+            .get(i + 1)
+            .map_or(crate::sample::flowmap::CLEAN, |&t| t as i64)
     }
 
     /// Advance from step `i` (at `self.timesteps[i]`), given the model's ε prediction (for the
@@ -314,21 +313,11 @@ impl Sampler {
                 })
             }
             SamplerKind::FlowMap => {
-                use crate::sample::flowmap::{end_alpha_bar, jump, EndTime, CLEAN};
+                use crate::sample::flowmap::{jump, renoise, CLEAN};
                 let land = self.jump_end(i).unwrap_or(CLEAN);
                 let b = sample.dim(0)?;
                 let landed = jump(&self.schedule, sample, eps, &vec![t; b], &vec![land; b])?;
-                let next: EndTime = self.timesteps.get(i + 1).map_or(CLEAN, |&t| t as EndTime);
-                let prev_sample = if land < next {
-                    let z = noise
-                        .sample(sample.shape(), sample.device())?
-                        .to_dtype(sample.dtype())?;
-                    let ratio =
-                        end_alpha_bar(&self.schedule, next) / end_alpha_bar(&self.schedule, land);
-                    ((&landed * ratio.sqrt())? + (z * (1.0 - ratio).sqrt())?)?
-                } else {
-                    landed.clone()
-                };
+                let prev_sample = renoise(&self.schedule, &landed, land, self.flow_next(i), noise)?;
                 Ok(StepOutput {
                     prev_sample,
                     denoised: landed,
