@@ -38,8 +38,10 @@ pub trait Student {
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn Denoiser>>;
 
     /// How the student's tensor `name` starts if it is new to it (absent from the teacher);
-    /// `None`: it must come from the teacher.
-    fn fresh(&self, name: &str) -> Option<Fresh>;
+    /// `None`: it must come from the teacher. By default the guidance and end-time embeddings.
+    fn fresh(&self, name: &str) -> Option<Fresh> {
+        fresh_embedding(name)
+    }
 
     /// The student's config, as its exported folder will state it (part of the run's settings).
     fn config_json(&self) -> serde_json::Value;
@@ -69,10 +71,6 @@ impl Student for UNetStudent {
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn Denoiser>> {
         let vb = vb.set_dtype(DType::F32);
         Ok(Box::new(UNet2DConditionModel::new(&self.config, vb)?))
-    }
-
-    fn fresh(&self, name: &str) -> Option<Fresh> {
-        fresh_embedding(name)
     }
 
     fn config_json(&self) -> serde_json::Value {
@@ -107,10 +105,6 @@ impl Student for MotionStudent {
                 vb.set_dtype(DType::F32),
             )?,
         ))
-    }
-
-    fn fresh(&self, name: &str) -> Option<Fresh> {
-        fresh_embedding(name)
     }
 
     fn config_json(&self) -> serde_json::Value {
