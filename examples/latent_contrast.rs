@@ -13,7 +13,7 @@ use lcm::tools::whiten::{channel_covariance, encode_scaled, symmetric_eigen};
 use rand::SeedableRng;
 
 fn main() -> Result<()> {
-    lcm::runtime::init_threads(true);
+    lcm::runtime::init_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::path::PathBuf::from(
         args.first()

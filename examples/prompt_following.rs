@@ -14,7 +14,7 @@ use lcm::eval::{prompt_following, Evaluator, SHAPE_COLOUR_PROMPTS};
 use lcm::pipeline::{GenerateRequest, Pipeline};
 
 fn main() -> anyhow::Result<()> {
-    lcm::runtime::init_threads(true);
+    lcm::runtime::init_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = args
         .first()

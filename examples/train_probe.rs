@@ -11,7 +11,7 @@ use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    lcm::runtime::init_threads(true);
+    lcm::runtime::init_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("sd15-lora") {
         let res = args.get(1).map_or(Ok(256), |s| s.parse())?;

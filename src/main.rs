@@ -210,10 +210,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    lcm::runtime::init_threads(matches!(
-        cli.command,
-        Command::Distill(_) | Command::Pretrain(_)
-    ));
+    lcm::runtime::init_threads();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => lcm::tools::bench::run(&args),

@@ -24,18 +24,20 @@ impl RuntimeArgs {
 }
 
 /// Thread settings for candle; call first thing in `main`, before any other thread exists.
-pub fn init_threads(training: bool) {
+pub fn init_threads() {
     // candle's CPU matmul asks for the thread count on every call and, without RAYON_NUM_THREADS,
     // counts physical cores by parsing /proc/cpuinfo each time: 15 % of a training step measured.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    // candle's element-wise pool spin-waits at a barrier: when anything else runs on the machine
-    // a descheduled worker stalls every op (tracked U-Net forward+backward 7.3 s vs 2.3 s on one
-    // thread, measured beside a build). Training graphs are many small ops, so one thread wins;
-    // inference keeps the pool (its large ops gain from it). An explicit setting is respected.
-    if training && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    // candle's element-wise pool spin-waits at a barrier beside rayon's workers (gemm, our
+    // kernels): on two cores the two pools' threads preempt each other. Measured with it on and
+    // off (2-core Zen 4, 2026-12-06): tracked U-Net forward+backward 7.3 s vs 2.3 s (beside a
+    // build), SD1.5 U-Net step 6.39 vs 6.18 s, SD1.5 VAE decode 15.2 vs 13.9 s, CLIP-L 283 vs
+    // 247 ms, the shipped 64² U-Net 17.1 vs 13.7 ms (median of processes; the pool's runs also
+    // scattered 1.4× between processes). So one pool, rayon's; an explicit setting is respected.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

@@ -24,6 +24,73 @@ struct ShiftedGemmConv {
     padding: usize,
 }
 
+thread_local! {
+    /// A row band's accumulator (apart from [`SCRATCH`], whose padded image the bands read).
+    static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How many row bands a shifted-GEMM convolution splits into (1: gemm parallelises each tap).
+/// Bands run every tap serially on their own rows: one fork-join per image instead of one per
+/// tap, and a band's accumulator stays in cache. With large weights and few pixels (the 8×8 and
+/// 16×16 levels of SD1.5) each band would re-pack all the weights for little work, so gemm splits.
+fn row_bands(ho: usize, weights: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads < 2 || ho < 2 * threads || weights > 256 * 256 {
+        return 1;
+    }
+    threads.min(ho / 2)
+}
+
+/// The sizes one image's shifted-GEMM taps run over.
+#[derive(Clone, Copy)]
+struct TapGeometry {
+    c_in: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    hp: usize,
+    wp: usize,
+}
+
+impl TapGeometry {
+    /// Output rows `[y0, y0 + rows)` on the padded width into `acc` (`c_out × rows·wp`): every
+    /// tap is one product of the kernel's tap slice with the padded image shifted by the tap.
+    #[allow(clippy::too_many_arguments)]
+    fn taps(&self, k: &[f32], xp: &[f32], y0: usize, rows: usize, acc: &mut Vec<f32>, par: bool) {
+        let Self {
+            c_in,
+            c_out,
+            kh,
+            kw,
+            hp,
+            wp,
+            ..
+        } = *self;
+        let n = rows * wp;
+        acc.resize(c_out * n, 0.0);
+        for dy in 0..kh {
+            for dx in 0..kw {
+                let tap = dy * kw + dx;
+                // lhs reads k[o·c_in·kh·kw + c·kh·kw + tap] for o < c_out, c < c_in; rhs reads
+                // xp[c·hp·wp + (y0 + dy)·wp + dx + j] for j < rows·wp, which is below
+                // c_in·hp·wp + kw (the slack) since y0 + rows ≤ ho = hp - kh + 1.
+                matmul(
+                    (c_out, n, c_in),
+                    &mut acc[..],
+                    (n, 1),
+                    tap > 0,
+                    &k[tap..],
+                    (c_in * kh * kw, kh * kw),
+                    &xp[(y0 + dy) * wp + dx..],
+                    (hp * wp, 1),
+                    1.0,
+                    par,
+                );
+            }
+        }
+    }
+}
+
 /// `x` `[b, c_in, h, w]` ⊛ `w` `[c_out, c_in, kh, kw]`, stride 1, zero padding `padding`, f32 CPU.
 /// Differentiable when either input is tracked (then `padding` must be below the kernel size).
 pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
@@ -122,13 +189,13 @@ impl Kernel for ShiftedGemmConv {
         let (ho, wo) = (hp - kh + 1, wp - kw + 1);
         let n = ho * wp;
         let mut out = vec![0f32; b * c_out * ho * wo];
+        let bands = row_bands(ho, c_out * c_in);
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (xp, acc) = &mut *scratch;
             // Padded image plus slack: the dropped output columns of the last rows read past the end.
             xp.clear();
             xp.resize(c_in * hp * wp + kw, 0.0);
-            acc.resize(c_out * n, 0.0);
             for bi in 0..b {
                 let xb = &x[bi * c_in * h * w..(bi + 1) * c_in * h * w];
                 for c in 0..c_in {
@@ -138,31 +205,49 @@ impl Kernel for ShiftedGemmConv {
                         xp[dst..dst + w].copy_from_slice(src);
                     }
                 }
-                for dy in 0..kh {
-                    for dx in 0..kw {
-                        let tap = dy * kw + dx;
-                        // lhs reads k[o·c_in·kh·kw + c·kh·kw + tap] for o < c_out, c < c_in;
-                        // rhs reads xp[c·hp·wp + j + dy·wp + dx] for j < ho·wp, which is below
-                        // c_in·hp·wp + kw (the slack).
-                        matmul(
-                            (c_out, n, c_in),
-                            &mut acc[..],
-                            (n, 1),
-                            tap > 0,
-                            &k[tap..],
-                            (c_in * kh * kw, kh * kw),
-                            &xp[dy * wp + dx..],
-                            (hp * wp, 1),
-                            1.0,
-                            true,
-                        );
-                    }
-                }
                 let ob = &mut out[bi * c_out * ho * wo..(bi + 1) * c_out * ho * wo];
-                for o in 0..c_out {
-                    for y in 0..ho {
-                        let src = &acc[o * n + y * wp..o * n + y * wp + wo];
-                        ob[(o * ho + y) * wo..(o * ho + y + 1) * wo].copy_from_slice(src);
+                let geometry = TapGeometry {
+                    c_in,
+                    c_out,
+                    kh,
+                    kw,
+                    hp,
+                    wp,
+                };
+                if bands > 1 {
+                    use rayon::prelude::*;
+                    let out_ptr = OutPtr(ob.as_mut_ptr());
+                    let rows = ho.div_ceil(bands);
+                    let xp = &xp[..];
+                    let starts: Vec<usize> = (0..ho).step_by(rows).collect();
+                    starts.into_par_iter().for_each(|y0| {
+                        BAND.with(|acc| {
+                            let rows = rows.min(ho - y0);
+                            let acc = &mut *acc.borrow_mut();
+                            geometry.taps(k, xp, y0, rows, acc, false);
+                            for o in 0..c_out {
+                                for y in y0..y0 + rows {
+                                    let src = &acc[(o * rows + y - y0) * wp..][..wo];
+                                    // SAFETY: (o, y) lies in `ob` and rows [y0, y0 + rows)
+                                    // belong to this band alone.
+                                    unsafe {
+                                        std::ptr::copy_nonoverlapping(
+                                            src.as_ptr(),
+                                            out_ptr.at((o * ho + y) * wo),
+                                            wo,
+                                        )
+                                    };
+                                }
+                            }
+                        })
+                    });
+                } else {
+                    geometry.taps(k, xp, 0, ho, acc, true);
+                    for o in 0..c_out {
+                        for y in 0..ho {
+                            let src = &acc[o * n + y * wp..o * n + y * wp + wo];
+                            ob[(o * ho + y) * wo..(o * ho + y + 1) * wo].copy_from_slice(src);
+                        }
                     }
                 }
             }
@@ -211,19 +296,31 @@ mod tests {
     #[test]
     fn matches_candle_conv2d() -> Result<()> {
         let dev = Device::Cpu;
-        for (b, ci, co, h, w, k, p) in [
-            (2, 3, 5, 7, 9, 3, 1),
-            (1, 4, 4, 8, 8, 3, 0),
-            (1, 2, 3, 5, 6, 1, 0),
-            (1, 3, 2, 6, 5, 5, 2),
-        ] {
-            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
-            let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev)?;
-            let ours = conv2d_stride1(&x, &wt, p)?;
-            let reference = x.conv2d(&wt, p, 1, 1, 1)?;
-            assert_eq!(ours.dims(), reference.dims());
-            let diff = crate::kernels::max_abs_diff(&ours, &reference)?;
-            assert!(diff < 1e-4, "conv differs by {diff}");
+        // One thread: gemm splits nothing; three: row bands (13 rows make 3 bands, the last
+        // shorter) — whatever this machine's default thread count is.
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(candle_core::Error::wrap)?;
+            pool.install(|| -> Result<()> {
+                for (b, ci, co, h, w, k, p) in [
+                    (2, 3, 5, 7, 9, 3, 1),
+                    (1, 4, 4, 8, 8, 3, 0),
+                    (1, 2, 3, 5, 6, 1, 0),
+                    (1, 3, 2, 6, 5, 5, 2),
+                    (2, 8, 6, 13, 11, 3, 1),
+                ] {
+                    let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
+                    let wt = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev)?;
+                    let ours = conv2d_stride1(&x, &wt, p)?;
+                    let reference = x.conv2d(&wt, p, 1, 1, 1)?;
+                    assert_eq!(ours.dims(), reference.dims());
+                    let diff = crate::kernels::max_abs_diff(&ours, &reference)?;
+                    assert!(diff < 1e-4, "conv differs by {diff} on {threads} threads");
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -248,6 +345,19 @@ mod tests {
         }
         Ok(())
     }
+}
+
+/// Whether a 3×3 stride-1 convolution is faster as Winograd F(2×2, 3×3) than as shifted GEMMs,
+/// counting the kernel transform, which is recomputed per call (caching it would cost 16/9 of the
+/// weights' memory). Winograd saves 2.25× of the products (∝ c_in·c_out) for input and output
+/// transforms ∝ c_in + c_out, so it pays from a large effective width 2·c_in·c_out/(c_in + c_out)
+/// on large images; on small ones the kernel transform outweighs the saving. Measured on a 2-core
+/// Zen 4 (2026-12-06, benches/small_conv.rs; shifted / Winograd with transform, ms): 32 ch at 64²
+/// 0.53 / 1.55, 192 at 64² 16.9 / 18.5, 256 at 64² 31.2 / 28.9, 320 at 64² 45.3 / 37.2, 320 at 32²
+/// 12.9 / 19.8, 640 at 32² 47.4 / 65.1, 1280 at 16² 69 / 120.
+pub fn prefer_winograd(c_in: usize, c_out: usize, pixels: usize) -> bool {
+    let width = 2 * c_in * c_out / (c_in + c_out).max(1);
+    width >= 256 && pixels >= 4096
 }
 
 /// Winograd F(2×2, 3×3) (Lavin & Gray 2016) for 3×3 stride-1 convolutions: each 2×2 output tile

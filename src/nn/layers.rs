@@ -54,10 +54,6 @@ impl Module for Linear {
     }
 }
 
-/// From this many pixels up, 3×3 convolutions use Winograd F(2×2, 3×3) (measured: 1.35× faster
-/// at 64×64×320; below ≈ 32×32 the kernel transform no longer pays for itself).
-const WINOGRAD_MIN_PIXELS: usize = 1024;
-
 /// 2-D convolution (square kernel, symmetric padding). Stride-1 f32 inference on the CPU takes the
 /// im2col-free fast path in [`crate::kernels::conv`]; everything else (training, stride 2, other devices
 /// and dtypes) goes through candle's differentiable conv2d.
@@ -85,10 +81,11 @@ impl Module for Conv2d {
         let fast = !tracked && self.stride == 1 && k > 1 && cpu_f32;
         // Training: our conv's backward, for stride 1 (candle's for the stride-2 downsamplers).
         let fast_bwd = tracked && self.stride == 1 && cpu_f32 && self.padding < k;
-        let (_, _, h, w) = xs.dims4()?;
+        let (_, c_in, h, w) = xs.dims4()?;
+        let c_out = self.weight.dim(0)?;
         let out = if fast_bwd {
             crate::kernels::conv::conv2d_stride1(xs, &self.weight, self.padding)?
-        } else if fast && k == 3 && h * w >= WINOGRAD_MIN_PIXELS {
+        } else if fast && k == 3 && crate::kernels::conv::prefer_winograd(c_in, c_out, h * w) {
             // The kernel transform is recomputed per call (a few ms at these sizes) rather than
             // cached: caching would add 16/9 of the weights' memory.
             let kernel = crate::kernels::conv::WinogradKernel::new(&self.weight)?;

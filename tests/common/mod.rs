@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 /// Tests run in parallel on 2 cores: candle's spin-waiting thread pool must not oversubscribe.
 pub fn setup() {
     static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| lcm::runtime::init_threads(true));
+    ONCE.get_or_init(lcm::runtime::init_threads);
 }
 
 pub fn fixtures() -> PathBuf {
