@@ -82,7 +82,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.model.is_none() && args.preset.is_none() {
         bail!("give --model DIR|NAME or --preset sd15")
     }
-    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    // The compute threads (rayon's: gemm and our kernels); candle's element-wise pool is held to
+    // one (runtime::init_threads).
+    let threads = rayon::current_num_threads();
     let cpu_path = crate::kernels::cpu::path();
     let child = wanted.len() == 1 && !args.in_process;
     if !child {
