@@ -51,13 +51,25 @@ if [ ! -f "$WORK/mlcm/model_index.json" ]; then
         $(resume_flag "$WORK/mlcm")
 fi
 
-# Ship: f16 copies in the layout of weights/ (the student reads its teacher's motion VAE through
+# Stage 4 (issue 30): the flow-map student, the LCM's exact flags with the flow-map objective.
+if [ ! -f "$WORK/mflow/model_index.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM distill --teacher "$TEACHER" --data "$DATA" --output "$WORK/mflow" --max-steps 1500 \
+        --batch-size 32 --lr 2e-4 --warmup-steps 100 --decay-from 1000 --loss huber --ema 0.95 \
+        --w-min 5 --w-max 15 --ddim-steps 50 --save-every 250 --sample-every 500 --seed 0 \
+        --objective flow-map $(resume_flag "$WORK/mflow")
+fi
+
+# Ship: f16 copies in the layout of weights/ (the students read their teacher's motion VAE through
 # a link), then the quality table and the model card's pictures.
 SHIP="$WORK/ship"
 rm -rf "$SHIP" && mkdir -p "$SHIP"
 $LCM convert --input "$TEACHER" --output "$SHIP/tiny-motion-teacher" --dtype f16
 $LCM convert --input "$WORK/mlcm" --output "$SHIP/tiny-motion" --dtype f16
-rm -rf "$SHIP/tiny-motion/motion_vae" && ln -s ../tiny-motion-teacher/motion_vae "$SHIP/tiny-motion/motion_vae"
+$LCM convert --input "$WORK/mflow" --output "$SHIP/tiny-motion-flow" --dtype f16
+for s in tiny-motion tiny-motion-flow; do
+    rm -rf "${SHIP:?}/$s/motion_vae" && ln -s ../tiny-motion-teacher/motion_vae "$SHIP/$s/motion_vae"
+done
 echo "copy $SHIP/* into weights/, then:"
-echo "  LCM=$LCM scripts/motion_quality_table.sh $DATA $WORK/meval/motion-evaluator weights/tiny-motion-teacher weights/tiny-motion"
+echo "  LCM=$LCM FLOW=weights/tiny-motion-flow scripts/motion_quality_table.sh $DATA $WORK/meval/motion-evaluator weights/tiny-motion-teacher weights/tiny-motion"
 echo "  LCM=$LCM scripts/motion_card.sh $DATA"

@@ -187,6 +187,16 @@ if [ ! -f "$WORK/lcm/model_index.json" ]; then
         --seed 0 $(resume_flag "$WORK/lcm")
 fi
 
+# Not shipped (issue 30's comparison): the flow-map twin of the LCM, its exact flags with the
+# flow-map objective; `lcm eval --model "$WORK/flow" --sampler flowmap --steps N` gives its rows.
+if [ ! -f "$WORK/flow/model_index.json" ]; then
+    # shellcheck disable=SC2046
+    $LCM distill --teacher "$TEACHER" --noise-offset 0.2 --data "$WORK/data/shapes8k" "$EMOJI" "$EMOJI" \
+        --output "$WORK/flow" --max-steps 1500 --batch-size 16 --lr 2e-4 --warmup-steps 100 --decay-from 400 \
+        --w-embed-dim 64 --w-min 2 --w-max 8 --loss huber --posterior-mean --save-every 250 --sample-every 500 \
+        --seed 0 --objective flow-map $(resume_flag "$WORK/flow")
+fi
+
 # Ship: f16 copies in the layout of weights/: the pipelines share one VAE (the decoder-tuned one,
 # whitened) and the LCM reads its teacher's text encoder and tokenizer through links.
 SHIP="$WORK/ship"

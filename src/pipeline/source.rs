@@ -73,6 +73,10 @@ const BUILTIN: &[(&str, &str)] = &[
         "tiny-motion",
         include_str!("../../pipelines/tiny-motion.toml"),
     ),
+    (
+        "tiny-motion-flow",
+        include_str!("../../pipelines/tiny-motion-flow.toml"),
+    ),
 ];
 
 /// Every pipeline definition compiled into the binary.
