@@ -55,7 +55,6 @@ struct TapGeometry {
 impl TapGeometry {
     /// Output rows `[y0, y0 + rows)` on the padded width into `acc` (`c_out × rows·wp`): every
     /// tap is one product of the kernel's tap slice with the padded image shifted by the tap.
-    #[allow(clippy::too_many_arguments)]
     fn taps(&self, k: &[f32], xp: &[f32], y0: usize, rows: usize, acc: &mut Vec<f32>, par: bool) {
         let Self {
             c_in,
@@ -64,7 +63,6 @@ impl TapGeometry {
             kw,
             hp,
             wp,
-            ..
         } = *self;
         let n = rows * wp;
         acc.resize(c_out * n, 0.0);
@@ -190,6 +188,14 @@ impl Kernel for ShiftedGemmConv {
         let n = ho * wp;
         let mut out = vec![0f32; b * c_out * ho * wo];
         let bands = row_bands(ho, c_out * c_in);
+        let geometry = TapGeometry {
+            c_in,
+            c_out,
+            kh,
+            kw,
+            hp,
+            wp,
+        };
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (xp, acc) = &mut *scratch;
@@ -206,14 +212,6 @@ impl Kernel for ShiftedGemmConv {
                     }
                 }
                 let ob = &mut out[bi * c_out * ho * wo..(bi + 1) * c_out * ho * wo];
-                let geometry = TapGeometry {
-                    c_in,
-                    c_out,
-                    kh,
-                    kw,
-                    hp,
-                    wp,
-                };
                 if bands > 1 {
                     use rayon::prelude::*;
                     let out_ptr = OutPtr(ob.as_mut_ptr());
@@ -362,8 +360,9 @@ pub fn prefer_winograd(c_in: usize, c_out: usize, pixels: usize) -> bool {
 
 /// Winograd F(2×2, 3×3) (Lavin & Gray 2016) for 3×3 stride-1 convolutions: each 2×2 output tile
 /// costs 16 multiplies per (in, out) channel pair instead of 36, so the gemm work drops 2.25×. The
-/// kernel transform G·g·Gᵀ is computed once per weight and cached by the caller. Tiles are
-/// processed in bands (≈512 tiles) so the transformed buffers stay small and bands run in parallel.
+/// kernel transform G·g·Gᵀ is this struct (the layers recompute it per call: see
+/// [`prefer_winograd`]). Tiles are processed in bands (≈512 tiles) so the transformed buffers
+/// stay small and bands run in parallel.
 pub struct WinogradKernel {
     /// `[16][c_out][c_in]` transformed weights.
     u: Vec<f32>,
