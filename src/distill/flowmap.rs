@@ -313,6 +313,21 @@ mod tests {
         }
     }
 
+    /// `sample_flow_map` of `net` from `x_t` (a zero condition, no guidance embedding) on `grid`
+    /// with re-noising `gamma` drawn from seed `seed`.
+    fn flow_samples(
+        net: &dyn Denoiser,
+        x_t: &Tensor,
+        grid: &[usize],
+        gamma: f64,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let cond = Tensor::zeros((x_t.dim(0)?, 1), DType::F32, x_t.device())?;
+        let g = FlowGrid { grid, gamma };
+        let mut noise = SeededNoise::new(seed);
+        sample_flow_map(&schedule(), net, x_t.clone(), &g, &cond, None, &mut noise)
+    }
+
     #[test]
     fn the_exact_map_composes_and_jumps_reproduce_it() -> Result<()> {
         let s = schedule();
@@ -362,19 +377,9 @@ mod tests {
         let x_t = SeededNoise::new(3)
             .sample(&(n, 1).into(), &dev)?
             .affine(sd, m)?;
-        let cond = Tensor::zeros((n, 1), DType::F32, &dev)?;
         let grid = crate::sample::sampler::lcm_timesteps(1000, 50, 4)?;
         for gamma in [0.0, 0.3, 1.0] {
-            let g = FlowGrid { grid: &grid, gamma };
-            let x = sample_flow_map(
-                &s,
-                &Oracle(schedule()),
-                x_t.clone(),
-                &g,
-                &cond,
-                None,
-                &mut SeededNoise::new(4),
-            )?;
+            let x = flow_samples(&Oracle(schedule()), &x_t, &grid, gamma, 4)?;
             let mean = x.mean_all()?.to_scalar::<f32>()? as f64;
             let sd = (x
                 .affine(1.0, -mean)?
@@ -388,17 +393,7 @@ mod tests {
             );
         }
         let bad = |grid: &[usize], gamma| {
-            let g = FlowGrid { grid, gamma };
-            sample_flow_map(
-                &s,
-                &Oracle(schedule()),
-                x_t.clone(),
-                &g,
-                &cond,
-                None,
-                &mut SeededNoise::new(4),
-            )
-            .is_err()
+            flow_samples(&Oracle(schedule()), &x_t, grid, gamma, 4).is_err()
         };
         assert!(bad(&[], 0.0) && bad(&[259, 499], 0.0) && bad(&grid, 1.5));
         Ok(())
@@ -410,22 +405,12 @@ mod tests {
     fn the_sampling_loop_with_the_flow_map_sampler_matches_the_sampler_function() -> Result<()> {
         use crate::sample::denoiser::{denoise, Conditioning};
         use crate::sample::sampler::{Sampler, SamplerKind, SamplerOptions};
-        let s = schedule();
         let dev = Device::Cpu;
         let x_t = SeededNoise::new(3).sample(&(64, 1).into(), &dev)?;
         let cond = Tensor::zeros((64, 1), DType::F32, &dev)?;
         for (steps, gamma) in [(1, 0.0), (4, 0.0), (4, 0.3), (8, 1.0)] {
             let grid = crate::sample::sampler::lcm_timesteps(1000, 50, steps)?;
-            let g = FlowGrid { grid: &grid, gamma };
-            let want = sample_flow_map(
-                &s,
-                &Oracle(schedule()),
-                x_t.clone(),
-                &g,
-                &cond,
-                None,
-                &mut SeededNoise::new(4),
-            )?;
+            let want = flow_samples(&Oracle(schedule()), &x_t, &grid, gamma, 4)?;
             let sampler = Sampler::new(
                 SamplerKind::FlowMap,
                 &SchedulerConfig::default(),
@@ -574,25 +559,12 @@ mod tests {
     /// Sampling error against the exact ODE solution from the same noise, over n-step grids.
     fn sample_errors(net: &dyn Denoiser, x_t: &Tensor) -> Result<Vec<(usize, f32)>> {
         let s = schedule();
-        let cond = Tensor::zeros((x_t.dim(0)?, 1), DType::F32, x_t.device())?;
         let exact = exact_map(&s, x_t, 999, CLEAN)?;
         [1, 2, 4, 8, 16]
             .into_iter()
             .map(|n| {
                 let grid = crate::sample::sampler::lcm_timesteps(1000, 50, n)?;
-                let g = FlowGrid {
-                    grid: &grid,
-                    gamma: 0.0,
-                };
-                let x = sample_flow_map(
-                    &s,
-                    net,
-                    x_t.clone(),
-                    &g,
-                    &cond,
-                    None,
-                    &mut SeededNoise::new(0),
-                )?;
+                let x = flow_samples(net, x_t, &grid, 0.0, 0)?;
                 let rmse = (x - &exact)?
                     .sqr()?
                     .mean_all()?
