@@ -67,6 +67,10 @@ pub struct DistillArgs {
     /// condition).
     #[arg(long, value_enum, default_value = "lcd")]
     pub objective: super::task::Objective,
+    /// Flow maps: the end times' mix as weights clean:step:between — the data, the teacher step's
+    /// own end, or uniform between. More weight on clean favours 1-step sampling.
+    #[arg(long, default_value = "1:1:2")]
+    pub end_mix: super::flowmap::EndMix,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -152,6 +156,7 @@ impl DistillArgs {
             guidance_from: self.guidance_from,
             posterior_mean: self.posterior_mean,
             objective: self.objective,
+            end_mix: self.end_mix,
         };
         config.check()?;
         Ok(config)

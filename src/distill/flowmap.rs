@@ -62,11 +62,81 @@ pub struct FlowConfig {
     pub loss: Loss,
 }
 
-/// Per example, an end time — the data (¼), the teacher step's own end (¼), or uniform between
-/// (½) — and an intermediate time strictly between end and start (used by the semigroup), for
-/// starts `start` whose teacher steps end at `teacher_end`.
+/// How often each kind of end time is drawn, as integer weights `clean:step:between` (the
+/// `--end-mix` flag): the data, the teacher step's own end, or uniform between them. The default
+/// 1:1:2 gives the data a quarter of the examples; an LCM gives it all of them, which is what a
+/// 1-step jump from pure noise needs most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndMix {
+    pub clean: u32,
+    pub step: u32,
+    pub between: u32,
+}
+
+impl Default for EndMix {
+    fn default() -> Self {
+        Self {
+            clean: 1,
+            step: 1,
+            between: 2,
+        }
+    }
+}
+
+impl EndMix {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn total(&self) -> u32 {
+        self.clean + self.step + self.between
+    }
+}
+
+impl std::str::FromStr for EndMix {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let weights: Option<Vec<u32>> = parts.iter().map(|p| p.trim().parse().ok()).collect();
+        match weights.as_deref() {
+            Some(&[clean, step, between]) if clean + step + between > 0 => Ok(Self {
+                clean,
+                step,
+                between,
+            }),
+            _ => bail!(
+                "end-time mix {s:?}: expected three non-negative integer weights clean:step:between, not all 0 (e.g. 1:1:2)"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for EndMix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.clean, self.step, self.between)
+    }
+}
+
+impl serde::Serialize for EndMix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EndMix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Per example, an end time drawn by `mix` — the data, the teacher step's own end, or uniform
+/// between — and an intermediate time strictly between end and start (used by the semigroup),
+/// for starts `start` whose teacher steps end at `teacher_end`.
 pub fn draw_times(
     rng: &mut impl rand::Rng,
+    mix: EndMix,
     start: &[usize],
     teacher_end: &[usize],
 ) -> (Vec<EndTime>, Vec<usize>) {
@@ -74,10 +144,15 @@ pub fn draw_times(
         .iter()
         .zip(teacher_end)
         .map(|(&s, &s1)| {
-            let t: EndTime = match rng.random_range(0..4) {
-                0 => CLEAN,
-                1 => s1 as EndTime,
-                _ => rng.random_range(CLEAN..=s1 as EndTime),
+            // One integer draw over the weights' sum: the default 1:1:2 is the 0..4 draw every
+            // earlier run made, so their random streams (and resumes) are unchanged.
+            let k = rng.random_range(0..mix.total());
+            let t: EndTime = if k < mix.clean {
+                CLEAN
+            } else if k < mix.clean + mix.step {
+                s1 as EndTime
+            } else {
+                rng.random_range(CLEAN..=s1 as EndTime)
             };
             (t, rng.random_range((t + 1).max(0) as usize..s.max(1)))
         })
@@ -247,6 +322,63 @@ mod tests {
 
     fn schedule() -> NoiseSchedule {
         NoiseSchedule::from_config(&SchedulerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn the_end_mix_parses_round_trips_and_rejects_bad_weights() {
+        let mix: EndMix = "2:1:1".parse().unwrap();
+        assert_eq!((mix.clean, mix.step, mix.between), (2, 1, 1));
+        assert_eq!(mix.to_string(), "2:1:1");
+        assert!(EndMix::default().is_default() && !mix.is_default());
+        let json = serde_json::to_string(&mix).unwrap();
+        assert_eq!(serde_json::from_str::<EndMix>(&json).unwrap(), mix);
+        for bad in ["", "1:1", "1:1:2:1", "0:0:0", "a:1:1", "-1:1:2", "0.5:1:1"] {
+            let err = bad.parse::<EndMix>().unwrap_err().to_string();
+            assert!(err.contains("clean:step:between"), "{bad}: {err}");
+        }
+    }
+
+    /// The default mix draws exactly as the 0..4 draw earlier runs made (their checkpoints
+    /// resume and their scripts reproduce the shipped weights), and other mixes give each kind of
+    /// end its share.
+    #[test]
+    fn draw_times_follows_the_mix() {
+        let start: Vec<usize> = (0..4000).map(|i| 999 - (i % 49) * 20).collect();
+        let teacher_end: Vec<usize> = start.iter().map(|s| s - 20).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (end, mid) = draw_times(&mut rng, EndMix::default(), &start, &teacher_end);
+        let mut old = ChaCha8Rng::seed_from_u64(3);
+        for ((&s, &s1), (&t, &u)) in start.iter().zip(&teacher_end).zip(end.iter().zip(&mid)) {
+            let want: EndTime = match old.random_range(0..4) {
+                0 => CLEAN,
+                1 => s1 as EndTime,
+                _ => old.random_range(CLEAN..=s1 as EndTime),
+            };
+            assert_eq!(t, want);
+            assert_eq!(u, old.random_range((want + 1).max(0) as usize..s.max(1)));
+        }
+        let mut share = |mix: &str| {
+            let (end, mid) = draw_times(&mut rng, mix.parse().unwrap(), &start, &teacher_end);
+            for ((&t, &u), (&s, &s1)) in end.iter().zip(&mid).zip(start.iter().zip(&teacher_end)) {
+                assert!(
+                    t <= s1 as EndTime && (u as EndTime) > t && u < s,
+                    "{t} {u} {s}"
+                );
+            }
+            let n = end.len() as f64;
+            let clean = end.iter().filter(|&&t| t == CLEAN).count() as f64 / n;
+            let step = end
+                .iter()
+                .zip(&teacher_end)
+                .filter(|(&t, &s1)| t == s1 as EndTime);
+            (clean, step.count() as f64 / n)
+        };
+        let (clean, step) = share("2:1:1");
+        assert!(
+            (clean - 0.5).abs() < 0.03 && (step - 0.25).abs() < 0.03,
+            "{clean} {step}"
+        );
+        assert_eq!(share("1:0:0"), (1.0, 0.0));
     }
 
     /// Mean and standard deviation of the marginal at an end time.
@@ -641,7 +773,7 @@ mod tests {
         for _ in 0..2000 {
             let index: Vec<usize> = (0..b).map(|_| rng.random_range(0..50)).collect();
             let (start, teacher_end) = solver.timesteps_for(&index);
-            let (end, mid) = draw_times(&mut rng, &start, &teacher_end);
+            let (end, mid) = draw_times(&mut rng, EndMix::default(), &start, &teacher_end);
             let z0 = noise_src.sample(&(b, 1).into(), &dev)?.affine(SIGMA, MU)?;
             let noise = noise_src.sample(&(b, 1).into(), &dev)?;
             let batch = FlowBatch {

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::flowmap::{draw_times, flow_map_step, FlowBatch, FlowCondition, FlowConfig};
+use super::flowmap::{draw_times, flow_map_step, EndMix, FlowBatch, FlowCondition, FlowConfig};
 use super::lcd::{lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
 use super::student::{Fresh, Student};
 use crate::sample::denoiser::Denoiser;
@@ -55,6 +55,9 @@ pub struct DistillConfig {
     /// What the student learns: LCD's consistency function, or a flow map (docs/flow-map.md).
     #[serde(default, skip_serializing_if = "Objective::is_lcd")]
     pub objective: Objective,
+    /// Flow maps: how the end times are drawn (clean:step:between weights).
+    #[serde(default, skip_serializing_if = "EndMix::is_default")]
+    pub end_mix: EndMix,
 }
 
 /// The distillation objective (`--objective`).
@@ -101,6 +104,12 @@ impl DistillConfig {
         if !(0.0..=1.0).contains(&self.noise_offset) {
             bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
         }
+        if self.objective == Objective::Lcd && !self.end_mix.is_default() {
+            bail!(
+                "--end-mix {} applies to the flow-map objectives; an LCM always jumps to the data",
+                self.end_mix
+            )
+        }
         if self.objective != Objective::Lcd && self.lora_rank.is_some() {
             bail!("--objective flow-map needs a full student (its end-time embedding): drop --lora-rank")
         }
@@ -129,6 +138,7 @@ impl Default for DistillConfig {
             guidance_from: 0,
             posterior_mean: false,
             objective: Objective::Lcd,
+            end_mix: EndMix::default(),
         }
     }
 }
@@ -349,7 +359,7 @@ impl Task for LcdTask<'_> {
         }
         if let Some(flow) = &self.flow {
             let (start, teacher_end) = self.solver.timesteps_for(&index);
-            let (end, mid) = draw_times(rng, &start, &teacher_end);
+            let (end, mid) = draw_times(rng, cfg.end_mix, &start, &teacher_end);
             let batch = FlowBatch {
                 z0: &z0,
                 noise: &noise,
