@@ -11,18 +11,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn time<F: FnMut() -> candle_core::Result<Tensor>>(name: &str, mut f: F) {
     f().unwrap();
-    let reps = 3;
+    // At least 3 calls and 0.3 s, so sub-millisecond ops are timed over many calls.
     let t = Instant::now();
-    for _ in 0..reps {
+    let mut reps = 0;
+    while reps < 3 || t.elapsed().as_secs_f64() < 0.3 {
         f().unwrap();
+        reps += 1;
     }
     println!(
-        "{name:<40} {:>9.2} ms",
+        "{name:<40} {:>9.3} ms",
         t.elapsed().as_secs_f64() * 1e3 / reps as f64
     );
 }
 
 fn main() -> candle_core::Result<()> {
+    lcm::runtime::init_threads();
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (1, 320, 64, 64), &dev)?;
     let w3 = Tensor::randn(0f32, 0.02, (320, 320, 3, 3), &dev)?;
@@ -83,5 +86,55 @@ fn main() -> candle_core::Result<()> {
         x.permute((0, 2, 3, 1))?.contiguous()
     });
     time("max over last dim (ref)", || s.max_keepdim(D::Minus1));
+
+    // CLIP-L at batch 1 (77 tokens, width 768, 12 heads of 64): small ops where per-call
+    // overhead counts.
+    let h = Tensor::randn(0f32, 1.0, (1, 77, 768), &dev)?;
+    let w768 = Tensor::randn(0f32, 0.02, (768, 768), &dev)?;
+    let w3072 = Tensor::randn(0f32, 0.02, (3072, 768), &dev)?;
+    let w3072t = Tensor::randn(0f32, 0.02, (768, 3072), &dev)?;
+    let h3072 = Tensor::randn(0f32, 1.0, (1, 77, 3072), &dev)?;
+    let nn_linear = |w: &Tensor| {
+        let (out, inp) = w.dims2()?;
+        let map = std::collections::HashMap::from([("weight".to_string(), w.clone())]);
+        let vb = candle_nn::VarBuilder::from_tensors(map, candle_core::DType::F32, &dev);
+        lcm::nn::linear(inp, out, false, vb)
+    };
+    let (l768, l3072, l3072t) = (nn_linear(&w768)?, nn_linear(&w3072)?, nn_linear(&w3072t)?);
+    time("linear 77x768 -> 768", || h.broadcast_matmul(&w768.t()?));
+    time("  lcm::nn::Linear", || l768.forward(&h));
+    time("linear 77x768 -> 3072", || h.broadcast_matmul(&w3072.t()?));
+    time("  lcm::nn::Linear", || l3072.forward(&h));
+    time("linear 77x3072 -> 768", || {
+        h3072.broadcast_matmul(&w3072t.t()?)
+    });
+    time("  lcm::nn::Linear", || l3072t.forward(&h3072));
+    let lnw = Tensor::ones(768, candle_core::DType::F32, &dev)?;
+    let lnb = Tensor::zeros(768, candle_core::DType::F32, &dev)?;
+    time("layer_norm 77x768", || {
+        candle_nn::ops::layer_norm(&h, &lnw, &lnb, 1e-5)
+    });
+    time("quick_gelu 77x3072", || {
+        h3072.clone() * candle_nn::ops::sigmoid(&(&h3072 * 1.702)?)?
+    });
+    time("  lcm::nn::quick_gelu", || lcm::nn::quick_gelu(&h3072));
+    time("add 77x768", || &h + &h);
+    let qh = Tensor::randn(0f32, 1.0, (12, 77, 64), &dev)?;
+    let causal: Vec<f32> = (0..77 * 77)
+        .map(|i| {
+            if i % 77 > i / 77 {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let causal = Tensor::from_vec(causal, (77, 77), &dev)?;
+    time("causal attention 12x77x64 (lcm::nn)", || {
+        lcm::nn::attention(&qh, &qh, &qh, Some(&causal))
+    });
+    time("attention 12x77x64 (lcm::nn)", || {
+        lcm::nn::attention(&qh, &qh, &qh, None)
+    });
     Ok(())
 }

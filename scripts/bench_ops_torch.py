@@ -7,12 +7,15 @@ import torch.nn.functional as F
 torch.set_num_threads(2)
 
 
-def t(name, f, reps=3):
+def t(name, f):
     f()
+    # At least 3 calls and 0.3 s, as benches/ops.rs.
     s = time.perf_counter()
-    for _ in range(reps):
+    reps = 0
+    while reps < 3 or time.perf_counter() - s < 0.3:
         f()
-    print(f"{name:<40} {(time.perf_counter() - s) * 1e3 / reps:>9.2f} ms")
+        reps += 1
+    print(f"{name:<40} {(time.perf_counter() - s) * 1e3 / reps:>9.3f} ms")
 
 
 with torch.no_grad():
@@ -40,3 +43,19 @@ with torch.no_grad():
     t("softmax_last_dim 8x4096x4096", lambda: s.softmax(-1))
     t("probs@v", lambda: s @ q)
     t("sdpa 8x4096x40 (fused)", lambda: F.scaled_dot_product_attention(q[None], q[None], q[None]))
+
+    # CLIP-L at batch 1 (77 tokens, width 768, 12 heads of 64).
+    h = torch.randn(1, 77, 768)
+    w768 = torch.randn(768, 768) * 0.02
+    w3072 = torch.randn(3072, 768) * 0.02
+    w3072t = torch.randn(768, 3072) * 0.02
+    h3072 = torch.randn(1, 77, 3072)
+    t("linear 77x768 -> 768", lambda: F.linear(h, w768))
+    t("linear 77x768 -> 3072", lambda: F.linear(h, w3072))
+    t("linear 77x3072 -> 768", lambda: F.linear(h3072, w3072t))
+    t("layer_norm 77x768", lambda: F.layer_norm(h, (768,)))
+    t("quick_gelu 77x3072", lambda: h3072 * torch.sigmoid(1.702 * h3072))
+    t("add 77x768", lambda: h + h)
+    qh = torch.randn(1, 12, 77, 64)
+    t("causal attention 12x77x64 (sdpa)", lambda: F.scaled_dot_product_attention(qh, qh, qh, is_causal=True))
+    t("attention 12x77x64 (sdpa)", lambda: F.scaled_dot_product_attention(qh, qh, qh))

@@ -60,6 +60,9 @@ pub struct Measurement {
     pub times_s: Vec<f64>,
     pub peak_rss_mb: f64,
     pub detail: String,
+    /// Seconds to load (or, for a preset, draw) the component's weights and build it.
+    #[serde(default)]
+    pub load_s: f64,
 }
 
 const COMPONENTS: &[&str] = &["text", "unet", "vae", "pipeline"];
@@ -99,8 +102,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         if !child {
             eprintln!(
-                "{:<9} median {:>9.4} s  peak RSS {:>8.0} MB  {}",
-                m.component, m.median_s, m.peak_rss_mb, m.detail
+                "{:<9} median {:>9.4} s  peak RSS {:>8.0} MB  load {:>6.3} s  {}",
+                m.component, m.median_s, m.peak_rss_mb, m.load_s, m.detail
             );
         }
         results.push(m);
@@ -193,6 +196,9 @@ fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
 }
 
 struct Models {
+    /// A text-to-motion model (`--model` naming one): its components take the image ones' names
+    /// (text = the sentence encoder, unet = one denoiser call, vae = the motion decoder).
+    motion: Option<crate::pipeline::text2motion::MotionPipeline>,
     text: Option<ClipTextModel>,
     unet: Option<UNet2DConditionModel>,
     vae: Option<AutoencoderKL>,
@@ -207,12 +213,24 @@ fn sd15_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
 fn load(args: &BenchArgs, component: &str) -> Result<Models> {
     let (dev, dtype) = args.runtime.resolve()?;
     if let Some(m) = &args.model {
+        use crate::pipeline::text2motion::{is_motion_folder, MotionFolder, MotionPipeline};
+        if let Some(dir) = crate::pipeline::source::local_dir(m)?.filter(|d| is_motion_folder(d)) {
+            return Ok(Models {
+                motion: Some(MotionPipeline::open(MotionFolder::open(&dir)?, &dev)?),
+                text: None,
+                unet: None,
+                vae: None,
+                pipeline: None,
+                size: 0,
+            });
+        }
         let resolved = crate::pipeline::source::resolve(m)?;
         let p = Pipeline::new(&resolved.folder, &dev, dtype)?;
         let size = args
             .size
             .unwrap_or(p.unet.config.sample_size.unwrap_or(64) * p.vae_scale_factor());
         return Ok(Models {
+            motion: None,
             text: None,
             unet: None,
             vae: None,
@@ -229,6 +247,7 @@ fn load(args: &BenchArgs, component: &str) -> Result<Models> {
     let vb = random_vb(dtype, &dev);
     let need = |c: &str| component == c;
     Ok(Models {
+        motion: None,
         text: if need("text") {
             let cfg: ClipTextConfig =
                 sd15_config(include_str!("../../benches/sd15/text_encoder.json"))?;
@@ -267,7 +286,13 @@ fn time_it(args: &BenchArgs, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f6
 }
 
 fn measure(args: &BenchArgs, component: &str) -> Result<Measurement> {
+    let start = Instant::now();
     let m = load(args, component)?;
+    let load_s = start.elapsed().as_secs_f64();
+    if let Some(p) = &m.motion {
+        let (times, detail) = measure_motion(args, p, component)?;
+        return Ok(measurement(component, times, detail, load_s));
+    }
     let (dev, _) = args.runtime.resolve()?;
     let text = m
         .text
@@ -348,13 +373,74 @@ fn measure(args: &BenchArgs, component: &str) -> Result<Measurement> {
         }
         other => bail!("unknown component {other}"),
     };
+    Ok(measurement(component, times, detail, load_s))
+}
+
+fn measurement(component: &str, times: Vec<f64>, detail: String, load_s: f64) -> Measurement {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    Ok(Measurement {
+    Measurement {
         component: component.to_string(),
         median_s: sorted[sorted.len() / 2],
         times_s: times,
         peak_rss_mb: peak_rss_bytes() as f64 / 1e6,
         detail,
+        load_s,
+    }
+}
+
+/// A motion model's components at batch 1, a 4-second clip (what `lcm generate` makes by
+/// default), guidance 7.5.
+fn measure_motion(
+    args: &BenchArgs,
+    p: &crate::pipeline::text2motion::MotionPipeline,
+    component: &str,
+) -> Result<(Vec<f64>, String)> {
+    use crate::pipeline::text2motion::{decode, MotionOptions};
+    use crate::sample::denoiser::Denoiser;
+    let prompt = "a person walks forward and waves with the left hand";
+    let frames = (4.0 * crate::motion::FPS).round() as usize;
+    let d = &p.folder.denoiser;
+    let (dev, _) = args.runtime.resolve()?;
+    let z = Tensor::randn(0f32, 1.0, (1, d.latent_tokens, d.latent_channels), &dev)?;
+    Ok(match component {
+        "text" => (
+            time_it(args, || p.condition(&[prompt]).map(drop))?,
+            "sentence encoder, one prompt".into(),
+        ),
+        "unet" => {
+            let cond = p.condition(&[prompt])?;
+            let w = d
+                .time_cond_proj_dim
+                // A student's embedding takes w = guidance − 1 (as generation gives it).
+                .map(|dim| crate::nn::guidance_embedding(&Tensor::new(&[6.5f32], &dev)?, dim))
+                .transpose()?;
+            let times = time_it(args, || {
+                p.denoiser
+                    .predict_eps(&z, &[999], &cond, w.as_ref())
+                    .map(drop)
+            })?;
+            (times, "one denoiser call, batch 1".into())
+        }
+        "vae" => (
+            time_it(args, || decode(&p.vae, &p.norm, &z, frames).map(drop))?,
+            format!("decode {frames} frames to joints"),
+        ),
+        "pipeline" => {
+            let defaults = p.class_defaults();
+            let o = MotionOptions {
+                steps: args.steps,
+                guidance: 7.5,
+                frames,
+                seed: 0,
+                sampler: defaults.sampler.unwrap_or(SamplerKind::Lcm),
+            };
+            let times = time_it(args, || p.generate(&[prompt], &o).map(drop))?;
+            (
+                times,
+                format!("text + {} steps + decode, {frames} frames", args.steps),
+            )
+        }
+        other => bail!("unknown component {other}"),
     })
 }
