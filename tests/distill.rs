@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use image::GenericImageView;
-use lcm::distill::student::UNetStudent;
+use lcm::distill::student::{Student, UNetStudent};
 use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
 use lcm::model::config::{SchedulerConfig, UNetConfig};
 use lcm::model::folder::weight_files;
@@ -169,6 +169,43 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     .check()
     .is_err());
     std::fs::remove_dir_all(run).ok();
+}
+
+/// The EMA target network reads the EMA's current weights: after a few steps it predicts what a
+/// network built afresh from them predicts, and not what it predicted at the start (a layer
+/// that kept a copy of its weights, such as a transposed one for speed, would go stale).
+#[test]
+fn the_target_network_follows_the_ema() {
+    setup();
+    let (teacher, weights, schedule) = setup_teacher();
+    let mut a = trainer(&teacher, &weights, schedule, config()).unwrap();
+    let d = data();
+    let x = d.latents.narrow(0, 0, 1).unwrap();
+    let cond = d.prompt_embeds.narrow(0, 0, 1).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (1, config().w_embed_dim), &Device::Cpu).unwrap();
+    let eps = |net: &dyn lcm::sample::denoiser::Denoiser| {
+        net.predict_eps(&x, &[499], &cond, Some(&w)).unwrap()
+    };
+    let before = eps(a.task.target());
+    for _ in 0..3 {
+        a.step().unwrap();
+    }
+    let student = UNetStudent::new(&teacher.config, config().student_w_embed(), false);
+    let ema = a.state.ema_weights().unwrap();
+    let fresh = student
+        .build(candle_nn::VarBuilder::from_tensors(
+            ema,
+            DType::F32,
+            &Device::Cpu,
+        ))
+        .unwrap();
+    let after = eps(a.task.target());
+    assert!(
+        max_abs(&(&after - &before).unwrap()) > 1e-6,
+        "the EMA never moved"
+    );
+    let gap = max_abs(&(&after - eps(fresh.as_ref())).unwrap());
+    assert!(gap < 1e-6, "target vs a fresh build from the EMA: {gap}");
 }
 
 /// Flow-map distillation through the same trainer: the student's end-time embedding starts at

@@ -284,7 +284,10 @@ pub fn distillation<'t>(
             .with_groups("student", "target");
         let student = spec.build(state.var_builder(device))?;
         let target_weights = state.ema_weights().expect("an EMA target");
-        let target = spec.build(VarBuilder::from_tensors(target_weights, DType::F32, device))?;
+        // The EMA update writes into these tensors: the target must not cache copies of them.
+        let target = crate::nn::with_live_weights(|| {
+            spec.build(VarBuilder::from_tensors(target_weights, DType::F32, device))
+        })?;
         (state, student, target, None)
     };
     let flow = config
@@ -314,6 +317,11 @@ pub fn distillation<'t>(
 }
 
 impl LcdTask<'_> {
+    /// The EMA target network (what the consistency targets are computed with).
+    pub fn target(&self) -> &dyn Denoiser {
+        self.target.as_ref()
+    }
+
     /// The student's full weights (LCM-LoRA: the adapters merged into the base).
     pub fn student_weights(&self, state: &TrainState) -> Result<HashMap<String, Tensor>> {
         let Some(base) = &self.lora_base else {

@@ -30,7 +30,9 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod cpu;
+pub mod linear;
 pub mod norm;
+pub mod transpose;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 

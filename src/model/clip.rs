@@ -19,7 +19,7 @@ impl Activation {
     fn apply(self, xs: &Tensor) -> Result<Tensor> {
         match self {
             // x·σ(1.702x), the activation of the original CLIP.
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Activation::QuickGelu => crate::nn::quick_gelu(xs),
             Activation::Gelu => crate::nn::gelu(xs),
         }
     }

@@ -154,7 +154,9 @@ impl MotionDenoiser {
             }
             (None, None) => {}
         }
-        let temb = self.time2.forward(&self.time1.forward(&temb)?.silu()?)?;
+        let temb = self
+            .time2
+            .forward(&crate::nn::silu(&self.time1.forward(&temb)?)?)?;
         let mut tokens = vec![
             temb.unsqueeze(1)?,
             self.sentence_in.forward(&cond.narrow(1, 0, 1)?)?,

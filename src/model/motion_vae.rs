@@ -243,7 +243,7 @@ impl MotionVae {
             let mut h = frames.transpose(1, 2)?;
             for (i, c) in self.down.iter().enumerate() {
                 let m = Self::pool(frame_valid.as_ref(), 2 << i)?;
-                h = Self::hide(c.forward(&h)?.silu()?, m.as_ref())?;
+                h = Self::hide(crate::nn::silu(&c.forward(&h)?)?, m.as_ref())?;
             }
             frames = h.transpose(1, 2)?;
         }
@@ -305,7 +305,7 @@ impl MotionVae {
                     .broadcast_as((bb, dd, n, 2))?
                     .reshape((bb, dd, 2 * n))?;
                 let m = Self::pool(frame_valid.as_ref(), k >> (i + 1))?;
-                u = Self::hide(c.forward(&u)?.silu()?, m.as_ref())?;
+                u = Self::hide(crate::nn::silu(&c.forward(&u)?)?, m.as_ref())?;
             }
             h = u.transpose(1, 2)?;
         }

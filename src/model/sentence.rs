@@ -17,10 +17,30 @@ use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::config::read_json;
-use super::weights::load_weights;
+use super::weights::tensors;
 
 /// The shipped encoder's name (`weights/minilm`).
 pub const DEFAULT_SENTENCE_ENCODER: &str = "minilm";
+
+/// BERT's weights for candle-transformers, in f32. On the CPU each linear layer's `[out, in]`
+/// weight is handed over as a transposed view of an `[in, out]` copy: candle's linear multiplies
+/// by the weight's transpose, which is then contiguous, and the `gemm` crate is several times
+/// faster with that operand row-major (see [`crate::kernels::linear`]). The values are the same.
+fn bert_weights(file: &Path, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
+    let mut weights = tensors(&[file.to_path_buf()], device)?;
+    for (name, w) in weights.iter_mut() {
+        *w = w.to_dtype(DType::F32)?;
+        let linear = name.ends_with(".weight") && !name.contains("embeddings") && w.rank() == 2;
+        if linear && device.is_cpu() {
+            *w = crate::kernels::transpose::transposed(w)?.t()?;
+        }
+    }
+    Ok(candle_nn::VarBuilder::from_tensors(
+        weights,
+        DType::F32,
+        device,
+    ))
+}
 
 /// The files an encoder folder needs.
 const FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
@@ -72,9 +92,11 @@ impl SentenceEncoder {
                 ..Default::default()
             }))
             .map_err(|e| anyhow!("{}: {e}", dir.display()))?;
-        let vb = load_weights(&[dir.join("model.safetensors")], DType::F32, device)?;
-        let bert = BertModel::load(vb, &config)
-            .with_context(|| format!("BERT weights in {}", dir.display()))?;
+        let bert = BertModel::load(
+            bert_weights(&dir.join("model.safetensors"), device)?,
+            &config,
+        )
+        .with_context(|| format!("BERT weights in {}", dir.display()))?;
         Ok(Self {
             bert,
             tokenizer,

@@ -409,7 +409,7 @@ impl UNet2DConditionModel {
                 cfg.flip_sin_to_cos,
                 cfg.freq_shift,
             )?
-            .to_dtype(self.time_linear_1.weight().dtype())
+            .to_dtype(self.time_linear_1.dtype())
         };
         let mut t_emb = sinusoid(timesteps)?;
         match (&self.end_proj, end) {

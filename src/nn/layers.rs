@@ -32,21 +32,88 @@ fn lora_pair(vb: &VarBuilder) -> Result<Option<(Tensor, Tensor, f64)>> {
 }
 
 /// A linear layer, optionally with a LoRA branch beside it.
+///
+/// On the CPU a layer whose weight cannot change keeps it transposed, `[in, out]` and contiguous,
+/// instead of `[out, in]`: the `gemm` crate multiplies by a transposed (column-major) right-hand
+/// side up to 7× slower at the small row counts of batch-1 inference (CLIP-L's 77 tokens, the
+/// motion denoiser's few dozen; benches/ops.rs) and never faster. The copy replaces the stored
+/// weight, so memory is unchanged.
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// `[in, out]`, contiguous, with the bias: the CPU inference path (`inner` then holds the
+    /// same tensors and is not used).
+    transposed: Option<(Tensor, Option<Tensor>)>,
     lora: Option<(candle_nn::Linear, candle_nn::Linear, f64)>,
 }
 
+thread_local! {
+    static LIVE_WEIGHTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Build a network over weights that change in place while it lives (LCD's EMA target, whose
+/// tensors are the EMA variables' storage): its linear layers read the weights at every call
+/// rather than keeping a transposed copy that would go stale.
+pub fn with_live_weights<T>(build: impl FnOnce() -> T) -> T {
+    let before = LIVE_WEIGHTS.with(|l| l.replace(true));
+    let out = build();
+    LIVE_WEIGHTS.with(|l| l.set(before));
+    out
+}
+
 impl Linear {
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        // Trainable weights (variables) and weights that change in place keep their layout; so
+        // does every other device (their BLAS takes a transposed operand at full speed).
+        let frozen = !weight.track_op() && !LIVE_WEIGHTS.with(|l| l.get());
+        let transposed = if frozen && weight.device().is_cpu() && weight.rank() == 2 {
+            Some((
+                crate::kernels::transpose::transposed(&weight)?,
+                bias.clone(),
+            ))
+        } else {
+            None
+        };
+        let inner = match &transposed {
+            // `inner` keeps the transposed copy's storage, not a second one.
+            Some((wt, b)) => candle_nn::Linear::new(wt.t()?, b.clone()),
+            None => candle_nn::Linear::new(weight, bias),
+        };
+        Ok(Self {
+            inner,
+            transposed,
+            lora: None,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.inner.weight().dtype()
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let out = self.inner.forward(xs)?;
+        let out = match &self.transposed {
+            Some((wt, bias)) if wt.dtype() == DType::F32 && xs.dtype() == DType::F32 => {
+                crate::kernels::linear::linear(xs, wt, bias.as_ref())?
+            }
+            Some((wt, bias)) => {
+                // Every leading dimension folded into rows: one 2-D product.
+                let (k, n) = wt.dims2()?;
+                let mut dims = xs.dims().to_vec();
+                let rows = xs.elem_count() / k;
+                let y = xs.reshape((rows, k))?.matmul(wt)?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                *dims
+                    .last_mut()
+                    .expect("a linear layer's input has a last dimension") = n;
+                y.reshape(dims)?
+            }
+            None => self.inner.forward(xs)?,
+        };
         match &self.lora {
             None => Ok(out),
             Some((down, up, scale)) => out + (up.forward(&down.forward(xs)?)? * *scale)?,
@@ -161,12 +228,15 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
             scale,
         )
     });
-    let inner = if bias {
+    // candle_nn's constructors, for their initialisation of fresh variables.
+    let plain = if bias {
         candle_nn::linear(in_dim, out_dim, vb)?
     } else {
         candle_nn::linear_no_bias(in_dim, out_dim, vb)?
     };
-    Ok(Linear { inner, lora })
+    let mut layer = Linear::new(plain.weight().clone(), plain.bias().cloned())?;
+    layer.lora = lora;
+    Ok(layer)
 }
 
 pub fn conv2d(
@@ -357,6 +427,24 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         crate::kernels::activation::gelu_erf(x)
     } else {
         x.gelu_erf()
+    }
+}
+
+/// GELU, tanh form (candle's `gelu`): one vectorised pass on CPU f32, candle's op elsewhere.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if own_kernels(x) {
+        crate::kernels::activation::gelu_tanh_f32(x)
+    } else {
+        x.gelu()
+    }
+}
+
+/// CLIP's quick GELU x·σ(1.702x): one vectorised pass on CPU f32, candle's ops elsewhere.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if own_kernels(x) {
+        crate::kernels::activation::quick_gelu_f32(x)
+    } else {
+        x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
     }
 }
 

@@ -71,7 +71,7 @@ impl EncoderLayer {
         let part = |i: usize| split_heads(&qkv.narrow(D::Minus1, i * d, d)?, self.heads);
         let a = attention(&part(0)?, &part(1)?, &part(2)?, mask)?;
         let x = (x + self.out.forward(&merge_heads(&a, self.heads)?)?)?;
-        let h = self.ff1.forward(&self.norm2.forward(&x)?)?.gelu()?;
+        let h = super::layers::gelu_tanh(&self.ff1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.ff2.forward(&h)?
     }
 }
