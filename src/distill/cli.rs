@@ -71,6 +71,10 @@ pub struct DistillArgs {
     /// own end, or uniform between. More weight on clean favours 1-step sampling.
     #[arg(long, default_value = "1:1:2")]
     pub end_mix: super::flowmap::EndMix,
+    /// Flow maps: compare ε̂ with its target in ε (eps) or in the clean estimate each implies
+    /// (x0: errors weighted by √((1−ᾱ_s)/ᾱ_s), as LCD's loss weights them).
+    #[arg(long, value_enum, default_value = "eps")]
+    pub flow_loss: super::flowmap::LossUnits,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -157,6 +161,7 @@ impl DistillArgs {
             posterior_mean: self.posterior_mean,
             objective: self.objective,
             end_mix: self.end_mix,
+            flow_loss: self.flow_loss,
         };
         config.check()?;
         Ok(config)

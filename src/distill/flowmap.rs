@@ -60,6 +60,36 @@ pub struct FlowConfig {
     pub condition: FlowCondition,
     pub w_embed_dim: Option<usize>,
     pub loss: Loss,
+    pub units: LossUnits,
+}
+
+/// The units the loss compares ε̂ with ε* in (`--flow-loss`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossUnits {
+    /// ε itself: one scale for every start and jump length.
+    #[default]
+    Eps,
+    /// The clean estimate each ε implies at the start, x̂₀ = (x_s − √(1−ᾱ_s)·ε)/√ᾱ_s: errors
+    /// weighted by √((1−ᾱ_s)/ᾱ_s), large at high noise, as LCD's loss on its x₀-like output
+    /// weights them (the start of a 1-step jump is the noisiest).
+    X0,
+}
+
+impl LossUnits {
+    pub fn is_eps(&self) -> bool {
+        *self == LossUnits::Eps
+    }
 }
 
 /// How often each kind of end time is drawn, as integer weights `clean:step:between` (the
@@ -288,7 +318,23 @@ pub fn flow_map_step(
         batch.prompt_embeds,
         w_embedding.as_ref(),
     )?;
-    let loss = cfg.loss.compute(&online_eps, &target_eps)?;
+    let loss = match cfg.units {
+        LossUnits::Eps => cfg.loss.compute(&online_eps, &target_eps)?,
+        LossUnits::X0 => {
+            let k: Vec<f64> = start
+                .iter()
+                .map(|&s| {
+                    let a = schedule.alpha_bar(s as i64);
+                    ((1.0 - a) / a).sqrt()
+                })
+                .collect();
+            let k = per_sample(&k, &online_eps)?;
+            cfg.loss.compute(
+                &online_eps.broadcast_mul(&k)?,
+                &target_eps.broadcast_mul(&k)?,
+            )?
+        }
+    };
     Ok(FlowOutputs {
         start,
         teacher_end,
@@ -581,7 +627,7 @@ mod tests {
         let z0 = Tensor::new(&[[1.2f32], [2.0], [0.9]], &dev)?;
         let noise = Tensor::new(&[[0.3f32], [-1.1], [0.7]], &dev)?;
         let cond = Tensor::zeros((3, 1), DType::F32, &dev)?;
-        let run = |end: &[EndTime], mid: &[usize]| -> Result<f32> {
+        let run_in = |units: LossUnits, end: &[EndTime], mid: &[usize]| -> Result<FlowOutputs> {
             let batch = FlowBatch {
                 z0: &z0,
                 noise: &noise,
@@ -593,11 +639,12 @@ mod tests {
                 uncond_embeds: &cond,
             };
             let cfg = FlowConfig {
+                units,
                 condition: FlowCondition::Semigroup,
                 w_embed_dim: None,
                 loss: Loss::L2,
             };
-            let out = flow_map_step(
+            flow_map_step(
                 &s,
                 &solver,
                 &Oracle(schedule()),
@@ -605,8 +652,10 @@ mod tests {
                 &Oracle(schedule()),
                 &batch,
                 &cfg,
-            )?;
-            Ok(out.loss.to_scalar::<f32>()?)
+            )
+        };
+        let run = |end: &[EndTime], mid: &[usize]| -> Result<f32> {
+            Ok(run_in(LossUnits::Eps, end, mid)?.loss.to_scalar::<f32>()?)
         };
         // Starts 999, 619, 259; ends well below each teacher step.
         let off = run(&[CLEAN, 99, 0], &[500, 300, 100])?;
@@ -614,6 +663,25 @@ mod tests {
         // On the diagonal (ends at the teacher steps 979, 599, 239) only the DDIM step's error.
         let diag = run(&[979, 599, 239], &[0, 0, 0])?;
         assert!(diag > 0.0 && diag < 1e-3, "diagonal loss {diag}");
+        // In clean-estimate units each sample's ε error counts √((1−ᾱ_s)/ᾱ_s) times.
+        let out = run_in(LossUnits::X0, &[979, 599, 239], &[0, 0, 0])?;
+        let d: Vec<f32> = (&out.online_eps - &out.target_eps)?
+            .flatten_all()?
+            .to_vec1()?;
+        let want: f64 = d
+            .iter()
+            .zip(&out.start)
+            .map(|(&d, &t)| {
+                let a = s.alpha_bar(t as i64);
+                (1.0 - a) / a * (d as f64).powi(2)
+            })
+            .sum::<f64>()
+            / 3.0;
+        let got = out.loss.to_scalar::<f32>()? as f64;
+        assert!(
+            (got - want).abs() <= 1e-5 * want,
+            "x0 units: {got} vs {want}"
+        );
         // Bad ends and intermediates are refused.
         assert!(run(&[990, 0, 0], &[500, 100, 10]).is_err());
         assert!(run(&[CLEAN, 99, 0], &[999, 300, 100]).is_err());
@@ -768,6 +836,7 @@ mod tests {
             condition,
             w_embed_dim: None,
             loss: Loss::L2,
+            units: LossUnits::Eps,
         };
         let mut losses = Vec::new();
         for _ in 0..2000 {

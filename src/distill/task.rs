@@ -15,7 +15,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::flowmap::{draw_times, flow_map_step, EndMix, FlowBatch, FlowCondition, FlowConfig};
+use super::flowmap::{
+    draw_times, flow_map_step, EndMix, FlowBatch, FlowCondition, FlowConfig, LossUnits,
+};
 use super::lcd::{lcd_step, DdimSolver, LcdBatch, LcdConfig, Loss};
 use super::student::{Fresh, Student};
 use crate::sample::denoiser::Denoiser;
@@ -58,6 +60,9 @@ pub struct DistillConfig {
     /// Flow maps: how the end times are drawn (clean:step:between weights).
     #[serde(default, skip_serializing_if = "EndMix::is_default")]
     pub end_mix: EndMix,
+    /// Flow maps: the loss in ε or in the implied clean estimate's units.
+    #[serde(default, skip_serializing_if = "LossUnits::is_eps")]
+    pub flow_loss: LossUnits,
 }
 
 /// The distillation objective (`--objective`).
@@ -104,6 +109,9 @@ impl DistillConfig {
         if !(0.0..=1.0).contains(&self.noise_offset) {
             bail!("--noise-offset {} must be in [0, 1]", self.noise_offset)
         }
+        if self.objective == Objective::Lcd && !self.flow_loss.is_eps() {
+            bail!("--flow-loss applies to the flow-map objectives")
+        }
         if self.objective == Objective::Lcd && !self.end_mix.is_default() {
             bail!(
                 "--end-mix {} applies to the flow-map objectives; an LCM always jumps to the data",
@@ -139,6 +147,7 @@ impl Default for DistillConfig {
             posterior_mean: false,
             objective: Objective::Lcd,
             end_mix: EndMix::default(),
+            flow_loss: LossUnits::Eps,
         }
     }
 }
@@ -297,6 +306,7 @@ pub fn distillation<'t>(
             condition,
             w_embed_dim: lcd.w_embed_dim,
             loss: lcd.loss,
+            units: config.flow_loss,
         });
     let task = LcdTask {
         config,
