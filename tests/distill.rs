@@ -168,6 +168,18 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     }
     .check()
     .is_err());
+    // The flow-map knobs are refused for an LCM, whose every jump goes to the data.
+    let lcd_with = |c: DistillConfig| c.check().unwrap_err().to_string();
+    let mix = lcd_with(DistillConfig {
+        end_mix: "2:1:1".parse().unwrap(),
+        ..config()
+    });
+    assert!(mix.contains("--end-mix 2:1:1"), "{mix}");
+    let units = lcd_with(DistillConfig {
+        flow_loss: lcm::distill::flowmap::LossUnits::X0,
+        ..config()
+    });
+    assert!(units.contains("--flow-loss"), "{units}");
     std::fs::remove_dir_all(run).ok();
 }
 
