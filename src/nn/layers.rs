@@ -41,8 +41,8 @@ fn lora_pair(vb: &VarBuilder) -> Result<Option<(Tensor, Tensor, f64)>> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
-    /// `[in, out]`, contiguous, with the bias: the CPU inference path (`inner` then holds the
-    /// same tensors and is not used).
+    /// `[in, out]`, contiguous, with the bias: the f32 CPU inference path (`inner` then holds a
+    /// view of the same storage).
     transposed: Option<(Tensor, Option<Tensor>)>,
     lora: Option<(candle_nn::Linear, candle_nn::Linear, f64)>,
 }
@@ -64,9 +64,11 @@ pub fn with_live_weights<T>(build: impl FnOnce() -> T) -> T {
 impl Linear {
     fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         // Trainable weights (variables) and weights that change in place keep their layout; so
-        // does every other device (their BLAS takes a transposed operand at full speed).
+        // does every other device (their BLAS takes a transposed operand at full speed) and
+        // dtype (the kernel is f32).
         let frozen = !weight.track_op() && !LIVE_WEIGHTS.with(|l| l.get());
-        let transposed = if frozen && weight.device().is_cpu() && weight.rank() == 2 {
+        let cpu_f32 = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let transposed = if frozen && cpu_f32 && weight.rank() == 2 {
             Some((
                 crate::kernels::transpose::transposed(&weight)?,
                 bias.clone(),
@@ -94,25 +96,11 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let out = match &self.transposed {
-            Some((wt, bias)) if wt.dtype() == DType::F32 && xs.dtype() == DType::F32 => {
+            Some((wt, bias)) if xs.dtype() == DType::F32 => {
                 crate::kernels::linear::linear(xs, wt, bias.as_ref())?
             }
-            Some((wt, bias)) => {
-                // Every leading dimension folded into rows: one 2-D product.
-                let (k, n) = wt.dims2()?;
-                let mut dims = xs.dims().to_vec();
-                let rows = xs.elem_count() / k;
-                let y = xs.reshape((rows, k))?.matmul(wt)?;
-                let y = match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                *dims
-                    .last_mut()
-                    .expect("a linear layer's input has a last dimension") = n;
-                y.reshape(dims)?
-            }
-            None => self.inner.forward(xs)?,
+            // Trainable or live weights, other devices and dtypes: candle's linear.
+            _ => self.inner.forward(xs)?,
         };
         match &self.lora {
             None => Ok(out),
