@@ -9,9 +9,12 @@ seeded random weights, f32 on the CPU:
   timestep_cond 1x256 (one LCM step, batch 1);
 - vae_decoder: AutoencoderKL.decode, latent 1x4x64x64 -> image 1x3x512x512.
 Each component runs in its own Python process, so its peak RSS is its own (as lcm bench does).
+`--dtype bf16` runs the calls under torch.autocast("cpu", dtype=torch.bfloat16) with f32 weights, as
+a PyTorch user would on an AMX CPU (oneDNN runs the bf16 products on AMX tiles).
 Prints JSON: per component the median and minimum of the timed calls, every time, peak RSS.
 Usage: python scripts/bench_sd15_diffusers.py [--threads 2] [--warmup 1] [--repeats 3]
                                               [--only clip_text,unet,vae_decoder] [--output FILE]
+                                              [--dtype f32|bf16]
 """
 import argparse
 import json
@@ -71,7 +74,8 @@ def run_one(args):
     model, call = build(args.component, torch)
     build_s = time.perf_counter() - t0
     times = []
-    with torch.no_grad():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    with torch.no_grad(), autocast:
         out = None
         for i in range(args.warmup + args.repeats):
             start = time.perf_counter()
@@ -100,6 +104,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default=",".join(COMPONENTS))
     ap.add_argument("--output", help="also write the JSON here")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--component", help=argparse.SUPPRESS)  # set in the child process
     args = ap.parse_args()
     if args.component:
@@ -114,7 +119,7 @@ def main():
         if component not in COMPONENTS:
             sys.exit(f"--only: unknown component {component!r} (known: {', '.join(COMPONENTS)})")
         cmd = [sys.executable, __file__, "--component", component, "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--dtype", args.dtype]
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         results[component] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{component}: median {results[component]['median_s']} s, "
@@ -122,7 +127,7 @@ def main():
     report = {
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__},
-        "dtype": "float32",
+        "dtype": "float32" if args.dtype == "f32" else "bfloat16 autocast",
         "threads": args.threads,
         "components": results,
     }

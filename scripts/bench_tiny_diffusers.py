@@ -7,6 +7,9 @@ so that `lcm generate --latents` can be compared with it pixel by pixel.
 
     python3 scripts/bench_tiny_diffusers.py [--model weights/tiny] [--threads 2] [--repeats 5]
         [--latents latents.safetensors --out-image diffusers.png] [--out bench.json]
+        [--dtype f32|bf16]
+
+`--dtype bf16` runs under torch.autocast("cpu", dtype=torch.bfloat16) (oneDNN's AMX path).
 """
 import argparse
 import json
@@ -28,6 +31,7 @@ def main():
     ap.add_argument("--latents")
     ap.add_argument("--out-image")
     ap.add_argument("--out")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -52,7 +56,8 @@ def main():
             output_type="pil",
         ).images[0]
 
-    with torch.inference_mode():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16")
+    with torch.inference_mode(), autocast:
         run()  # warm-up
         times = []
         for i in range(a.repeats):
@@ -73,6 +78,7 @@ def main():
         "model": a.model,
         "size": size,
         "steps": a.steps,
+        "dtype": a.dtype,
         "load_s": load_s,
         "generate_s_median": statistics.median(times),
         "generate_s_all": times,

@@ -470,7 +470,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         resolved.label, s.sampler, s.steps, s.guidance, seed, s.width, s.height, args.n
     );
     if device.is_cpu() {
-        println!("kernels: {}", lcm::kernels::cpu::path());
+        println!("kernels: {}", lcm::kernels::cpu::path(dtype));
     }
     println!(
         "time: load {:.3}s, text encode {:.3}s, denoise {:.3}s ({:.3}s/step), decode {:.3}s, total {:.3}s",

@@ -8,7 +8,9 @@ pub struct RuntimeArgs {
     /// cpu, cuda or cuda:N (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight/compute precision of the text encoder and U-Net: f32, f16 or bf16 (the VAE stays f32).
+    /// Weight/compute precision of the text encoder and U-Net: f32, f16 or bf16 (the VAE stays
+    /// f32). On the CPU, bf16 means bf16 weights (the VAE's too) multiplied on AMX tiles with f32
+    /// activations; it needs a CPU with AMX.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -16,8 +18,11 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     pub fn resolve(&self) -> Result<(Device, DType)> {
         let (device, dtype) = (parse_device(&self.device)?, parse_dtype(&self.dtype)?);
-        if device.is_cpu() && dtype == DType::BF16 {
-            bail!("--dtype bf16 is not supported on the CPU (candle has no bf16 matmul there): use f32 or f16")
+        if device.is_cpu() && dtype == DType::BF16 && !crate::kernels::amx::available() {
+            bail!(
+                "--dtype bf16 on the CPU needs AMX tiles, which this CPU has not ({}): use f32",
+                crate::kernels::cpu::path(DType::F32)
+            )
         }
         Ok((device, dtype))
     }

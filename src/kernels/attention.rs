@@ -11,6 +11,7 @@
 
 use candle_core::{Result, Shape, Tensor};
 
+use super::amx::{self, pad, PackedA, PackedCols};
 use super::{apply, matmul, Grads, Input, Kernel};
 use rayon::prelude::*;
 
@@ -259,6 +260,124 @@ fn attend_block(
     })
 }
 
+/// `softmax(q·kᵀ·scale)·v` with both products on bf16 tiles ([`super::amx`]): q, k, the
+/// softmax's numerators and v rounded to bf16, sums, maxima and the softmax in f32. For networks
+/// run in bf16 on the CPU (inference only). Shapes as [`fused_attention`]'s.
+pub fn fused_attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let t = |x: &Tensor| x.contiguous();
+    super::apply_no_bwd(&Bf16Attention { scale }, &[&t(q)?, &t(k)?, &t(v)?])
+}
+
+struct Bf16Attention {
+    scale: f32,
+}
+
+/// Query rows per work item of the bf16 attention: one row of tiles, so its scores (32 × 4096
+/// f32 at SD1.5's 64² level, 512 KB) and their bf16 numerators stay in L2 between the products
+/// and the softmax. With 128 rows (the f32 kernel's block) they spilled to memory and the
+/// softmax pass ran at memory speed.
+const BF16_BLOCK_ROWS: usize = 32;
+
+thread_local! {
+    /// A query block's packed q, its scores, their bf16 numerators and the block's output.
+    static BF16_BLOCK: std::cell::RefCell<(PackedA, Vec<f32>, PackedA, Vec<f32>)> =
+        const { std::cell::RefCell::new((PackedA::new(), Vec::new(), PackedA::new(), Vec::new())) };
+}
+
+impl Kernel for Bf16Attention {
+    const NAME: &'static str = "bf16-attention";
+
+    fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
+        let [q, k, v] = super::arity(Self::NAME, inputs)?;
+        let (bh, nq, d) = q.shape.dims3()?;
+        let (bh_k, nk, d_k) = k.shape.dims3()?;
+        let (bh_v, nk_v, dv) = v.shape.dims3()?;
+        if bh != bh_k || bh != bh_v || d != d_k || nk != nk_v {
+            candle_core::bail!(
+                "bf16 attention: q {:?}, k {:?}, v {:?} do not fit",
+                q.shape,
+                k.shape,
+                v.shape
+            )
+        }
+        let (q, k, v) = (q.data, k.data, v.data);
+        let mut out = vec![0f32; bh * nq * dv];
+        let scale = self.scale;
+        out.par_chunks_mut(nq * dv)
+            .enumerate()
+            .for_each(|(h, out_h)| {
+                let k_h = &k[h * nk * d..(h + 1) * nk * d];
+                let v_h = &v[h * nk * dv..(h + 1) * nk * dv];
+                // kᵀ (d × nk) and v (nk × dv) as k-pairs, once per head.
+                let mut kt = PackedCols::new();
+                let words = kt.reset(d, pad(nk));
+                for (r, row) in words
+                    .chunks_exact_mut(pad(nk))
+                    .take(d.div_ceil(2))
+                    .enumerate()
+                {
+                    for (j, w) in row[..nk].iter_mut().enumerate() {
+                        let key = &k_h[j * d..][..d];
+                        *w = amx::pair(key[2 * r], key.get(2 * r + 1).copied().unwrap_or(0.0));
+                    }
+                }
+                let mut vp = PackedCols::new();
+                let words = vp.reset(nk, pad(dv));
+                for (r, row) in words
+                    .chunks_exact_mut(pad(dv))
+                    .take(nk.div_ceil(2))
+                    .enumerate()
+                {
+                    let lo = &v_h[2 * r * dv..][..dv];
+                    let hi = v_h.get((2 * r + 1) * dv..(2 * r + 2) * dv);
+                    for (j, w) in row[..dv].iter_mut().enumerate() {
+                        *w = amx::pair(lo[j], hi.map_or(0.0, |hi| hi[j]));
+                    }
+                }
+                let q_h = &q[h * nq * d..(h + 1) * nq * d];
+                out_h
+                    .par_chunks_mut(BF16_BLOCK_ROWS * dv)
+                    .enumerate()
+                    .for_each(|(blk, out_b)| {
+                        let rows = out_b.len() / dv;
+                        let q_b =
+                            &q_h[blk * BF16_BLOCK_ROWS * d..(blk * BF16_BLOCK_ROWS + rows) * d];
+                        BF16_BLOCK.with(|b| {
+                            let (qa, s, pa, o) = &mut *b.borrow_mut();
+                            let qw = qa.reset(rows, d, 0);
+                            for (src, dst) in q_b.chunks_exact(d).zip(qw.chunks_exact_mut(pad(d))) {
+                                for (x, y) in dst.iter_mut().zip(src) {
+                                    *x = amx::to_bf16(*y);
+                                }
+                            }
+                            amx::matmul_cols(qa, &kt, nk, s, false);
+                            let pw = pa.reset(rows, nk, 0);
+                            let mut sums = [0f32; BF16_BLOCK_ROWS];
+                            for ((row, p), sum) in s
+                                .chunks_exact(pad(nk))
+                                .zip(pw.chunks_exact_mut(pad(nk)))
+                                .zip(sums.iter_mut())
+                            {
+                                *sum = softmax_numerator_bf16(&row[..nk], scale, &mut p[..nk]);
+                            }
+                            amx::matmul_cols(pa, &vp, dv, o, false);
+                            for ((dst, src), sum) in out_b
+                                .chunks_exact_mut(dv)
+                                .zip(o.chunks_exact(pad(dv)))
+                                .zip(&sums)
+                            {
+                                let inv = 1.0 / sum;
+                                for (d, x) in dst.iter_mut().zip(src) {
+                                    *d = x * inv;
+                                }
+                            }
+                        });
+                    });
+            });
+        Ok((out, Shape::from((bh, nq, dv))))
+    }
+}
+
 // Replace `row` by exp(scale·(x − max)) and return its sum.
 super::avx512_dispatch!(fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 => softmax_numerator_body);
 
@@ -288,6 +407,44 @@ fn softmax_numerator_body(row: &mut [f32], scale: f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+// exp(scale·(x − max)) of `row` into `out` as bf16, in one pass; returns the f32 sum.
+super::avx512_dispatch!(fn softmax_numerator_bf16(row: &[f32], scale: f32, out: &mut [u16]) -> f32 => softmax_numerator_bf16_body);
+
+#[inline(always)]
+fn softmax_numerator_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&m)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let shift = max * scale;
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    let mut outs = out.chunks_exact_mut(16);
+    for (c, o) in (&mut chunks).zip(&mut outs) {
+        for i in 0..16 {
+            let e = exp(c[i] * scale - shift);
+            acc[i] += e;
+            o[i] = amx::to_bf16(e);
+        }
+    }
+    let mut tail = 0f32;
+    for (x, o) in chunks.remainder().iter().zip(outs.into_remainder()) {
+        let e = exp(x * scale - shift);
+        tail += e;
+        *o = amx::to_bf16(e);
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// exp(x) for x ≤ 0 to ~1 ulp: x = n·ln2 + r with |r| ≤ ln2/2, a degree-6 polynomial for e^r
@@ -322,6 +479,42 @@ pub(crate) fn exp(x: f32) -> f32 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The bf16 attention against f64 attention of the bf16-rounded q, k, v. Beyond those, its
+    /// one rounding is the softmax numerators' (relative 2⁻⁹ each), which moves an output by at
+    /// most 2⁻⁹·max|v|: the bound, over odd sizes (K = 40 heads, key counts off the tile size).
+    /// Runs the tiles where the CPU has AMX, the portable loop elsewhere (printed).
+    #[test]
+    fn bf16_attention_is_within_the_numerators_rounding() -> Result<()> {
+        println!(
+            "bf16 attention path: {}",
+            crate::kernels::cpu::path(candle_core::DType::BF16)
+        );
+        let dev = Device::Cpu;
+        for (bh, nq, nk, d, dv) in [(2, 130, 77, 40, 40), (1, 5, 300, 8, 24), (3, 33, 1, 64, 17)] {
+            let round = |t: Tensor| {
+                t.to_dtype(candle_core::DType::BF16)?
+                    .to_dtype(candle_core::DType::F32)
+            };
+            let q = round(Tensor::randn(0f32, 1.0, (bh, nq, d), &dev)?)?;
+            let k = round(Tensor::randn(0f32, 1.0, (bh, nk, d), &dev)?)?;
+            let v = round(Tensor::randn(0f32, 1.0, (bh, nk, dv), &dev)?)?;
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = fused_attention_bf16(&q, &k, &v, scale)?;
+            let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64);
+            let scores = (f64s(&q)?.matmul(&f64s(&k)?.t()?)? * scale as f64)?;
+            let e = scores.broadcast_sub(&scores.max_keepdim(2)?)?.exp()?;
+            let want = e.broadcast_div(&e.sum_keepdim(2)?)?.matmul(&f64s(&v)?)?;
+            let err = (f64s(&got)? - &want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            let vmax = v.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let bound = vmax / 512.0 * 1.01 + 1e-5;
+            assert!(err <= bound, "{bh}×{nq}×{nk}×{d}×{dv}: {err} > {bound}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn exp_is_accurate() {

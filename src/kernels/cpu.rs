@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 pub struct CpuFeatures {
     pub avx2_fma: bool,
     pub avx512f: bool,
-    /// AMX bf16 tiles in the CPU (CPUID leaf 7: AMX-BF16 and AMX-TILE); not used yet.
+    /// AMX bf16 tiles in the CPU (CPUID leaf 7: AMX-BF16 and AMX-TILE); the OS must grant them
+    /// too ([`super::amx::available`]).
     pub amx_bf16: bool,
 }
 
@@ -45,8 +46,10 @@ fn detect() -> CpuFeatures {
     }
 }
 
-/// The f32 path in words, for `lcm bench` and `lcm generate` (e.g. "AVX-512 f32").
-pub fn path() -> String {
+/// The kernel path a network in `dtype` runs on this CPU, in words, for `lcm bench` and `lcm
+/// generate` (e.g. "AVX-512 f32", "AMX bf16 tiles for linear layers, convolutions and attention, AVX-512 f32
+/// elsewhere").
+pub fn path(dtype: candle_core::DType) -> String {
     let f = features();
     let tier = if f.avx512f {
         "AVX-512 f32"
@@ -55,10 +58,20 @@ pub fn path() -> String {
     } else {
         "portable f32"
     };
-    if f.amx_bf16 {
-        format!("{tier} (AMX bf16 present, not used yet)")
-    } else {
-        tier.to_string()
+    match dtype {
+        candle_core::DType::BF16 if super::amx::available() => {
+            format!(
+                "AMX bf16 tiles for linear layers, convolutions and attention, {tier} elsewhere"
+            )
+        }
+        candle_core::DType::BF16 => {
+            format!("portable bf16 products (no AMX tiles in use here), {tier} elsewhere")
+        }
+        candle_core::DType::F32 if super::amx::available() => {
+            format!("{tier} (AMX bf16 tiles with --dtype bf16)")
+        }
+        candle_core::DType::F32 => tier.to_string(),
+        other => format!("candle's {other:?} CPU ops"),
     }
 }
 
@@ -81,6 +94,10 @@ mod tests {
             f.amx_bf16,
             flags.contains(&"amx_bf16") && flags.contains(&"amx_tile")
         );
-        println!("kernel path on this CPU: {}", super::path());
+        println!(
+            "kernel paths on this CPU: f32 {}; bf16 {}",
+            super::path(candle_core::DType::F32),
+            super::path(candle_core::DType::BF16)
+        );
     }
 }

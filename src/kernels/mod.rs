@@ -27,7 +27,9 @@ macro_rules! avx512_dispatch {
 pub(crate) use avx512_dispatch;
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
+pub mod bf16;
 pub mod conv;
 pub mod cpu;
 pub mod linear;

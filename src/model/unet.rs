@@ -36,7 +36,7 @@ impl Attention {
         let q = nn::split_heads(&self.q.forward(xs)?, self.heads)?;
         let k = nn::split_heads(&self.k.forward(ctx)?, self.heads)?;
         let v = nn::split_heads(&self.v.forward(ctx)?, self.heads)?;
-        let attn = nn::attention(&q, &k, &v, None)?;
+        let attn = nn::attention_in(self.q.is_bf16(), &q, &k, &v, None)?;
         self.out.forward(&nn::merge_heads(&attn, self.heads)?)
     }
 }
@@ -382,9 +382,9 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// The dtype of the weights (inputs must match).
+    /// The dtype its inputs must have (f32 for bf16-packed weights on the CPU).
     pub fn dtype(&self) -> candle_core::DType {
-        self.conv_in.weight().dtype()
+        self.time_linear_1.dtype()
     }
 
     /// Whether this U-Net takes the LCM guidance embedding.

@@ -50,7 +50,7 @@ impl SpatialSelfAttention {
         let q = self.q.forward(&tokens)?;
         let k = self.k.forward(&tokens)?;
         let v = self.v.forward(&tokens)?;
-        let attn = nn::attention(&q, &k, &v, None)?;
+        let attn = nn::attention_in(self.q.is_bf16(), &q, &k, &v, None)?;
         let out = self
             .out
             .forward(&attn)?

@@ -40,15 +40,24 @@ fn lora_pair(vb: &VarBuilder) -> Result<Option<(Tensor, Tensor, f64)>> {
 /// weight, so memory is unchanged.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
-    /// `[in, out]`, contiguous, with the bias: the f32 CPU inference path (`inner` then holds a
-    /// view of the same storage).
-    transposed: Option<(Tensor, Option<Tensor>)>,
+    weights: LinearWeights,
     lora: Option<(candle_nn::Linear, candle_nn::Linear, f64)>,
+}
+
+/// How a linear layer holds its weight.
+#[derive(Debug, Clone)]
+enum LinearWeights {
+    /// candle's layer: trainable or live weights, other devices and dtypes.
+    Candle(candle_nn::Linear),
+    /// `[in, out]`, contiguous, with the bias: the f32 CPU inference path.
+    Transposed(Tensor, Option<Tensor>),
+    /// bf16, packed for [`crate::kernels::amx`] (inference under [`with_bf16_weights`]).
+    Bf16(std::sync::Arc<crate::kernels::bf16::Bf16Linear>),
 }
 
 thread_local! {
     static LIVE_WEIGHTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static BF16_WEIGHTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Build a network over weights that change in place while it lives (LCD's EMA target, whose
@@ -61,6 +70,42 @@ pub fn with_live_weights<T>(build: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Build a network for bf16 inference on the CPU (`--dtype bf16`): the frozen f32 weights of its
+/// linear layers and stride-1 convolutions are rounded to bf16 and packed for the AMX kernels
+/// once, replacing the f32 copies (half the memory); activations, norms, attention and the
+/// residual stream stay f32, so the network's dtype stays f32.
+pub fn with_bf16_weights<T>(build: impl FnOnce() -> T) -> T {
+    let before = BF16_WEIGHTS.with(|l| l.replace(true));
+    let out = build();
+    BF16_WEIGHTS.with(|l| l.set(before));
+    out
+}
+
+/// `build(storage dtype)` for a network that runs in `dtype` on `device`: on the CPU, bf16 means
+/// f32 storage with the weights packed as bf16 ([`with_bf16_weights`]); elsewhere the weights
+/// are stored in `dtype` itself.
+pub fn build_for<T>(
+    device: &candle_core::Device,
+    dtype: DType,
+    build: impl FnOnce(DType) -> T,
+) -> T {
+    if device.is_cpu() && dtype == DType::BF16 {
+        with_bf16_weights(|| build(DType::F32))
+    } else {
+        build(dtype)
+    }
+}
+
+/// Whether a layer being built over `weight` packs it as bf16: a frozen f32 CPU weight under
+/// [`with_bf16_weights`].
+fn packs_bf16(weight: &Tensor) -> bool {
+    BF16_WEIGHTS.with(|l| l.get())
+        && !LIVE_WEIGHTS.with(|l| l.get())
+        && !weight.track_op()
+        && weight.device().is_cpu()
+        && weight.dtype() == DType::F32
+}
+
 impl Linear {
     fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         // Trainable weights (variables) and weights that change in place keep their layout; so
@@ -68,39 +113,48 @@ impl Linear {
         // dtype (the kernel is f32).
         let frozen = !weight.track_op() && !LIVE_WEIGHTS.with(|l| l.get());
         let cpu_f32 = weight.device().is_cpu() && weight.dtype() == DType::F32;
-        let transposed = if frozen && cpu_f32 && weight.rank() == 2 {
-            Some((
-                crate::kernels::transpose::transposed(&weight)?,
-                bias.clone(),
-            ))
+        let weights = if packs_bf16(&weight) && weight.rank() == 2 {
+            LinearWeights::Bf16(std::sync::Arc::new(crate::kernels::bf16::Bf16Linear::new(
+                &weight,
+                bias.as_ref(),
+            )?))
+        } else if frozen && cpu_f32 && weight.rank() == 2 {
+            LinearWeights::Transposed(crate::kernels::transpose::transposed(&weight)?, bias)
         } else {
-            None
-        };
-        let inner = match &transposed {
-            // `inner` keeps the transposed copy's storage, not a second one.
-            Some((wt, b)) => candle_nn::Linear::new(wt.t()?, b.clone()),
-            None => candle_nn::Linear::new(weight, bias),
+            LinearWeights::Candle(candle_nn::Linear::new(weight, bias))
         };
         Ok(Self {
-            inner,
-            transposed,
+            weights,
             lora: None,
         })
     }
 
+    /// Whether the weight is bf16, packed for the AMX kernels ([`with_bf16_weights`]).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.weights, LinearWeights::Bf16(_))
+    }
+
+    /// The dtype of the activations this layer takes (f32 for bf16-packed weights).
     pub fn dtype(&self) -> DType {
-        self.inner.weight().dtype()
+        match &self.weights {
+            LinearWeights::Candle(l) => l.weight().dtype(),
+            LinearWeights::Transposed(wt, _) => wt.dtype(),
+            LinearWeights::Bf16(_) => DType::F32,
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let out = match &self.transposed {
-            Some((wt, bias)) if xs.dtype() == DType::F32 => {
+        let out = match &self.weights {
+            LinearWeights::Transposed(wt, bias) if xs.dtype() == DType::F32 => {
                 crate::kernels::linear::linear(xs, wt, bias.as_ref())?
             }
-            // Trainable or live weights, other devices and dtypes: candle's linear.
-            _ => self.inner.forward(xs)?,
+            LinearWeights::Transposed(wt, bias) => {
+                candle_nn::Linear::new(wt.t()?, bias.clone()).forward(xs)?
+            }
+            LinearWeights::Bf16(l) => l.forward(xs)?,
+            LinearWeights::Candle(l) => l.forward(xs)?,
         };
         match &self.lora {
             None => Ok(out),
@@ -118,18 +172,52 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
+    /// The weight and bias as bf16 packed for the AMX kernels (under [`with_bf16_weights`];
+    /// `weight` then holds an empty tensor, so the f32 copy is freed).
+    bf16: Option<std::sync::Arc<crate::kernels::bf16::Bf16Conv>>,
     /// LoRA branch: down (same kernel, stride, padding as the layer), up (1×1), scale.
     lora: Option<Box<(Conv2d, Conv2d, f64)>>,
 }
 
 impl Conv2d {
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    fn new(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Result<Self> {
+        let (bf16, weight) = if stride == 1 && packs_bf16(&weight) {
+            let packed = crate::kernels::bf16::Bf16Conv::new(&weight, bias.as_ref(), padding)?;
+            let empty = Tensor::zeros(0, DType::F32, weight.device())?;
+            (Some(std::sync::Arc::new(packed)), empty)
+        } else {
+            (None, weight)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            padding,
+            stride,
+            bf16,
+            lora: None,
+        })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = match &self.bf16 {
+            Some(packed) => packed.forward(xs)?,
+            None => self.forward_plain(xs)?,
+        };
+        match &self.lora {
+            None => Ok(out),
+            Some(l) => {
+                let (down, up, scale) = l.as_ref();
+                out + (up.forward(&down.forward(xs)?)? * *scale)?
+            }
+        }
+    }
+}
+
+impl Conv2d {
+    /// The f32 (or candle) paths, with the bias.
+    fn forward_plain(&self, xs: &Tensor) -> Result<Tensor> {
         let tracked = xs.track_op() || self.weight.track_op();
         let k = self.weight.dim(3)?;
         let cpu_f32 = xs.device().is_cpu() && xs.dtype() == DType::F32;
@@ -150,19 +238,12 @@ impl Module for Conv2d {
         } else {
             xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
-        let out = match &self.bias {
+        match &self.bias {
             Some(b) if cpu_f32 && b.dtype() == DType::F32 => {
-                crate::kernels::conv::add_channel_bias(&out, b)?
+                crate::kernels::conv::add_channel_bias(&out, b)
             }
-            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            None => out,
-        };
-        match &self.lora {
+            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(out),
-            Some(l) => {
-                let (down, up, scale) = l.as_ref();
-                out + (up.forward(&down.forward(xs)?)? * *scale)?
-            }
         }
     }
 }
@@ -252,23 +333,18 @@ pub fn conv2d(
             up: bound,
         },
     )?;
-    let lora = lora_pair(&vb)?.map(|(down, up, scale)| {
-        let plain = |weight: Tensor, padding: usize, stride: usize| Conv2d {
-            weight,
-            bias: None,
-            padding,
-            stride,
-            lora: None,
-        };
-        Box::new((plain(down, padding, stride), plain(up, 0, 1), scale))
-    });
-    Ok(Conv2d {
-        weight,
-        bias: Some(bias),
-        padding,
-        stride,
-        lora,
-    })
+    let lora = lora_pair(&vb)?
+        .map(|(down, up, scale)| -> Result<_> {
+            Ok(Box::new((
+                Conv2d::new(down, None, padding, stride)?,
+                Conv2d::new(up, None, 0, 1)?,
+                scale,
+            )))
+        })
+        .transpose()?;
+    let mut conv = Conv2d::new(weight, Some(bias), padding, stride)?;
+    conv.lora = lora;
+    Ok(conv)
 }
 
 /// GroupNorm with an affine weight and bias: the fused op in [`crate::kernels::norm`] for f32 on the CPU
@@ -324,8 +400,23 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention over `[batch·heads, tokens, head_dim]` tensors, with an optional
 /// additive mask broadcastable to `[batch·heads, q_tokens, k_tokens]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    attention_in(false, q, k, v, mask)
+}
+
+/// [`attention`]; `bf16` (a network built under [`with_bf16_weights`], see [`Linear::is_bf16`])
+/// runs its products on bf16 tiles where it can (CPU f32, no mask).
+pub fn attention_in(
+    bf16: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     if mask.is_none() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        if bf16 && !q.track_op() && !k.track_op() && !v.track_op() {
+            return crate::kernels::attention::fused_attention_bf16(q, k, v, scale as f32);
+        }
         return crate::kernels::attention::fused_attention(q, k, v, scale as f32);
     }
     // Scaling q (n·d values) is cheaper than scaling the n² scores.

@@ -103,20 +103,35 @@ impl Pipeline {
         Self::new(&ModelFolder::open(dir)?, device, dtype)
     }
 
-    /// Build the pipeline of a model folder. Weights are converted to `dtype` (the VAE always runs
-    /// in f32, as diffusers' `force_upcast` does for SD VAEs).
+    /// Build the pipeline of a model folder. Weights are converted to `dtype` (the VAE runs in
+    /// f32, as diffusers' `force_upcast` does for SD VAEs); bf16 on the CPU packs the weights of
+    /// all three networks (the VAE's too) for the AMX kernels and keeps f32 activations
+    /// ([`crate::nn::build_for`]).
     pub fn new(folder: &ModelFolder, device: &Device, dtype: DType) -> Result<Self> {
         let te = &folder.text_encoder;
         let tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer, te.config.max_position_embeddings)?;
-        let text_encoder = ClipTextModel::new(&te.config, te.var_builder(dtype, device)?)
-            .with_context(|| format!("text encoder in {}", te.dir.display()))?;
+        let text_encoder = crate::nn::build_for(device, dtype, |dt| {
+            ClipTextModel::new(&te.config, te.var_builder(dt, device)?)
+                .with_context(|| format!("text encoder in {}", te.dir.display()))
+        })?;
         let u = &folder.unet;
-        let unet = UNet2DConditionModel::new(&u.config, u.var_builder(dtype, device)?)
-            .with_context(|| format!("U-Net in {}", u.dir.display()))?;
+        let unet = crate::nn::build_for(device, dtype, |dt| {
+            UNet2DConditionModel::new(&u.config, u.var_builder(dt, device)?)
+                .with_context(|| format!("U-Net in {}", u.dir.display()))
+        })?;
         let v = &folder.vae;
-        let vae = AutoencoderKL::new(&v.config, v.var_builder(DType::F32, device)?)
-            .with_context(|| format!("VAE in {}", v.dir.display()))?;
+        // The VAE's activations stay f32 everywhere; on the CPU, bf16 packs its weights too, as
+        // diffusers runs a bf16 pipeline's VAE in bf16 (it upcasts only fp16 VAEs).
+        let vae_dtype = if device.is_cpu() && dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let vae = crate::nn::build_for(device, vae_dtype, |dt| {
+            AutoencoderKL::new(&v.config, v.var_builder(dt, device)?)
+                .with_context(|| format!("VAE in {}", v.dir.display()))
+        })?;
         let defaults = class_defaults(&folder.index, &folder.scheduler, &unet, &v.config);
         Ok(Self {
             tokenizer,
@@ -166,10 +181,12 @@ impl Pipeline {
         let pairs = crate::nn::lora::load(file, &base, &self.device)?;
         let merged =
             crate::nn::lora::merge(&base, &pairs, scale, &format!("--lora {}", file.display()))?;
-        self.unet = UNet2DConditionModel::new(
-            &self.unet.config,
-            VarBuilder::from_tensors(merged, self.dtype, &self.device),
-        )?;
+        self.unet = crate::nn::build_for(&self.device, self.dtype, |dt| {
+            UNet2DConditionModel::new(
+                &self.unet.config,
+                VarBuilder::from_tensors(merged, dt, &self.device),
+            )
+        })?;
         Ok(Defaults {
             sampler: Some(SamplerKind::Lcm),
             steps: Some(4),
@@ -500,7 +517,7 @@ impl Pipeline {
             Some(dim) => {
                 let w: Vec<f32> = per_image.iter().map(|g| (g - 1.0) as f32).collect();
                 let w = Tensor::from_vec(w, n, &self.device)?;
-                Some(crate::nn::guidance_embedding(&w, dim)?.to_dtype(self.dtype)?)
+                Some(crate::nn::guidance_embedding(&w, dim)?.to_dtype(self.unet.dtype())?)
             }
             None => None,
         };

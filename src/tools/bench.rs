@@ -88,7 +88,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // The compute threads (rayon's: gemm and our kernels); candle's element-wise pool is held to
     // one (runtime::init_threads).
     let threads = rayon::current_num_threads();
-    let cpu_path = crate::kernels::cpu::path();
+    let cpu_path = crate::kernels::cpu::path(crate::runtime::parse_dtype(&args.runtime.dtype)?);
     let child = wanted.len() == 1 && !args.in_process;
     if !child {
         eprintln!("kernels: {cpu_path}");
@@ -165,21 +165,40 @@ fn measure_in_subprocess(args: &BenchArgs, component: &str) -> Result<Measuremen
 }
 
 /// Random plain tensors (no autograd) for any requested weight, honouring the init hints so norms
-/// start at 1 and biases at 0: timing needs the right shapes, not trained values.
+/// start at 1 and biases at 0: timing needs the right shapes, not trained values. The values are
+/// uniform with standard deviation 0.02, drawn from a generator seeded by the tensor's name, so
+/// two builds of one config get the same weights (parity tests compare a network with itself).
 struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
     fn get(
         &self,
         s: Shape,
-        _: &str,
+        name: &str,
         h: candle_nn::Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = match h {
             candle_nn::Init::Const(v) => (Tensor::ones(s, DType::F32, dev)? * v)?,
-            _ => Tensor::randn(0f32, 0.02, s, dev)?,
+            _ => {
+                // FNV-1a of the name, then splitmix64 (fast: SD1.5 has 10⁹ weights).
+                let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                });
+                let half_width = 0.02 * 3f32.sqrt();
+                let values: Vec<f32> = (0..s.elem_count())
+                    .map(|_| {
+                        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                        let mut z = state;
+                        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                        z ^= z >> 31;
+                        ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * half_width
+                    })
+                    .collect();
+                Tensor::from_vec(values, s, dev)?
+            }
         };
         t.to_dtype(dtype)
     }
@@ -191,7 +210,8 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
+/// A `VarBuilder` of [`RandomWeights`]: networks of any config for timing and self-parity.
+pub fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone())
 }
 
@@ -244,26 +264,37 @@ fn load(args: &BenchArgs, component: &str) -> Result<Models> {
         None => unreachable!("checked in run"),
     }
     let size = args.size.unwrap_or(512);
-    let vb = random_vb(dtype, &dev);
     let need = |c: &str| component == c;
     Ok(Models {
         motion: None,
         text: if need("text") {
             let cfg: ClipTextConfig =
                 sd15_config(include_str!("../../benches/sd15/text_encoder.json"))?;
-            Some(ClipTextModel::new(&cfg, vb.clone())?)
+            Some(crate::nn::build_for(&dev, dtype, |dt| {
+                ClipTextModel::new(&cfg, random_vb(dt, &dev))
+            })?)
         } else {
             None
         },
         unet: if need("unet") {
             let cfg: UNetConfig = sd15_config(include_str!("../../benches/sd15/unet.json"))?;
-            Some(UNet2DConditionModel::new(&cfg, vb.clone())?)
+            Some(crate::nn::build_for(&dev, dtype, |dt| {
+                UNet2DConditionModel::new(&cfg, random_vb(dt, &dev))
+            })?)
         } else {
             None
         },
         vae: if need("vae") {
             let cfg: VaeConfig = sd15_config(include_str!("../../benches/sd15/vae.json"))?;
-            Some(AutoencoderKL::new(&cfg, random_vb(DType::F32, &dev))?)
+            // As the pipeline builds it: f32, with bf16-packed weights for bf16 on the CPU.
+            let dtype = if dev.is_cpu() && dtype == DType::BF16 {
+                DType::BF16
+            } else {
+                DType::F32
+            };
+            Some(crate::nn::build_for(&dev, dtype, |dt| {
+                AutoencoderKL::new(&cfg, random_vb(dt, &dev))
+            })?)
         } else {
             None
         },

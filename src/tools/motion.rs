@@ -210,7 +210,10 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
         g.n
     );
     if g.device.is_cpu() {
-        println!("kernels: {}", crate::kernels::cpu::path());
+        println!(
+            "kernels: {}",
+            crate::kernels::cpu::path(candle_core::DType::F32)
+        );
     }
     println!(
         "time: load {:.3}s, text encode {:.3}s, denoise + decode {:.3}s ({:.1} ms per motion), total {:.3}s",
