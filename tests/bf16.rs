@@ -104,18 +104,6 @@ fn fixture_vae_decoder_in_bf16_matches_f32() {
     assert_parity("tiny-lcm VAE decoder", &got, &want);
 }
 
-/// Peak signal-to-noise ratio of two 8-bit images, in dB.
-fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    let mse = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.as_raw().len() as f64;
-    10.0 * (255f64.powi(2) / mse.max(1e-12)).log10()
-}
-
 /// The shipped default model's 4-step generation (its defaults: LCM, guidance 7.5 through the
 /// w-embedding) with one seed, bf16 against f32.
 #[test]

@@ -8,24 +8,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
-use image::RgbImage;
 use lcm::eval::{prompt_following, Evaluator, SHAPE_COLOUR_PROMPTS};
 use lcm::pipeline::{GenerateRequest, Pipeline};
 
-use common::{assert_figures_match, eval_figures, fixtures, lcm_bin};
-
-/// Peak signal-to-noise ratio of two 8-bit images, in dB (∞ when equal).
-fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let mse = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.as_raw().len() as f64;
-    10.0 * (255f64.powi(2) / mse).log10()
-}
+use common::{assert_figures_match, eval_figures, fixtures, lcm_bin, psnr};
 
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lcm-shipped-{tag}-{}", std::process::id()));

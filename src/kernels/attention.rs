@@ -28,22 +28,34 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
     apply(FusedAttention { scale }, &[q, k, v])
 }
 
+/// (batch·heads, queries, keys, head dim, value dim) of q `[bh, nq, d]`, k `[bh, nk, d]`,
+/// v `[bh, nk, dv]`, or an error naming the kernel when they do not fit together.
+fn sizes(
+    name: &str,
+    q: &Input,
+    k: &Input,
+    v: &Input,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    let (bh, nq, d) = q.shape.dims3()?;
+    let (bh_k, nk, d_k) = k.shape.dims3()?;
+    let (bh_v, nk_v, dv) = v.shape.dims3()?;
+    if bh != bh_k || bh != bh_v || d != d_k || nk != nk_v {
+        candle_core::bail!(
+            "{name}: q {:?}, k {:?}, v {:?} do not fit",
+            q.shape,
+            k.shape,
+            v.shape
+        )
+    }
+    Ok((bh, nq, nk, d, dv))
+}
+
 impl Kernel for FusedAttention {
     const NAME: &'static str = "fused-attention";
 
     fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
         let [q, k, v] = super::arity(Self::NAME, inputs)?;
-        let (bh, nq, d) = q.shape.dims3()?;
-        let (bh_k, nk, d_k) = k.shape.dims3()?;
-        let (bh_v, nk_v, dv) = v.shape.dims3()?;
-        if bh != bh_k || bh != bh_v || d != d_k || nk != nk_v {
-            candle_core::bail!(
-                "fused attention: q {:?}, k {:?}, v {:?} do not fit",
-                q.shape,
-                k.shape,
-                v.shape
-            )
-        }
+        let (bh, nq, nk, d, dv) = sizes(Self::NAME, q, k, v)?;
         let (q, k, v) = (q.data, k.data, v.data);
         let mut out = vec![0f32; bh * nq * dv];
         let scale = self.scale;
@@ -289,17 +301,7 @@ impl Kernel for Bf16Attention {
 
     fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
         let [q, k, v] = super::arity(Self::NAME, inputs)?;
-        let (bh, nq, d) = q.shape.dims3()?;
-        let (bh_k, nk, d_k) = k.shape.dims3()?;
-        let (bh_v, nk_v, dv) = v.shape.dims3()?;
-        if bh != bh_k || bh != bh_v || d != d_k || nk != nk_v {
-            candle_core::bail!(
-                "bf16 attention: q {:?}, k {:?}, v {:?} do not fit",
-                q.shape,
-                k.shape,
-                v.shape
-            )
-        }
+        let (bh, nq, nk, d, dv) = sizes(Self::NAME, q, k, v)?;
         let (q, k, v) = (q.data, k.data, v.data);
         let mut out = vec![0f32; bh * nq * dv];
         let scale = self.scale;

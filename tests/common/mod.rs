@@ -173,3 +173,16 @@ pub fn ok(out: std::process::Output) -> std::process::Output {
     );
     out
 }
+
+/// Peak signal-to-noise ratio of two 8-bit images, in dB (∞ when equal).
+pub fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let mse = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.as_raw().len() as f64;
+    10.0 * (255f64.powi(2) / mse).log10()
+}
