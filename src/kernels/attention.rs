@@ -50,30 +50,57 @@ fn sizes(
     Ok((bh, nq, nk, d, dv))
 }
 
+/// Attention's work split: `[bh, nq, dv]` outputs, heads and blocks of `block` query rows over
+/// rayon. `head(k_h, v_h)` prepares a head once (e.g. packs it); `run(&prepared, q_b, out_b)`
+/// computes one block of `out_b.len() / dv` query rows.
+fn per_block<'a, H: Sync>(
+    (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+    (bh, nq, nk, d, dv): (usize, usize, usize, usize, usize),
+    block: usize,
+    head: impl Fn(&'a [f32], &'a [f32]) -> H + Sync,
+    run: impl Fn(&H, &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; bh * nq * dv];
+    out.par_chunks_mut(nq * dv)
+        .enumerate()
+        .for_each(|(h, out_h)| {
+            let q_h = &q[h * nq * d..(h + 1) * nq * d];
+            let prepared = head(
+                &k[h * nk * d..(h + 1) * nk * d],
+                &v[h * nk * dv..(h + 1) * nk * dv],
+            );
+            out_h
+                .par_chunks_mut(block * dv)
+                .enumerate()
+                .for_each(|(blk, out_b)| {
+                    let rows = out_b.len() / dv;
+                    run(
+                        &prepared,
+                        &q_h[blk * block * d..(blk * block + rows) * d],
+                        out_b,
+                    );
+                });
+        });
+    out
+}
+
 impl Kernel for FusedAttention {
     const NAME: &'static str = "fused-attention";
 
     fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
         let [q, k, v] = super::arity(Self::NAME, inputs)?;
         let (bh, nq, nk, d, dv) = sizes(Self::NAME, q, k, v)?;
-        let (q, k, v) = (q.data, k.data, v.data);
-        let mut out = vec![0f32; bh * nq * dv];
         let scale = self.scale;
-        out.par_chunks_mut(nq * dv)
-            .enumerate()
-            .for_each(|(h, out_h)| {
-                let q_h = &q[h * nq * d..(h + 1) * nq * d];
-                let k_h = &k[h * nk * d..(h + 1) * nk * d];
-                let v_h = &v[h * nk * dv..(h + 1) * nk * dv];
-                out_h
-                    .par_chunks_mut(BLOCK * dv)
-                    .enumerate()
-                    .for_each(|(blk, out_b)| {
-                        let rows = out_b.len() / dv;
-                        let q_b = &q_h[blk * BLOCK * d..(blk * BLOCK + rows) * d];
-                        attend_block(q_b, k_h, v_h, out_b, rows, nk, d, dv, scale);
-                    });
-            });
+        let out = per_block(
+            (q.data, k.data, v.data),
+            (bh, nq, nk, d, dv),
+            BLOCK,
+            |k_h, v_h| (k_h, v_h),
+            |&(k_h, v_h), q_b, out_b| {
+                let rows = out_b.len() / dv;
+                attend_block(q_b, k_h, v_h, out_b, rows, nk, d, dv, scale);
+            },
+        );
         Ok((out, Shape::from((bh, nq, dv))))
     }
 
@@ -302,14 +329,12 @@ impl Kernel for Bf16Attention {
     fn forward(&self, inputs: &[Input]) -> Result<(Vec<f32>, Shape)> {
         let [q, k, v] = super::arity(Self::NAME, inputs)?;
         let (bh, nq, nk, d, dv) = sizes(Self::NAME, q, k, v)?;
-        let (q, k, v) = (q.data, k.data, v.data);
-        let mut out = vec![0f32; bh * nq * dv];
         let scale = self.scale;
-        out.par_chunks_mut(nq * dv)
-            .enumerate()
-            .for_each(|(h, out_h)| {
-                let k_h = &k[h * nk * d..(h + 1) * nk * d];
-                let v_h = &v[h * nk * dv..(h + 1) * nk * dv];
+        let out = per_block(
+            (q.data, k.data, v.data),
+            (bh, nq, nk, d, dv),
+            BF16_BLOCK_ROWS,
+            |k_h, v_h| {
                 // kᵀ (d × nk) and v (nk × dv) as k-pairs, once per head.
                 let mut kt = PackedCols::new();
                 let words = kt.reset(d, pad(nk));
@@ -336,46 +361,42 @@ impl Kernel for Bf16Attention {
                         *w = amx::pair(lo[j], hi.map_or(0.0, |hi| hi[j]));
                     }
                 }
-                let q_h = &q[h * nq * d..(h + 1) * nq * d];
-                out_h
-                    .par_chunks_mut(BF16_BLOCK_ROWS * dv)
-                    .enumerate()
-                    .for_each(|(blk, out_b)| {
-                        let rows = out_b.len() / dv;
-                        let q_b =
-                            &q_h[blk * BF16_BLOCK_ROWS * d..(blk * BF16_BLOCK_ROWS + rows) * d];
-                        BF16_BLOCK.with(|b| {
-                            let (qa, s, pa, o) = &mut *b.borrow_mut();
-                            let qw = qa.reset(rows, d, 0);
-                            for (src, dst) in q_b.chunks_exact(d).zip(qw.chunks_exact_mut(pad(d))) {
-                                for (x, y) in dst.iter_mut().zip(src) {
-                                    *x = amx::to_bf16(*y);
-                                }
-                            }
-                            amx::matmul_cols(qa, &kt, nk, s, false);
-                            let pw = pa.reset(rows, nk, 0);
-                            let mut sums = [0f32; BF16_BLOCK_ROWS];
-                            for ((row, p), sum) in s
-                                .chunks_exact(pad(nk))
-                                .zip(pw.chunks_exact_mut(pad(nk)))
-                                .zip(sums.iter_mut())
-                            {
-                                *sum = softmax_numerator_bf16(&row[..nk], scale, &mut p[..nk]);
-                            }
-                            amx::matmul_cols(pa, &vp, dv, o, false);
-                            for ((dst, src), sum) in out_b
-                                .chunks_exact_mut(dv)
-                                .zip(o.chunks_exact(pad(dv)))
-                                .zip(&sums)
-                            {
-                                let inv = 1.0 / sum;
-                                for (d, x) in dst.iter_mut().zip(src) {
-                                    *d = x * inv;
-                                }
-                            }
-                        });
-                    });
-            });
+                (kt, vp)
+            },
+            |(kt, vp), q_b, out_b| {
+                let rows = out_b.len() / dv;
+                BF16_BLOCK.with(|b| {
+                    let (qa, s, pa, o) = &mut *b.borrow_mut();
+                    let qw = qa.reset(rows, d, 0);
+                    for (src, dst) in q_b.chunks_exact(d).zip(qw.chunks_exact_mut(pad(d))) {
+                        for (x, y) in dst.iter_mut().zip(src) {
+                            *x = amx::to_bf16(*y);
+                        }
+                    }
+                    amx::matmul_cols(qa, kt, nk, s, false);
+                    let pw = pa.reset(rows, nk, 0);
+                    let mut sums = [0f32; BF16_BLOCK_ROWS];
+                    for ((row, p), sum) in s
+                        .chunks_exact(pad(nk))
+                        .zip(pw.chunks_exact_mut(pad(nk)))
+                        .zip(sums.iter_mut())
+                    {
+                        *sum = softmax_numerator_bf16(&row[..nk], scale, &mut p[..nk]);
+                    }
+                    amx::matmul_cols(pa, vp, dv, o, false);
+                    for ((dst, src), sum) in out_b
+                        .chunks_exact_mut(dv)
+                        .zip(o.chunks_exact(pad(dv)))
+                        .zip(&sums)
+                    {
+                        let inv = 1.0 / sum;
+                        for (d, x) in dst.iter_mut().zip(src) {
+                            *d = x * inv;
+                        }
+                    }
+                });
+            },
+        );
         Ok((out, Shape::from((bh, nq, dv))))
     }
 }
@@ -383,9 +404,9 @@ impl Kernel for Bf16Attention {
 // Replace `row` by exp(scale·(x − max)) and return its sum.
 super::avx512_dispatch!(fn softmax_numerator(row: &mut [f32], scale: f32) -> f32 => softmax_numerator_body);
 
+/// The largest element, from sixteen partial maxima (vectorises at any width).
 #[inline(always)]
-fn softmax_numerator_body(row: &mut [f32], scale: f32) -> f32 {
-    // Sixteen partial maxima and sums so both reductions vectorise at any width.
+fn row_max(row: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
@@ -399,6 +420,13 @@ fn softmax_numerator_body(row: &mut [f32], scale: f32) -> f32 {
         .chain(&m)
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
+    max
+}
+
+#[inline(always)]
+fn softmax_numerator_body(row: &mut [f32], scale: f32) -> f32 {
+    // Sixteen partial sums (and maxima, in `row_max`) so the reductions vectorise at any width.
+    let max = row_max(row);
     let shift = max * scale;
     row.iter_mut().for_each(|x| *x = exp(*x * scale - shift));
     let mut acc = [0f32; 16];
@@ -416,19 +444,7 @@ super::avx512_dispatch!(fn softmax_numerator_bf16(row: &[f32], scale: f32, out: 
 
 #[inline(always)]
 fn softmax_numerator_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 16];
-    let mut chunks = row.chunks_exact(16);
-    for c in &mut chunks {
-        for i in 0..16 {
-            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&m)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max(row);
     let shift = max * scale;
     let mut acc = [0f32; 16];
     let mut chunks = row.chunks_exact(16);
