@@ -8,9 +8,9 @@ pub struct RuntimeArgs {
     /// cpu, cuda or cuda:N (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight/compute precision of the text encoder and U-Net: f32, f16 or bf16 (the VAE stays
-    /// f32). On the CPU, bf16 means bf16 weights (the VAE's too) multiplied on AMX tiles with f32
-    /// activations; it needs a CPU with AMX.
+    /// Weight/compute precision of the text encoder and U-Net: f32, f16 or bf16 (with f16 the VAE
+    /// stays f32). On the CPU, bf16 means bf16 weights for all three networks, multiplied on AMX
+    /// tiles with f32 activations; it needs a CPU with AMX.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -20,7 +20,8 @@ impl RuntimeArgs {
         let (device, dtype) = (parse_device(&self.device)?, parse_dtype(&self.dtype)?);
         if device.is_cpu() && dtype == DType::BF16 && !crate::kernels::amx::available() {
             bail!(
-                "--dtype bf16 on the CPU needs AMX tiles, which this CPU has not ({}): use f32",
+                "--dtype bf16 on the CPU needs AMX tiles, not in use here (a CPU without them, \
+                 or LCM_NO_AMX set; kernels: {}): use f32",
                 crate::kernels::cpu::path(DType::F32)
             )
         }

@@ -166,3 +166,45 @@ fn sd15_size_unet_in_bf16_matches_f32() {
     let got = seeded(true).forward(&x, &t, &ctx, Some(&w)).unwrap();
     assert_parity("SD1.5-size U-Net", &got, &want);
 }
+
+/// `lcm generate --dtype bf16`: refused in one line naming the flag and AMX where no tiles are in
+/// use (forced here with LCM_NO_AMX); where the CPU has them, it runs and prints that path.
+#[test]
+fn the_cli_runs_bf16_on_amx_and_refuses_it_without() {
+    let out = std::env::temp_dir().join(format!("lcm-bf16-cli-{}.png", std::process::id()));
+    let run = |no_amx: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lcm"));
+        c.args([
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--dtype",
+            "bf16",
+            "--output",
+        ])
+        .arg(&out)
+        .env("CANDLE_NUM_THREADS", "1");
+        if no_amx {
+            c.env("LCM_NO_AMX", "1");
+        }
+        c.output().unwrap()
+    };
+    let o = run(true);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!o.status.success(), "bf16 without tiles ran");
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("--dtype bf16") && lines[0].contains("AMX"),
+        "{stderr}"
+    );
+    if !lcm::kernels::amx::available() {
+        println!("the AMX run is not checked: no AMX tiles in use here");
+        return;
+    }
+    let o = run(false);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("kernels: AMX bf16 tiles"), "{stdout}");
+    std::fs::remove_file(&out).ok();
+}

@@ -1,16 +1,20 @@
 //! bf16 matrix products on AMX tiles, for inference with frozen weights (`--dtype bf16` on the CPU).
 //!
-//! One product shape serves linear layers and stride-1 convolutions: C (m × n, f32) = Σ_taps
-//! A_tap (m × k, bf16) · B_tap (k × n, bf16), where every A_tap is the same row-major activation
-//! buffer read from a different starting row. A convolution on the zero-padded NHWC image with
-//! its output computed on the padded width is then one product with a tap per kernel position
-//! (the shifted-GEMM idea of [`super::conv`], with the taps summed inside the tile registers, so
-//! C is written once). Weights are converted and packed once at load ([`PackedB`]: bf16 pairs
-//! adjacent along k, as `tdpbf16ps` reads them, in 32-column panels), halving their memory.
+//! One product serves every use: C (m × n, f32) = Σ_taps A_tap (m × k, bf16) · B_tap (k × n,
+//! bf16), each operand read through a [`Layout`] of byte offsets with a start per tap. Linear
+//! layers: the activations (row-major, [`PackedA`]) times the weights ([`PackedB`]: k-pairs in
+//! 32-column panels). Stride-1 convolutions ([`conv_matmul`]): the weights of each kernel
+//! position ([`PackedRows`]) times the zero-padded image as channel pairs ([`PackedCols`]),
+//! shifted by the position's offset on the padded width — the shifted-GEMM idea of
+//! [`super::conv`] with the taps summed inside the tile registers, so C (the NCHW output planes
+//! on the padded width) is written once. Attention ([`matmul_cols`]): activations on both sides.
+//! Weights are converted and packed once at load, halving their memory; B operands hold bf16
+//! pairs adjacent along k, as `tdpbf16ps` reads them.
 //!
 //! The micro-kernel holds a 32 × 32 block of C in four tiles and runs the whole reduction over
-//! k and the taps before one store, all operands 64-byte aligned (unaligned tile loads ran at
-//! half speed: ../shared/notes/cpu-kernels.md). Sizes are padded to multiples of 32 with zeros,
+//! k and the taps before one store; buffers are 64-byte aligned (unaligned tile loads ran at
+//! half speed: ../shared/notes/cpu-kernels.md), though a convolution's shifted taps read the
+//! image at 4-byte offsets. Sizes are padded to multiples of 32 with zeros,
 //! so the kernel has no tails. Where the CPU has no AMX (or Linux refuses the tile state) a
 //! portable loop computes the same sums from the same bf16 inputs with f32 accumulation: the
 //! layout and packing code is tested on every machine, the tile instructions where they exist.
