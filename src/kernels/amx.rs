@@ -463,7 +463,7 @@ fn product(
     } else {
         c.clear();
         c.resize(mp * np, 0.0);
-        portable_product((mblocks, nblocks, kblocks), (a, &la), (b, &lb), c);
+        portable_product((mblocks, nblocks, kblocks), (a, &la), (b, &lb), c, parallel);
     }
 }
 
@@ -478,12 +478,13 @@ fn portable_product(
     (a, la): (&[u8], &Layout),
     (b, lb): (&[u8], &Layout),
     c: &mut [f32],
+    parallel: bool,
 ) {
     use rayon::prelude::*;
     let np = nblocks * TILE;
     let at = |o: usize| from_bf16(u16::from_le_bytes([a[o], a[o + 1]]));
     let bt = |o: usize| from_bf16(u16::from_le_bytes([b[o], b[o + 1]]));
-    c.par_chunks_mut(np).enumerate().for_each(|(i, row)| {
+    let row = |(i, row): (usize, &mut [f32])| {
         for (&ta, &tb) in la.taps.iter().zip(&lb.taps) {
             let arow = ta + (i / TILE) * la.block + (i % TILE) * la.stride;
             for kk in 0..kblocks * TILE {
@@ -498,7 +499,14 @@ fn portable_product(
                 }
             }
         }
-    });
+    };
+    // Serial when asked: a caller inside a rayon task may hold per-thread buffers that a stolen
+    // task would need.
+    if parallel {
+        c.par_chunks_mut(np).enumerate().for_each(row);
+    } else {
+        c.chunks_mut(np).enumerate().for_each(row);
+    }
 }
 
 /// Tile configuration (palette 1): tiles 0–7 all 16 rows × 64 bytes — C blocks 0–3 (16 × 16

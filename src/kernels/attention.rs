@@ -365,8 +365,11 @@ impl Kernel for Bf16Attention {
             },
             |(kt, vp), q_b, out_b| {
                 let rows = out_b.len() / dv;
-                BF16_BLOCK.with(|b| {
-                    let (qa, s, pa, o) = &mut *b.borrow_mut();
+                // Taken out of the thread's slot (not borrowed) while in use: a task rayon runs on
+                // this thread meanwhile finds it empty and allocates, rather than panicking.
+                let mut bufs = BF16_BLOCK.take();
+                {
+                    let (qa, s, pa, o) = &mut bufs;
                     let qw = qa.reset(rows, d, 0);
                     for (src, dst) in q_b.chunks_exact(d).zip(qw.chunks_exact_mut(pad(d))) {
                         for (x, y) in dst.iter_mut().zip(src) {
@@ -394,7 +397,8 @@ impl Kernel for Bf16Attention {
                             *d = x * inv;
                         }
                     }
-                });
+                }
+                BF16_BLOCK.set(bufs);
             },
         );
         Ok((out, Shape::from((bh, nq, dv))))

@@ -56,8 +56,10 @@ impl Kernel for Bf16Linear {
         }
         let rows = x.data.len() / k.max(1);
         let kp = pad(k);
-        let y = SCRATCH.with(|s| {
-            let (a, c) = &mut *s.borrow_mut();
+        // The buffers are taken out of the thread's slot while in use (see `IMAGE` below).
+        let mut bufs = SCRATCH.take();
+        let y = {
+            let (a, c) = &mut bufs;
             let buf = a.reset(rows, k, 0);
             let convert = |(src, dst): (&[f32], &mut [u16])| {
                 for (d, &v) in dst.iter_mut().zip(src) {
@@ -89,7 +91,8 @@ impl Kernel for Bf16Linear {
                 y.chunks_exact_mut(n).zip(c.chunks_exact(np)).for_each(copy);
             }
             y
-        });
+        };
+        SCRATCH.set(bufs);
         *dims.last_mut().expect("checked above") = n;
         Ok((y, Shape::from(dims)))
     }
@@ -167,8 +170,11 @@ impl Kernel for Bf16Conv {
         let cols = pad(n) + (k - 1) * wp + k - 1;
         let np = pad(n);
         let mut out = vec![0f32; b * c_out * ho * wo];
-        IMAGE.with(|s| {
-            let (bx, c) = &mut *s.borrow_mut();
+        // Taken out of the thread's slot (not borrowed) while in use: a layer that rayon runs on
+        // this thread while it waits finds the slot empty and allocates, rather than panicking.
+        let mut bufs = IMAGE.take();
+        {
+            let (bx, c) = &mut bufs;
             for (img, dst) in x
                 .data
                 .chunks_exact(c_in * h * w)
@@ -217,7 +223,8 @@ impl Kernel for Bf16Conv {
                         }
                     });
             }
-        });
+        }
+        IMAGE.set(bufs);
         Ok((out, Shape::from((b, c_out, ho, wo))))
     }
 }
