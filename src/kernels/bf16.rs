@@ -1,6 +1,6 @@
-//! Linear layers and stride-1 convolutions on bf16 weights packed once at load ([`PackedB`]),
-//! with f32 activations in and out: inputs are rounded to bf16 as they are packed for the
-//! product, sums are f32 ([`super::amx::matmul`]). Inference only (no backward).
+//! Linear layers and stride-1 convolutions on bf16 weights packed once at load ([`PackedB`],
+//! [`PackedRows`]), with f32 activations in and out: inputs are rounded to bf16 as they are packed for the
+//! product, sums are f32 ([`super::amx`]). Inference only (no backward).
 
 use candle_core::{Result, Shape, Tensor};
 
@@ -18,6 +18,13 @@ thread_local! {
         const { std::cell::RefCell::new((PackedA::new(), Vec::new())) };
 }
 
+/// A tensor's values as f32 (a layer's bias, kept beside its packed weight).
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
 /// A frozen linear layer: `w` is `[in, out]` packed, `bias` `[out]`.
 #[derive(Debug)]
 pub struct Bf16Linear {
@@ -30,9 +37,7 @@ impl Bf16Linear {
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         let w = weight.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
-        let bias = bias
-            .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
-            .transpose()?;
+        let bias = bias.map(f32_values).transpose()?;
         Ok(Self {
             w: PackedB::pack(1, k, n, |_, r, c| w[c][r]),
             bias,
@@ -121,14 +126,9 @@ impl Bf16Conv {
         if kh != kw {
             candle_core::bail!("bf16 conv: square kernels only, got {kh}×{kw}")
         }
-        let w = weight
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let w = f32_values(weight)?;
         let taps = kh * kw;
-        let bias = bias
-            .map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
-            .transpose()?;
+        let bias = bias.map(f32_values).transpose()?;
         Ok(Self {
             w: PackedRows::pack(taps, c_out, c_in, |t, o, c| w[(o * c_in + c) * taps + t]),
             bias,

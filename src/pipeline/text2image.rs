@@ -121,14 +121,7 @@ impl Pipeline {
                 .with_context(|| format!("U-Net in {}", u.dir.display()))
         })?;
         let v = &folder.vae;
-        // The VAE's activations stay f32 everywhere; on the CPU, bf16 packs its weights too, as
-        // diffusers runs a bf16 pipeline's VAE in bf16 (it upcasts only fp16 VAEs).
-        let vae_dtype = if device.is_cpu() && dtype == DType::BF16 {
-            DType::BF16
-        } else {
-            DType::F32
-        };
-        let vae = crate::nn::build_for(device, vae_dtype, |dt| {
+        let vae = crate::nn::build_for(device, Self::vae_dtype(device, dtype), |dt| {
             AutoencoderKL::new(&v.config, v.var_builder(dt, device)?)
                 .with_context(|| format!("VAE in {}", v.dir.display()))
         })?;
@@ -143,6 +136,17 @@ impl Pipeline {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// The dtype the VAE is built in for a pipeline in `dtype`: f32, except bf16 on the CPU (its
+    /// weights packed, activations still f32), as diffusers runs a bf16 pipeline's VAE in bf16
+    /// (it upcasts only fp16 VAEs).
+    pub fn vae_dtype(device: &Device, dtype: DType) -> DType {
+        if device.is_cpu() && dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        }
     }
 
     /// `--model` (a pipeline name, folder or hub id; `None`: the shipped default) resolved and

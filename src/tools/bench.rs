@@ -286,12 +286,7 @@ fn load(args: &BenchArgs, component: &str) -> Result<Models> {
         },
         vae: if need("vae") {
             let cfg: VaeConfig = sd15_config(include_str!("../../benches/sd15/vae.json"))?;
-            // As the pipeline builds it: f32, with bf16-packed weights for bf16 on the CPU.
-            let dtype = if dev.is_cpu() && dtype == DType::BF16 {
-                DType::BF16
-            } else {
-                DType::F32
-            };
+            let dtype = Pipeline::vae_dtype(&dev, dtype);
             Some(crate::nn::build_for(&dev, dtype, |dt| {
                 AutoencoderKL::new(&cfg, random_vb(dt, &dev))
             })?)
