@@ -13,6 +13,8 @@ pub struct CpuFeatures {
     /// AMX bf16 tiles in the CPU (CPUID leaf 7: AMX-BF16 and AMX-TILE); the OS must grant them
     /// too ([`super::amx::available`]).
     pub amx_bf16: bool,
+    /// AVX-512F with AVX512-BF16 (f32 → bf16 conversion instructions).
+    pub avx512_bf16: bool,
 }
 
 /// This machine's features (detected on first use).
@@ -34,6 +36,7 @@ fn detect() -> CpuFeatures {
         avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
         avx512f: is_x86_feature_detected!("avx512f"),
         amx_bf16: leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0,
+        avx512_bf16: is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"),
     }
 }
 
@@ -43,6 +46,7 @@ fn detect() -> CpuFeatures {
         avx2_fma: false,
         avx512f: false,
         amx_bf16: false,
+        avx512_bf16: false,
     }
 }
 
