@@ -226,9 +226,7 @@ impl PackedA {
         self.data.zeroed((pad(rows) + extra) * pad(k));
         self.data.as_mut_slice()
     }
-}
 
-impl PackedA {
     /// As [`Self::reset`] without extra rows, but only the padding is zeroed: the caller must
     /// write columns < k of every row < `rows` (the buffer's row stride is `pad(k)`).
     pub fn reset_padding(&mut self, rows: usize, k: usize) -> &mut [u16] {
@@ -324,9 +322,7 @@ impl PackedCols {
         self.data.zeroed(pad(k) / 2 * cols);
         self.data.as_mut_slice()
     }
-}
 
-impl PackedCols {
     /// As [`Self::reset`], but only the k padding's rows are zeroed: the caller must write
     /// every word of the first `k.div_ceil(2)` rows (with zeros as the high halves of the last
     /// one where k is odd).
