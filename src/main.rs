@@ -393,7 +393,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if args.seconds.is_some() {
         anyhow::bail!("--seconds is for motion models; {spec} makes images")
     }
-    let (device, dtype) = args.runtime.resolve()?;
+    let (device, dtype) = args.runtime.resolve_for_inference()?;
     let t_load = Instant::now();
     let (resolved, pipe) = args.model.open(&device, dtype)?;
     let defaults = &resolved.defaults;

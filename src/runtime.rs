@@ -8,16 +8,38 @@ pub struct RuntimeArgs {
     /// cpu, cuda or cuda:N (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight/compute precision of the text encoder and U-Net: f32, f16 or bf16 (with f16 the VAE
-    /// stays f32). On the CPU, bf16 means bf16 weights for all three networks, multiplied on AMX
-    /// tiles with f32 activations; it needs a CPU with AMX.
-    #[arg(long, default_value = "f32")]
+    /// Weight/compute precision of the text encoder and U-Net: auto, f32, f16 or bf16 (with f16
+    /// the VAE stays f32). On the CPU, bf16 means bf16 weights for all three networks,
+    /// multiplied on AMX tiles with f32 activations; it needs a CPU with AMX. auto: for
+    /// `generate` and `serve`, bf16 on a CPU with AMX tiles and f32 elsewhere; other commands
+    /// (training, eval, bench) read it as f32.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
 }
 
 impl RuntimeArgs {
+    /// The device and precision for training, evaluation and benchmarks: `auto` is f32, so
+    /// their figures do not depend on the CPU they ran on.
     pub fn resolve(&self) -> Result<(Device, DType)> {
-        let (device, dtype) = (parse_device(&self.device)?, parse_dtype(&self.dtype)?);
+        self.resolve_with(false)
+    }
+
+    /// The device and precision for generation and serving: `auto` is bf16 on a CPU with AMX
+    /// tiles (within 1.1e-2 relative L2 of f32 per SD1.5-size U-Net evaluation, the shipped
+    /// model's quality table within its seed-to-seed spread: docs/benchmarks.md), f32 elsewhere.
+    pub fn resolve_for_inference(&self) -> Result<(Device, DType)> {
+        self.resolve_with(true)
+    }
+
+    fn resolve_with(&self, inference: bool) -> Result<(Device, DType)> {
+        let device = parse_device(&self.device)?;
+        let dtype = match self.dtype.as_str() {
+            "auto" if inference && device.is_cpu() && crate::kernels::amx::available() => {
+                DType::BF16
+            }
+            "auto" => DType::F32,
+            s => parse_dtype(s)?,
+        };
         if device.is_cpu() && dtype == DType::BF16 && !crate::kernels::amx::available() {
             bail!(
                 "--dtype bf16 on the CPU needs AMX tiles, not in use here (a CPU without them, \
@@ -72,7 +94,7 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "fp32" => Ok(DType::F32),
         "f16" | "fp16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
-        _ => bail!("--dtype {s:?}: expected f32, f16 or bf16"),
+        _ => bail!("--dtype {s:?}: expected auto, f32, f16 or bf16"),
     }
 }
 

@@ -169,27 +169,24 @@ fn sd15_size_unet_in_bf16_matches_f32() {
 
 /// `lcm generate --dtype bf16`: refused in one line naming the flag and AMX where no tiles are in
 /// use (forced here with LCM_NO_AMX); where the CPU has them, it runs and prints that path.
+/// Without `--dtype` (auto) it runs either way: bf16 on the tiles where they are in use, f32
+/// where not.
 #[test]
 fn the_cli_runs_bf16_on_amx_and_refuses_it_without() {
     let out = std::env::temp_dir().join(format!("lcm-bf16-cli-{}.png", std::process::id()));
-    let run = |no_amx: bool| {
+    let run = |no_amx: bool, dtype: Option<&str>| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lcm"));
-        c.args([
-            "generate",
-            "--prompt",
-            "a red circle",
-            "--dtype",
-            "bf16",
-            "--output",
-        ])
-        .arg(&out)
-        .env("CANDLE_NUM_THREADS", "1");
+        c.args(["generate", "--prompt", "a red circle", "--steps", "2"]);
+        if let Some(d) = dtype {
+            c.args(["--dtype", d]);
+        }
+        c.arg("--output").arg(&out).env("CANDLE_NUM_THREADS", "1");
         if no_amx {
             c.env("LCM_NO_AMX", "1");
         }
         c.output().unwrap()
     };
-    let o = run(true);
+    let o = run(true, Some("bf16"));
     let stderr = String::from_utf8_lossy(&o.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!o.status.success(), "bf16 without tiles ran");
@@ -198,13 +195,26 @@ fn the_cli_runs_bf16_on_amx_and_refuses_it_without() {
         lines[0].contains("--dtype bf16") && lines[0].contains("AMX"),
         "{stderr}"
     );
-    if !lcm::kernels::amx::available() {
-        println!("the AMX run is not checked: no AMX tiles in use here");
-        return;
-    }
-    let o = run(false);
+    // The default without tiles: f32.
+    let o = run(true, None);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("kernels: AMX bf16 tiles"), "{stdout}");
+    assert!(
+        stdout.contains("kernels: ") && !stdout.contains("AMX bf16 tiles"),
+        "{stdout}"
+    );
+    if !lcm::kernels::amx::available() {
+        println!("the AMX runs are not checked: no AMX tiles in use here");
+        return;
+    }
+    for dtype in [Some("bf16"), None] {
+        let o = run(false, dtype);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            stdout.contains("kernels: AMX bf16 tiles"),
+            "{dtype:?}: {stdout}"
+        );
+    }
     std::fs::remove_file(&out).ok();
 }

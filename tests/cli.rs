@@ -44,6 +44,9 @@ fn lcm_one_step_reproduces_the_diffusers_png() {
     let out = dir.join("cat.png");
     let o = lcm(&[
         "generate",
+        // diffusers computed the golden in f32 (on an AMX CPU the default would be bf16).
+        "--dtype",
+        "f32",
         "--model",
         &fx("tiny-lcm"),
         "--prompt",
@@ -79,6 +82,9 @@ fn ddim_ten_steps_with_negative_prompt_reproduces_the_diffusers_png() {
     let out = dir.join("cat.png");
     let o = lcm(&[
         "generate",
+        // diffusers computed the golden in f32 (on an AMX CPU the default would be bf16).
+        "--dtype",
+        "f32",
         "--model",
         &fx("tiny-sd"),
         "--prompt",
@@ -467,6 +473,8 @@ fn hub_ids_resolve_from_a_local_hf_hub_cache() {
             "test-org/tiny-lcm",
             "--prompt",
             "a photo of a cat",
+            "--dtype",
+            "f32",
         ])
         .args([
             "--latents",

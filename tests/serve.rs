@@ -1014,6 +1014,9 @@ fn cli_img2img(tag: &str) -> image::RgbImage {
     let init = fixtures().join("img2img/init.png");
     let o = common::lcm_bin(&[
         "generate",
+        // The in-process server runs f32 (on an AMX CPU the CLI's default would be bf16).
+        "--dtype",
+        "f32",
         "--model",
         fixtures().join("tiny-lcm").to_str().unwrap(),
         "--prompt",

@@ -176,7 +176,7 @@ pub fn run_cli(args: &ServeArgs) -> Result<()> {
             anyhow::bail!("--public-url must be an http:// or https:// URL, got {u:?}")
         }
     }
-    let (device, dtype) = args.runtime.resolve()?;
+    let (device, dtype) = args.runtime.resolve_for_inference()?;
     let image = if args.model.model.as_deref() == Some("none") {
         None
     } else {

@@ -88,7 +88,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // The compute threads (rayon's: gemm and our kernels); candle's element-wise pool is held to
     // one (runtime::init_threads).
     let threads = rayon::current_num_threads();
-    let cpu_path = crate::kernels::cpu::path(crate::runtime::parse_dtype(&args.runtime.dtype)?);
+    let (_, dtype) = args.runtime.resolve()?;
+    let cpu_path = crate::kernels::cpu::path(dtype);
     let child = wanted.len() == 1 && !args.in_process;
     if !child {
         eprintln!("kernels: {cpu_path}");
@@ -110,7 +111,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let summary = serde_json::json!({
         "model": args.model, "preset": args.preset, "size": args.size,
-        "threads": threads, "dtype": args.runtime.dtype, "device": args.runtime.device,
+        "threads": threads, "dtype": format!("{dtype:?}").to_lowercase(), "device": args.runtime.device,
         "kernels": cpu_path,
         "results": results,
     });
