@@ -2,7 +2,9 @@
 //! target for the training path:
 //! - no arguments: full LCD on the fixture teacher (batch 8, Huber loss);
 //! - `sd15-lora [RES]`: one LCM-LoRA step (rank 64) at SD1.5 size with random weights, batch 1,
-//!   RES² images (default 256, i.e. 32×32 latents), f32.
+//!   RES² images (default 256, i.e. 32×32 latents), f32;
+//! - `--bf16` (with either): the frozen teacher's weights in bf16 on AMX tiles, as `lcm distill
+//!   --dtype bf16` runs it; the student and its EMA target stay f32.
 use candle_core::{DType, Device};
 use lcm::distill::student::UNetStudent;
 use lcm::distill::{distillation, DistillConfig, Distillation, TrainData};
@@ -12,19 +14,29 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     lcm::runtime::init_threads();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let bf16 = args.iter().any(|a| a == "--bf16");
+    args.retain(|a| a != "--bf16");
+    if bf16 && !lcm::kernels::amx::available() {
+        anyhow::bail!(
+            "--bf16 needs AMX tiles (this CPU: {})",
+            lcm::kernels::cpu::path(DType::F32)
+        )
+    }
+    let teacher_dtype = if bf16 { DType::BF16 } else { DType::F32 };
+    println!("teacher: {}", lcm::kernels::cpu::path(teacher_dtype));
     if args.first().map(String::as_str) == Some("sd15-lora") {
         let res = args.get(1).map_or(Ok(256), |s| s.parse())?;
-        return sd15_lora(res);
+        return sd15_lora(res, teacher_dtype);
     }
     let fx = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = fx.join("tiny-sd/unet");
     let cfg = lcm::model::config::UNetConfig::load(&dir.join("config.json"))?;
     let files = lcm::model::folder::weight_files(&dir)?;
-    let teacher = lcm::model::unet::UNet2DConditionModel::new(
-        &cfg,
-        lcm::model::weights::load_weights(&files, DType::F32, &Device::Cpu)?,
-    )?;
+    let teacher = lcm::nn::build_for(&Device::Cpu, teacher_dtype, |dt| {
+        let vb = lcm::model::weights::load_weights(&files, dt, &Device::Cpu)?;
+        anyhow::Ok(lcm::model::unet::UNet2DConditionModel::new(&cfg, vb)?)
+    })?;
     let weights = candle_core::safetensors::load(&files[0], &Device::Cpu)?;
     let sched = lcm::model::config::SchedulerConfig::load(
         &fx.join("tiny-sd/scheduler/scheduler_config.json"),
@@ -63,7 +75,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// One warm-up and two timed LCM-LoRA steps at SD1.5 size (random weights: timing only).
-fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
+fn sd15_lora(resolution: usize, teacher_dtype: DType) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let mut cfg: lcm::model::config::UNetConfig =
         serde_json::from_str(include_str!("../benches/sd15/unet.json"))?;
@@ -72,10 +84,12 @@ fn sd15_lora(resolution: usize) -> anyhow::Result<()> {
     let weights = lcm::nn::init::init_weights(0, &dev, |vb| {
         lcm::model::unet::UNet2DConditionModel::new(&cfg, vb).map_err(candle_core::Error::wrap)
     })?;
-    let teacher = lcm::model::unet::UNet2DConditionModel::new(
-        &cfg,
-        candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev),
-    )?;
+    let teacher = lcm::nn::build_for(&dev, teacher_dtype, |dt| {
+        lcm::model::unet::UNet2DConditionModel::new(
+            &cfg,
+            candle_nn::VarBuilder::from_tensors(weights.clone(), dt, &dev),
+        )
+    })?;
     eprintln!("random SD1.5 U-Net in {:.1}s", t0.elapsed().as_secs_f64());
     let lat = resolution / 8;
     let data = TrainData {

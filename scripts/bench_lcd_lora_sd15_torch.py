@@ -10,6 +10,7 @@ Needs torch, diffusers and peft (pip install peft).
 Usage: python scripts/bench_lcd_lora_sd15_torch.py [--resolution 256] [--threads 2] [--steps 2]
 """
 import argparse
+import contextlib
 import json
 import pathlib
 import resource
@@ -27,6 +28,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    # f32; bf16-teacher: the frozen teacher's calls under bf16 autocast (what `lcm distill --dtype
+    # bf16` does on the CPU); bf16: the whole step's forwards under autocast, as diffusers'
+    # scripts with --mixed_precision bf16 (student and target too; f32 master weights).
+    ap.add_argument("--dtype", choices=["f32", "bf16-teacher", "bf16"], default="f32")
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,6 +67,10 @@ def main():
         a = ac[t].view(-1, 1, 1, 1)
         return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
+    def autocast(part):
+        on = args.dtype == "bf16" or (args.dtype == "bf16-teacher" and part == "teacher")
+        return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
     def step():
         rows = torch.randint(0, z_all.shape[0], (b,))
         z, ctx, un = z_all[rows], prompts[rows], uncond.repeat(b, 1, 1)
@@ -72,17 +81,20 @@ def main():
         xt = sched.add_noise(z, noise, start)
         w = 5 + 10 * torch.rand(b)
         cs, co = scalings(start)
-        eps = unet(xt, start, ctx).sample
+        with autocast("student"):
+            eps = unet(xt, start, ctx).sample.float()
         pred = cs * xt + co * x0(xt, eps, start)
         with torch.no_grad():
-            ce = teacher(xt, start, ctx).sample
-            ue = teacher(xt, start, un).sample
+            with autocast("teacher"):
+                ce = teacher(xt, start, ctx).sample.float()
+                ue = teacher(xt, start, un).sample.float()
             wv = w.view(-1, 1, 1, 1)
             cx0 = x0(xt, ce, start) + wv * (x0(xt, ce, start) - x0(xt, ue, start))
             ceps = ce + wv * (ce - ue)
             ap_ = prev[idx].view(-1, 1, 1, 1)
             xp = ap_.sqrt() * cx0 + (1 - ap_).sqrt() * ceps
-            te = unet(xp, tn, ctx).sample
+            with autocast("student"):
+                te = unet(xp, tn, ctx).sample.float()
             cs2, co2 = scalings(tn)
             tgt = cs2 * xp + co2 * x0(xp, te, tn)
         loss = (torch.sqrt((pred - tgt) ** 2 + c * c) - c).mean()
@@ -103,7 +115,7 @@ def main():
         print(f"step {times[-1]:.2f}s")
     print({"mean_s": sum(times) / len(times), "times_s": [round(t, 3) for t in times],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "resolution": args.resolution, "threads": args.threads})
+           "resolution": args.resolution, "threads": args.threads, "dtype": args.dtype})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The step follows diffusers' train_lcm_distill_sd_wds.py; written for this benchm
 Usage: python scripts/bench_lcd_step_torch.py [--fixtures tests/fixtures] [--threads 2] [--steps 5]
 """
 import argparse
+import contextlib
 import copy
 import resource
 import statistics
@@ -29,6 +30,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", default="tests/fixtures")
     ap.add_argument("--threads", type=int, default=2)
+    # f32; bf16-teacher: the frozen teacher's calls under bf16 autocast (what `lcm distill --dtype
+    # bf16` does on the CPU); bf16: the whole step's forwards under autocast, as diffusers'
+    # scripts with --mixed_precision bf16 (student and target too; f32 master weights).
+    ap.add_argument("--dtype", choices=["f32", "bf16-teacher", "bf16"], default="f32")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
@@ -55,6 +60,10 @@ def main():
         a = ac[t].view(-1, 1, 1, 1)
         return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
+    def autocast(part):
+        on = args.dtype == "bf16" or (args.dtype == "bf16-teacher" and part == "teacher")
+        return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
     def step():
         rows = torch.randint(0, z_all.shape[0], (b,))
         z, ctx, un = z_all[rows], prompts[rows], uncond.repeat(b, 1, 1)
@@ -66,17 +75,20 @@ def main():
         w = 5 + 10 * torch.rand(b)
         wemb = guidance_embedding(w, 32)
         cs, co = scalings(start)
-        eps = student(xt, start, ctx, timestep_cond=wemb).sample
+        with autocast("student"):
+            eps = student(xt, start, ctx, timestep_cond=wemb).sample.float()
         pred = cs * xt + co * x0(xt, eps, start)
         with torch.no_grad():
-            ce = teacher(xt, start, ctx).sample
-            ue = teacher(xt, start, un).sample
+            with autocast("teacher"):
+                ce = teacher(xt, start, ctx).sample.float()
+                ue = teacher(xt, start, un).sample.float()
             wv = w.view(-1, 1, 1, 1)
             cx0 = x0(xt, ce, start) + wv * (x0(xt, ce, start) - x0(xt, ue, start))
             ceps = ce + wv * (ce - ue)
             ap = prev[idx].view(-1, 1, 1, 1)
             xp = ap.sqrt() * cx0 + (1 - ap).sqrt() * ceps
-            te = target(xp, tn, ctx, timestep_cond=wemb).sample
+            with autocast("student"):
+                te = target(xp, tn, ctx, timestep_cond=wemb).sample.float()
             cs2, co2 = scalings(tn)
             tgt = cs2 * xp + co2 * x0(xp, te, tn)
         loss = (torch.sqrt((pred - tgt) ** 2 + c * c) - c).mean()
@@ -97,7 +109,7 @@ def main():
         times.append(time.perf_counter() - s)
     print({"median_s": statistics.median(times), "times_s": [round(t, 4) for t in times],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batch": b,
-           "threads": args.threads})
+           "threads": args.threads, "dtype": args.dtype})
 
 
 if __name__ == "__main__":
