@@ -95,11 +95,33 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> 
     apply(ShiftedGemmConv { padding }, &[x, w])
 }
 
-/// `t` reversed along `dim`.
-fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let n = t.dim(dim)? as u32;
-    let idx = Tensor::new((0..n).rev().collect::<Vec<u32>>().as_slice(), t.device())?;
-    t.contiguous()?.index_select(&idx, dim)
+/// The weight of a stride-1 convolution's input gradient: `w` (`[c_out, c_in, kh, kw]`) with in
+/// and out swapped and flipped in space (the taps reversed), in one pass. Built from candle's
+/// transpose, contiguous and two index_selects it took 20 % of an SD1.5 LCM-LoRA step (perf,
+/// Xeon, 2026-12-07).
+fn flipped_transpose(w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (c_out, c_in, kh, kw) = w.dims4()?;
+    let taps = kh * kw;
+    let w = w.contiguous()?;
+    let out = {
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("conv2d backward: the weight is not on the CPU")
+        };
+        let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..c_out * c_in * taps];
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(c_out * taps)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                for (o, d) in dst.chunks_exact_mut(taps).enumerate() {
+                    let s = &src[(o * c_in + i) * taps..][..taps];
+                    d.iter_mut().zip(s.iter().rev()).for_each(|(d, s)| *d = *s);
+                }
+            });
+        out
+    };
+    Tensor::from_vec(out, (c_in, c_out, kh, kw), w.device())
 }
 
 /// ∂L/∂w for a stride-1 convolution: for each tap (dy, dx),
@@ -266,7 +288,7 @@ impl Kernel for ShiftedGemmConv {
         // an input that tracks nothing (the first layer's) none either.
         let dx = if x.track_op() {
             // A full correlation with the kernel flipped in space, in/out swapped.
-            let wt = flip(&flip(&w.transpose(0, 1)?, 2)?, 3)?;
+            let wt = flipped_transpose(w)?;
             if kh - 1 - p != kw - 1 - p {
                 candle_core::bail!("conv2d backward: non-square kernels are not supported")
             }
