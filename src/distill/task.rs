@@ -284,7 +284,9 @@ pub fn distillation<'t>(
             }
             spec.build(VarBuilder::from_tensors(w, DType::F32, device))
         };
-        let (s, t) = (with_adapters(false)?, with_adapters(true)?);
+        let (s, t) = crate::nn::with_shared_frozen(|| -> Result<_> {
+            Ok((with_adapters(false)?, with_adapters(true)?))
+        })?;
         (state, s, t, Some(base))
     } else {
         let init = student_weights_from(spec.as_ref(), student_init, config.options.seed, device)?;

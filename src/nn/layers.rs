@@ -56,6 +56,9 @@ enum LinearWeights {
 }
 
 thread_local! {
+    /// Frozen weights transposed so far inside [`with_shared_frozen`], by the source tensor.
+    static SHARED_TRANSPOSED: std::cell::RefCell<Option<std::collections::HashMap<candle_core::TensorId, Tensor>>> =
+        const { std::cell::RefCell::new(None) };
     static LIVE_WEIGHTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static BF16_WEIGHTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -68,6 +71,36 @@ pub fn with_live_weights<T>(build: impl FnOnce() -> T) -> T {
     let out = build();
     LIVE_WEIGHTS.with(|l| l.set(before));
     out
+}
+
+/// Build networks over the same frozen tensors (LCM-LoRA's student and its target, both over the
+/// base U-Net) so that each frozen linear weight is transposed once and the copy shared, not
+/// once per network: 1.2 GB less at SD1.5 size.
+pub fn with_shared_frozen<T>(build: impl FnOnce() -> T) -> T {
+    let before = SHARED_TRANSPOSED.with(|s| s.replace(Some(Default::default())));
+    let out = build();
+    SHARED_TRANSPOSED.with(|s| *s.borrow_mut() = before);
+    out
+}
+
+/// `weight` transposed (`[in, out]`, contiguous), or the copy already made for the same tensor
+/// inside [`with_shared_frozen`].
+fn transposed_frozen(weight: &Tensor) -> Result<Tensor> {
+    let shared =
+        SHARED_TRANSPOSED.with(|s| s.borrow().as_ref().map(|m| m.get(&weight.id()).cloned()));
+    match shared {
+        Some(Some(t)) => Ok(t),
+        Some(None) => {
+            let t = crate::kernels::transpose::transposed(weight)?;
+            SHARED_TRANSPOSED.with(|s| {
+                if let Some(m) = s.borrow_mut().as_mut() {
+                    m.insert(weight.id(), t.clone());
+                }
+            });
+            Ok(t)
+        }
+        None => crate::kernels::transpose::transposed(weight),
+    }
 }
 
 /// Build a network for bf16 inference on the CPU (`--dtype bf16`): the frozen f32 weights of its
@@ -119,7 +152,7 @@ impl Linear {
                 bias.as_ref(),
             )?))
         } else if frozen && cpu_f32 && weight.rank() == 2 {
-            LinearWeights::Transposed(crate::kernels::transpose::transposed(&weight)?, bias)
+            LinearWeights::Transposed(transposed_frozen(&weight)?, bias)
         } else {
             LinearWeights::Candle(candle_nn::Linear::new(weight, bias))
         };
@@ -552,6 +585,34 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Inside `with_shared_frozen` two layers over one frozen weight hold one transposed copy
+    /// (the same storage); outside, each makes its own; the outputs agree either way.
+    #[test]
+    fn shared_frozen_weights_are_transposed_once() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 5), &dev)?;
+        let transposed = |l: &Linear| match &l.weights {
+            LinearWeights::Transposed(t, _) => t.clone(),
+            other => panic!("a frozen f32 CPU weight is held transposed, not {other:?}"),
+        };
+        let (a, b) = with_shared_frozen(|| -> Result<_> {
+            Ok((Linear::new(w.clone(), None)?, Linear::new(w.clone(), None)?))
+        })?;
+        assert_eq!(transposed(&a).id(), transposed(&b).id(), "not shared");
+        let c = Linear::new(w.clone(), None)?;
+        assert_ne!(
+            transposed(&a).id(),
+            transposed(&c).id(),
+            "shared outside the scope"
+        );
+        let want = x.matmul(&w.t()?)?;
+        for l in [&a, &b, &c] {
+            assert!(crate::kernels::max_abs_diff(&l.forward(&x)?, &want)? < 1e-5);
+        }
+        Ok(())
+    }
 
     #[test]
     fn layer_norm_is_differentiable_and_matches_fused_kernel() -> Result<()> {
