@@ -69,18 +69,22 @@ fn request_tile_state() -> bool {
     false
 }
 
-/// f32 → bf16 bits, rounding to nearest even (NaN stays NaN). Branch-free, so loops over it
-/// vectorise (`half`'s conversion branches on NaN per element).
+/// `x` rounded to bf16 (nearest even; NaN stays NaN, quieted), as the high half of a u32 whose
+/// low half is zero. Branch-free and in 32-bit lanes throughout, so loops over it vectorise
+/// (`half`'s conversion branches on NaN per element; a u16 form left the k-pair packing
+/// loops scalar: 12 % of a bf16 U-Net step).
+#[inline(always)]
+fn rounded_high(x: f32) -> u32 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { bits | 0x40_0000 } else { rounded }) & 0xffff_0000
+}
+
+/// f32 → bf16 bits, rounding to nearest even (NaN stays NaN).
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
-    if nan {
-        ((bits >> 16) as u16) | 0x40
-    } else {
-        rounded
-    }
+    (rounded_high(x) >> 16) as u16
 }
 
 /// bf16 bits → f32 (exact).
@@ -342,25 +346,10 @@ impl Default for PackedCols {
     }
 }
 
-/// Two f32 as one k-pair word of [`PackedCols`]: `to_bf16(lo) | to_bf16(hi) << 16`, in 32-bit
-/// lanes throughout (the u16 form left the image packing loops scalar: 12 % of a bf16 U-Net
-/// step).
+/// Two f32 as one k-pair word of [`PackedCols`]: `to_bf16(lo) | to_bf16(hi) << 16`.
 #[inline(always)]
 pub fn pair(lo: f32, hi: f32) -> u32 {
-    let (l, h) = (lo.to_bits(), hi.to_bits());
-    let lr = l.wrapping_add(0x7fff + ((l >> 16) & 1)) >> 16;
-    let lr = if (l & 0x7fff_ffff) > 0x7f80_0000 {
-        (l >> 16) | 0x40
-    } else {
-        lr
-    };
-    let hr = h.wrapping_add(0x7fff + ((h >> 16) & 1)) & 0xffff_0000;
-    let hr = if (h & 0x7fff_ffff) > 0x7f80_0000 {
-        (h & 0xffff_0000) | 0x40_0000
-    } else {
-        hr
-    };
-    lr | hr
+    rounded_high(lo) >> 16 | rounded_high(hi)
 }
 
 // `dst[i] = to_bf16(src[i])`, vectorised at AVX-512 where the CPU has it.

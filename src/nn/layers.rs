@@ -86,21 +86,19 @@ pub fn with_shared_frozen<T>(build: impl FnOnce() -> T) -> T {
 /// `weight` transposed (`[in, out]`, contiguous), or the copy already made for the same tensor
 /// inside [`with_shared_frozen`].
 fn transposed_frozen(weight: &Tensor) -> Result<Tensor> {
-    let shared =
-        SHARED_TRANSPOSED.with(|s| s.borrow().as_ref().map(|m| m.get(&weight.id()).cloned()));
-    match shared {
-        Some(Some(t)) => Ok(t),
-        Some(None) => {
-            let t = crate::kernels::transpose::transposed(weight)?;
-            SHARED_TRANSPOSED.with(|s| {
-                if let Some(m) = s.borrow_mut().as_mut() {
-                    m.insert(weight.id(), t.clone());
-                }
-            });
-            Ok(t)
+    let transposed = crate::kernels::transpose::transposed;
+    SHARED_TRANSPOSED.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(shared) = s.as_mut() else {
+            return transposed(weight);
+        };
+        if let Some(t) = shared.get(&weight.id()) {
+            return Ok(t.clone());
         }
-        None => crate::kernels::transpose::transposed(weight),
-    }
+        let t = transposed(weight)?;
+        shared.insert(weight.id(), t.clone());
+        Ok(t)
+    })
 }
 
 /// Build a network for bf16 inference on the CPU (`--dtype bf16`): the frozen f32 weights of its
