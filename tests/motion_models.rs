@@ -151,6 +151,12 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     ok(run(&c, "2", &["--local-joint-weight", "1"]));
     let with_local = losses(&c.join("metrics.jsonl"));
     assert!(with_local[0].1 > full[0].1, "{with_local:?} vs {full:?}");
+    // So is the quadratic reconstruction loss: d²/2c ≥ √(d² + c²) − c for every error, so from
+    // the same draws and weights its first loss is the larger.
+    let l2 = root.join("l2");
+    ok(run(&l2, "1", &["--recon-loss", "l2"]));
+    let with_l2 = losses(&l2.join("metrics.jsonl"));
+    assert!(with_l2[0].1 > full[0].1, "{with_l2:?} vs {full:?}");
     // `--keep-checkpoints 2` keeps the newest two; a half-written checkpoint a killed run left
     // behind is removed at the next save.
     let d = root.join("d");
@@ -460,6 +466,67 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(
         !e.status.success() && err.contains("--width is for image models"),
+        "{err}"
+    );
+
+    // `--init` starts a flow-map student from that LCM: with no steps to take, the export holds
+    // the LCM's denoiser tensor for tensor, plus the end-time embedding at zero. The teacher
+    // itself (no guidance embedding) is refused with a line naming the flag.
+    let denoiser = |dir: &Path| {
+        candle_core::safetensors::load(
+            dir.join("denoiser")
+                .join(lcm::model::motion_vae::WEIGHTS_FILE),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let fm = root.join("fm");
+    ok(lcm_bin(&[
+        "distill",
+        "--teacher",
+        t.join("model").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        fm.to_str().unwrap(),
+        "--max-steps",
+        "0",
+        "--w-embed-dim",
+        "16",
+        "--ddim-steps",
+        "10",
+        "--init",
+        d.to_str().unwrap(),
+        "--objective",
+        "flow-map",
+    ]));
+    let (lcm_w, fm_w) = (denoiser(&d), denoiser(&fm));
+    assert_eq!(fm_w.len(), lcm_w.len() + 1);
+    for (name, t) in &lcm_w {
+        let diff = (t - &fm_w[name]).unwrap().abs().unwrap();
+        let diff = diff.flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name} moved");
+    }
+    let end = fm_w
+        .iter()
+        .find(|(k, _)| k.contains("end_proj"))
+        .expect("no end-time embedding")
+        .1;
+    let end_max = end.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    assert_eq!(end_max.to_scalar::<f32>().unwrap(), 0.0);
+    assert!(
+        lcm::pipeline::text2motion::MotionFolder::open(&fm)
+            .unwrap()
+            .denoiser
+            .end_time_embedding
+    );
+    let e = distil(
+        &root.join("fm-refused"),
+        &["--init", t.join("model").to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("--init") && err.contains("not an LCM"),
         "{err}"
     );
 

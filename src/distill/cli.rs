@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::student::UNetStudent;
@@ -84,9 +84,10 @@ pub struct DistillArgs {
     pub huber_c: f64,
     #[arg(long, default_value_t = 50)]
     pub ddim_steps: usize,
-    /// Start the student (and its EMA target) from an LCM distilled from this teacher (a
-    /// diffusers-layout folder or pipeline name) instead of from the teacher's own weights, with a
-    /// fresh optimizer and schedule: a distillation continued past its planned steps. Its U-Net
+    /// Start the student (and its EMA target) from an LCM distilled from this teacher (a model
+    /// folder or pipeline name, image or motion) instead of from the teacher's own weights, with a
+    /// fresh optimizer and schedule: a distillation continued past its planned steps, or a
+    /// flow-map student started from the LCM (its end-time embedding starts at zero). Its network
     /// must be the teacher's layout plus a guidance embedding of --w-embed-dim.
     #[arg(long, conflicts_with = "lora_rank")]
     pub init: Option<String>,
@@ -94,18 +95,16 @@ pub struct DistillArgs {
     pub train: TrainArgs,
 }
 
-/// The U-Net weights of a previously distilled LCM (`--init`), checked against the teacher's: every
-/// teacher tensor with its shape, plus the guidance embedding (`time_embedding.cond_proj`) taking
-/// `w_embed_dim` inputs, and nothing else.
-fn student_start(
-    spec: &str,
+/// The denoiser weights of a previously distilled LCM (`--init`), from `dir`, checked against the
+/// teacher's: every teacher tensor with its shape, plus the guidance embedding
+/// (`time_embedding.cond_proj`) taking `w_embed_dim` inputs, and nothing else. Image and motion
+/// students start the same way.
+pub(super) fn student_start(
+    dir: &Path,
+    weights: HashMap<String, Tensor>,
     teacher: &HashMap<String, Tensor>,
     w_embed_dim: usize,
-    device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let unet = resolve(spec)?.folder.unet;
-    let dir = &unet.dir;
-    let weights = unet.tensors(device)?;
     for (name, t) in teacher {
         match weights.get(name) {
             None => bail!("{} has no tensor {name}", dir.display()),
@@ -120,7 +119,7 @@ fn student_start(
     }
     for (name, w) in weights.iter().filter(|(k, _)| !teacher.contains_key(*k)) {
         if !name.contains("cond_proj") {
-            bail!("{}: {name} is not in the teacher's U-Net", dir.display())
+            bail!("{}: {name} is not in the teacher's network", dir.display())
         }
         if name.ends_with("weight") && w.dims().last() != Some(&w_embed_dim) {
             bail!(
@@ -234,10 +233,17 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     };
     let teacher_weights = teacher.unet.tensors(&device)?;
     let student_init = match &args.init {
-        Some(spec) => Cow::Owned(
-            student_start(spec, &teacher_weights, args.w_embed_dim, &device)
-                .with_context(|| format!("--init {spec}"))?,
-        ),
+        Some(spec) => {
+            let unet = resolve(spec)
+                .with_context(|| format!("--init {spec}"))?
+                .folder
+                .unet;
+            let weights = unet.tensors(&device)?;
+            Cow::Owned(
+                student_start(&unet.dir, weights, &teacher_weights, args.w_embed_dim)
+                    .with_context(|| format!("--init {spec}"))?,
+            )
+        }
         None => Cow::Borrowed(&teacher_weights),
     };
     let student = UNetStudent::new(

@@ -3,6 +3,7 @@
 //! model-folder export. The training is the shared [`super::task::LcdTask`] with a
 //! [`MotionStudent`], the same step as for the image U-Net.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -23,8 +24,8 @@ use crate::train::motion_teacher::{encode_split, export_motion_model, PREVIEW_PR
 
 pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
     let c = &args.train;
-    if args.lora_rank.is_some() || args.init.is_some() || args.noise_offset > 0.0 {
-        bail!("--lora-rank, --init and --noise-offset are for image teachers")
+    if args.lora_rank.is_some() || args.noise_offset > 0.0 {
+        bail!("--lora-rank and --noise-offset are for image teachers")
     }
     let (device, _) = c.runtime.resolve()?;
     let folder = MotionFolder::open(dir).with_context(|| format!("--teacher {}", dir.display()))?;
@@ -38,10 +39,15 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
     let config = args.config(folder.scheduler.timestep_scaling.unwrap_or(10.0))?;
     let plan = c.plan(&DISTILL)?;
     let teacher_weights = crate::model::weights::tensors(&[folder.denoiser_weights()], &device)?;
-    let teacher_weights: std::collections::HashMap<String, Tensor> = teacher_weights
+    let teacher_weights: HashMap<String, Tensor> = teacher_weights
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
+    let student_init = match &args.init {
+        Some(spec) => lcm_start(spec, &teacher_weights, args.w_embed_dim, &device)
+            .with_context(|| format!("--init {spec}"))?,
+        None => teacher_weights.clone(),
+    };
     let teacher = MotionDenoiser::new(
         &folder.denoiser,
         VarBuilder::from_tensors(teacher_weights.clone(), DType::F32, &device),
@@ -97,7 +103,7 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
     let mut run = distillation(
         &teacher,
         Box::new(student),
-        &teacher_weights,
+        &student_init,
         schedule,
         config,
         data,
@@ -165,4 +171,23 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
         c.output.display()
     );
     Ok(())
+}
+
+/// The f32 denoiser weights of the motion LCM `spec` (a folder or pipeline name) to start a
+/// student from, checked against the teacher's as the image side checks a U-Net.
+fn lcm_start(
+    spec: &str,
+    teacher: &HashMap<String, Tensor>,
+    w_embed_dim: usize,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>> {
+    let dir = crate::pipeline::source::local_dir(spec)?
+        .filter(|d| crate::pipeline::text2motion::is_motion_folder(d))
+        .with_context(|| format!("{spec} is not a motion model folder"))?;
+    let folder = MotionFolder::open(&dir)?;
+    let weights = crate::model::weights::tensors(&[folder.denoiser_weights()], device)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    super::cli::student_start(&folder.denoiser_weights(), weights, teacher, w_embed_dim)
 }
