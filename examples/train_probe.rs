@@ -84,6 +84,9 @@ fn sd15_lora(resolution: usize, teacher_dtype: DType) -> anyhow::Result<()> {
     let weights = lcm::nn::init::init_weights(0, &dev, |vb| {
         lcm::model::unet::UNet2DConditionModel::new(&cfg, vb).map_err(candle_core::Error::wrap)
     })?;
+    // As `lcm distill --lora-rank`: teacher, student and target share the base's transposed
+    // linear weights (the teacher is built over the same tensors).
+    let shared = lcm::nn::share_frozen();
     let teacher = lcm::nn::build_for(&dev, teacher_dtype, |dt| {
         lcm::model::unet::UNet2DConditionModel::new(
             &cfg,
@@ -116,6 +119,7 @@ fn sd15_lora(resolution: usize, teacher_dtype: DType) -> anyhow::Result<()> {
         data,
         &dev,
     )?;
+    drop(shared);
     let times = timed_steps(&mut t, 2)?;
     println!(
         "SD1.5 LCM-LoRA r64 at {resolution}²: mean {:.2} s per step (batch 1), peak RSS {:.0} MB",

@@ -503,17 +503,14 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     let (lcm_w, fm_w) = (denoiser(&d), denoiser(&fm));
     assert_eq!(fm_w.len(), lcm_w.len() + 1);
     for (name, t) in &lcm_w {
-        let diff = (t - &fm_w[name]).unwrap().abs().unwrap();
-        let diff = diff.flatten_all().unwrap().max(0).unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name} moved");
+        assert_eq!(max_abs_diff(t, &fm_w[name]), 0.0, "{name} moved");
     }
     let end = fm_w
         .iter()
         .find(|(k, _)| k.contains("end_proj"))
         .expect("no end-time embedding")
         .1;
-    let end_max = end.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    assert_eq!(end_max.to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(max_abs_diff(end, &end.zeros_like().unwrap()), 0.0);
     assert!(
         lcm::pipeline::text2motion::MotionFolder::open(&fm)
             .unwrap()

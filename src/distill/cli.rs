@@ -186,8 +186,14 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     // the reference script's weight_dtype; the student and its EMA target keep f32 weights.
     let (device, teacher_dtype) = c.runtime.resolve()?;
     let teacher = resolve(&spec).context("--teacher")?.folder;
-    let pipe = Pipeline::new(&teacher, &device, teacher_dtype)
-        .with_context(|| format!("--teacher {}", teacher.root.display()))?;
+    // The teacher's U-Net tensors, loaded once: the student starts from them and an f32 teacher
+    // is built over them. Until the run is set up, frozen networks share their transposed
+    // weights, so an LCM-LoRA teacher, student and target (all over these tensors) hold one copy.
+    let teacher_weights = teacher.unet.tensors(&device)?;
+    let shared = crate::nn::share_frozen();
+    let pipe =
+        Pipeline::with_unet_tensors(&teacher, &device, teacher_dtype, Some(&teacher_weights))
+            .with_context(|| format!("--teacher {}", teacher.root.display()))?;
     let f = pipe.vae_scale_factor();
     let resolution = c
         .resolution
@@ -231,7 +237,6 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         prompt_embeds,
         uncond_embeds,
     };
-    let teacher_weights = teacher.unet.tensors(&device)?;
     let student_init = match &args.init {
         Some(spec) => {
             let unet = resolve(spec)
@@ -264,6 +269,8 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         data,
         &device,
     )?;
+    // Previews build a network per sample grid: a cache kept open would keep each one's copies.
+    drop(shared);
     if let Some(r) = &c.resume {
         run.resume(r, &device)?;
     }

@@ -108,6 +108,18 @@ impl Pipeline {
     /// all three networks (the VAE's too) for the AMX kernels and keeps f32 activations
     /// ([`crate::nn::build_for`]).
     pub fn new(folder: &ModelFolder, device: &Device, dtype: DType) -> Result<Self> {
+        Self::with_unet_tensors(folder, device, dtype, None)
+    }
+
+    /// [`Pipeline::new`] with the U-Net built over `unet` (the folder's U-Net tensors, loaded
+    /// already) instead of reading them again: a distillation holds them for the student's start,
+    /// and an f32 teacher then shares their storage rather than keeping a second copy.
+    pub fn with_unet_tensors(
+        folder: &ModelFolder,
+        device: &Device,
+        dtype: DType,
+        unet: Option<&std::collections::HashMap<String, candle_core::Tensor>>,
+    ) -> Result<Self> {
         let te = &folder.text_encoder;
         let tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer, te.config.max_position_embeddings)?;
@@ -117,7 +129,11 @@ impl Pipeline {
         })?;
         let u = &folder.unet;
         let unet = crate::nn::build_for(device, dtype, |dt| {
-            UNet2DConditionModel::new(&u.config, u.var_builder(dt, device)?)
+            let vb = match unet {
+                Some(t) => candle_nn::VarBuilder::from_tensors(t.clone(), dt, device),
+                None => u.var_builder(dt, device)?,
+            };
+            UNet2DConditionModel::new(&u.config, vb)
                 .with_context(|| format!("U-Net in {}", u.dir.display()))
         })?;
         let v = &folder.vae;
