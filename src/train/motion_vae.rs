@@ -43,9 +43,11 @@ pub struct MotionVaeArgs {
     /// Train on the clips as they are (no mirror, warp or crop).
     #[arg(long)]
     pub no_augment: bool,
-    /// Reconstruction loss of features and joints: huber (pseudo-Huber, MLD's smooth-L1 shape)
-    /// or l2 (d²/2c with the same widths c: equal to it for small errors, quadratic for large
-    /// ones, so a rare large miss such as a raised arm counts more).
+    /// Reconstruction loss of the features and the root-relative joints: huber (pseudo-Huber,
+    /// MLD's smooth-L1 shape) or l2 (d²/2c with the same widths c: equal to it for small errors,
+    /// quadratic for large ones, so a rare large miss such as a raised arm counts more). The
+    /// joints with the root's path (--joint-weight) stay pseudo-Huber: squared, the path's
+    /// integrated drift (tens of centimetres) would swamp every other term.
     #[arg(long, value_enum, default_value = "huber")]
     pub recon_loss: ReconLoss,
     #[command(flatten)]
@@ -157,7 +159,7 @@ impl MotionVaeTask {
         let feat = masked_mean(&r.elementwise(&xr, x, FEATURE_C)?, valid)?;
         let jr = crate::motion::tensor::joints_from_features(&self.norm.denormalise(&xr)?)?;
         let jx = crate::motion::tensor::joints_from_features(&self.norm.denormalise(x)?)?;
-        let joints = masked_mean(&r.elementwise(&jr, &jx, JOINT_C)?, valid)?;
+        let joints = masked_mean(&pseudo_huber(&jr, &jx, JOINT_C)?, valid)?;
         let err = masked_mean(&(&jr - &jx)?.sqr()?.sum_keepdim(3)?.sqrt()?, valid)?;
         // [b, t, 22, 3] relative to joint 0, the root, in the same frame.
         let local = |j: &Tensor| j.broadcast_sub(&j.narrow(2, 0, 1)?);
