@@ -38,11 +38,7 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
     let data_dir = &c.motion_data()?;
     let config = args.config(folder.scheduler.timestep_scaling.unwrap_or(10.0))?;
     let plan = c.plan(&DISTILL)?;
-    let teacher_weights = crate::model::weights::tensors(&[folder.denoiser_weights()], &device)?;
-    let teacher_weights: HashMap<String, Tensor> = teacher_weights
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
+    let teacher_weights = denoiser_f32(&folder, &device)?;
     let student_init = match &args.init {
         Some(spec) => lcm_start(spec, &teacher_weights, args.w_embed_dim, &device)
             .with_context(|| format!("--init {spec}"))?,
@@ -185,9 +181,17 @@ fn lcm_start(
         .filter(|d| crate::pipeline::text2motion::is_motion_folder(d))
         .with_context(|| format!("{spec} is not a motion model folder"))?;
     let folder = MotionFolder::open(&dir)?;
-    let weights = crate::model::weights::tensors(&[folder.denoiser_weights()], device)?
+    let weights = denoiser_f32(&folder, device)?;
+    super::cli::student_start(&folder.denoiser_weights(), weights, teacher, w_embed_dim)
+}
+
+/// A motion folder's denoiser weights in f32 (shipped folders are f16).
+fn denoiser_f32(
+    folder: &MotionFolder,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>> {
+    crate::model::weights::tensors(&[folder.denoiser_weights()], device)?
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-        .collect::<Result<_>>()?;
-    super::cli::student_start(&folder.denoiser_weights(), weights, teacher, w_embed_dim)
+        .collect()
 }
