@@ -75,32 +75,47 @@ impl Kernel for Bf16Linear {
                 pairs.for_each(convert);
             }
             let np = pad(n);
-            let mut y = Vec::new();
+            let add_bias = |row: &mut [f32]| {
+                if let Some(b) = &self.bias {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            };
             if np == n {
                 // The product's rows are the output's: written in place, no copy pass (SD1.5's
                 // feed-forward writes 42 MB per call at 64²).
+                let mut y = Vec::new();
                 amx::matmul(a, &[0], &self.w, &mut y);
                 y.truncate(rows * n);
+                if self.bias.is_some() {
+                    each_row(&mut y, n, |_, row| add_bias(row));
+                }
+                y
             } else {
+                // Each row copied off the padded product with its bias added: one pass.
                 amx::matmul(a, &[0], &self.w, c);
-                y.reserve_exact(rows * n);
-                for row in c.chunks_exact(np).take(rows) {
-                    y.extend_from_slice(&row[..n]);
-                }
+                let c = &*c;
+                let mut y = vec![0f32; rows * n];
+                each_row(&mut y, n, |i, row| {
+                    row.copy_from_slice(&c[i * np..][..n]);
+                    add_bias(row);
+                });
+                y
             }
-            if let Some(b) = &self.bias {
-                let add = |row: &mut [f32]| row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                if rows * n >= PARALLEL_MIN {
-                    y.par_chunks_exact_mut(n).for_each(add);
-                } else {
-                    y.chunks_exact_mut(n).for_each(add);
-                }
-            }
-            y
         };
         SCRATCH.set(bufs);
         *dims.last_mut().expect("checked above") = n;
         Ok((y, Shape::from(dims)))
+    }
+}
+
+/// `f(i, row i)` over the `n`-wide rows of `y`, across threads for large outputs.
+fn each_row(y: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if y.len() >= PARALLEL_MIN {
+        y.par_chunks_exact_mut(n)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        y.chunks_exact_mut(n).enumerate().for_each(|(i, r)| f(i, r));
     }
 }
 
