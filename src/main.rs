@@ -358,7 +358,6 @@ fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Re
         ("--height", args.height.is_some()),
         ("--latents", args.latents.is_some()),
         ("--lora", args.model.lora.is_some()),
-        ("--tcd-gamma", args.sampling.tcd_gamma.is_some()),
     ];
     if let Some((flag, _)) = unused.iter().find(|u| u.1) {
         anyhow::bail!("{flag} is for image models; {spec} makes motion")
@@ -377,6 +376,7 @@ fn generate_motion(args: &GenerateArgs, spec: &str, dir: &std::path::Path) -> Re
         guidance: args.sampling.guidance.or(defaults.guidance),
         seconds: args.seconds.or(defaults.seconds).unwrap_or(4.0),
         seed: args.seed.unwrap_or_else(rand::random),
+        gamma: args.sampling.tcd_gamma.or(defaults.tcd_gamma),
         n: args.n,
         output: &args.output,
         device: &device,

@@ -283,6 +283,7 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         steps: 5,
         guidance: 3.0,
         seed: 1,
+        gamma: None,
     };
     let motions = p
         .generate(&["a person walks forward", "a person jumps"], &o)
@@ -517,6 +518,31 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
             .denoiser
             .end_time_embedding
     );
+    // The flow map samples with its own jumps by default; `--tcd-gamma` (the flow map's γ, as
+    // for images) re-noises between them: γ = 0 is the default, γ = 0.5 another motion.
+    let gen_fm = |name: &str, extra: &[&str]| {
+        let out = root.join(name);
+        let mut args = vec!["generate", "--model", fm.to_str().unwrap()];
+        args.extend_from_slice(&[
+            "--prompt",
+            "a person walks",
+            "--seed",
+            "3",
+            "--seconds",
+            "2",
+        ]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+        let o = ok(lcm_bin(&args));
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            std::fs::read(out).unwrap(),
+        )
+    };
+    let (stdout, plain) = gen_fm("fm.npy", &[]);
+    assert!(stdout.contains("sampler flowmap | steps 4"), "{stdout}");
+    assert_eq!(gen_fm("fm-g0.npy", &["--tcd-gamma", "0"]).1, plain);
+    assert_ne!(gen_fm("fm-g5.npy", &["--tcd-gamma", "0.5"]).1, plain);
     let e = distil(
         &root.join("fm-refused"),
         &["--init", t.join("model").to_str().unwrap()],

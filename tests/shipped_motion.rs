@@ -113,6 +113,7 @@ fn assert_follows(
         steps,
         guidance: 7.5,
         seed: 11,
+        gamma: None,
     };
     let rate = |prompt: &str, ask: Ask| -> Result<f64> {
         let motions = pipe.generate(&vec![prompt; SEEDS], &o)?;
@@ -201,6 +202,7 @@ fn a_motion_let_go_mid_chain_leaves_the_batch_and_the_rest_match_alone() -> Resu
         frames: window + 40,
         sampler: SamplerKind::Lcm,
         steps: 2,
+        gamma: None,
     };
     let item = |prompt: &str, seed| MotionItem {
         prompt: prompt.into(),

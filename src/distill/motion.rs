@@ -131,6 +131,7 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
                     },
                     steps,
                     guidance: 7.5,
+                    gamma: None,
                     seed: 0,
                 };
                 let z = sample_latents(

@@ -270,6 +270,7 @@ pub fn run(r: &MotionEvalRun) -> Result<serde_json::Value> {
         "sampler": r.options.sampler.to_string(),
         "steps": r.options.steps,
         "guidance": r.options.guidance,
+        "gamma": r.options.gamma,
         "evaluator": r.evaluator.display().to_string(),
         "splits": report,
     }))

@@ -183,24 +183,19 @@ fn run_motion(args: &EvalArgs, spec: &str, dir: &std::path::Path) -> Result<()> 
         .as_deref()
         .context("--evaluator: a motion evaluator folder (lcm pretrain motion-evaluator)")?;
     let folder = crate::pipeline::text2motion::MotionFolder::open(dir)?;
-    let student = folder.denoiser.time_cond_proj_dim.is_some();
+    // A named pipeline's defaults, then the folder's class (a flow map samples with its jumps).
     let defaults = crate::pipeline::source::find_pipeline(spec)?
         .map(|d| d.defaults)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .or(&folder.class_defaults());
     let s = &args.sampling;
     let options = crate::pipeline::text2motion::MotionOptions {
         frames: 0,
-        sampler: s.sampler.or(defaults.sampler).unwrap_or(if student {
-            SamplerKind::Lcm
-        } else {
-            SamplerKind::Ddim
-        }),
-        steps: s
-            .steps
-            .or(defaults.steps)
-            .unwrap_or(if student { 4 } else { 50 }),
+        sampler: s.sampler.or(defaults.sampler).unwrap_or(SamplerKind::Lcm),
+        steps: s.steps.or(defaults.steps).unwrap_or(4),
         guidance: s.guidance.or(defaults.guidance).unwrap_or(7.5),
         seed: args.seed,
+        gamma: s.tcd_gamma.or(defaults.tcd_gamma),
     };
     let (device, _) = args.runtime.resolve()?;
     let [captions, samples] = args.multimodality[..] else {

@@ -75,6 +75,25 @@ impl MotionFolder {
         })
     }
 
+    /// What the model samples with unless told otherwise: a distilled student LCM 4 steps (a
+    /// flow-map student its own jumps), a teacher DDIM 50 steps with CFG; guidance 7.5, 4 s.
+    pub fn class_defaults(&self) -> crate::pipeline::source::Defaults {
+        let student = self.denoiser.time_cond_proj_dim.is_some();
+        crate::pipeline::source::Defaults {
+            sampler: Some(if self.denoiser.end_time_embedding {
+                SamplerKind::FlowMap
+            } else if student {
+                SamplerKind::Lcm
+            } else {
+                SamplerKind::Ddim
+            }),
+            steps: Some(if student { 4 } else { 50 }),
+            guidance: Some(7.5),
+            seconds: Some(4.0),
+            ..Default::default()
+        }
+    }
+
     pub fn denoiser_weights(&self) -> PathBuf {
         self.root
             .join("denoiser")
@@ -91,6 +110,8 @@ pub struct MotionOptions {
     /// CFG scale for a teacher; for a student, w = guidance − 1 goes to its embedding.
     pub guidance: f64,
     pub seed: u64,
+    /// γ of the TCD and flow-map samplers (`None`: each one's default, 0.3 and 0).
+    pub gamma: Option<f64>,
 }
 
 impl MotionOptions {
@@ -99,16 +120,18 @@ impl MotionOptions {
             frames: self.frames,
             sampler: self.sampler,
             steps: self.steps,
+            gamma: self.gamma,
         }
     }
 }
 
 /// What every motion of one batch shares: length and sampling schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MotionShape {
     pub frames: usize,
     pub sampler: SamplerKind,
     pub steps: usize,
+    pub gamma: Option<f64>,
 }
 
 /// One motion of a batch whose prompt, guidance and noise are its own.
@@ -187,7 +210,12 @@ pub fn sample_latents_with(
         bail!("{} guidance scales for {n} motions", c.guidance.len())
     }
     let device = c.cond.device();
-    let sampler = Sampler::new(s.sampler, scheduler, s.steps, SamplerOptions::default())?;
+    let sampler = Sampler::new(
+        s.sampler,
+        scheduler,
+        s.steps,
+        SamplerOptions::with_gamma(s.gamma),
+    )?;
     let latents = noise.sample(&(n, shape.0, shape.1).into(), device)?;
     let conditioning = match net.guidance_embedding_dim() {
         Some(dim) => {
@@ -323,23 +351,9 @@ impl MotionPipeline {
         })
     }
 
-    /// What the model samples with unless told otherwise: a distilled student LCM 4 steps (a
-    /// flow-map student its own jumps), a teacher DDIM 50 steps with CFG; guidance 7.5, 4 s.
+    /// What the model samples with unless told otherwise ([`MotionFolder::class_defaults`]).
     pub fn class_defaults(&self) -> crate::pipeline::source::Defaults {
-        let student = self.folder.denoiser.time_cond_proj_dim.is_some();
-        crate::pipeline::source::Defaults {
-            sampler: Some(if self.folder.denoiser.end_time_embedding {
-                SamplerKind::FlowMap
-            } else if student {
-                SamplerKind::Lcm
-            } else {
-                SamplerKind::Ddim
-            }),
-            steps: Some(if student { 4 } else { 50 }),
-            guidance: Some(7.5),
-            seconds: Some(4.0),
-            ..Default::default()
-        }
+        self.folder.class_defaults()
     }
 
     /// The denoiser's text input for `prompts`.

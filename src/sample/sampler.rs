@@ -198,6 +198,19 @@ impl Default for SamplerOptions {
     }
 }
 
+impl SamplerOptions {
+    /// The defaults with one γ for both stochastic samplers, each reading its own: `None` keeps
+    /// each one's default (TCD 0.3, flow map 0: deterministic jumps).
+    pub fn with_gamma(gamma: Option<f64>) -> Self {
+        let d = Self::default();
+        Self {
+            tcd_gamma: gamma.unwrap_or(d.tcd_gamma),
+            flow_gamma: gamma.unwrap_or(d.flow_gamma),
+            ..d
+        }
+    }
+}
+
 impl Sampler {
     pub fn new(
         kind: SamplerKind,

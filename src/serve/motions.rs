@@ -18,7 +18,7 @@ pub use crate::pipeline::text2motion::{MAX_FRAMES, MIN_FRAMES};
 use crate::sample::sampler::SamplerKind;
 
 /// What every motion of one denoiser batch shares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MotionKey {
     pub shape: MotionShape,
     /// A teacher with guidance > 1 runs CFG (twice the rows); it never shares a batch with one
@@ -307,6 +307,7 @@ impl MotionRequest {
                     frames,
                     sampler,
                     steps,
+                    gamma: None,
                 },
                 cfg: !model.is_student() && guidance > 1.0,
             },

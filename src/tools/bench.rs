@@ -461,6 +461,7 @@ fn measure_motion(
                 frames,
                 seed: 0,
                 sampler: defaults.sampler.unwrap_or(SamplerKind::Lcm),
+                gamma: None,
             };
             let times = time_it(args, || p.generate(&[prompt], &o).map(drop))?;
             (

@@ -138,6 +138,8 @@ pub struct GenerateMotion<'a> {
     pub guidance: Option<f64>,
     pub seconds: f64,
     pub seed: u64,
+    /// γ of the TCD and flow-map samplers (`--tcd-gamma`).
+    pub gamma: Option<f64>,
     pub n: usize,
     pub output: &'a Path,
     pub device: &'a candle_core::Device,
@@ -167,6 +169,7 @@ pub fn generate(g: &GenerateMotion) -> Result<()> {
         steps: g.steps.or(d.steps).unwrap_or(4),
         guidance: g.guidance.or(d.guidance).unwrap_or(7.5),
         seed: g.seed,
+        gamma: g.gamma.or(d.tcd_gamma),
     };
     if student && g.negative_prompt.is_some_and(|p| !p.is_empty()) {
         eprintln!("warning: the negative prompt is ignored by a distilled student (no CFG)");

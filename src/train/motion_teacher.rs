@@ -239,6 +239,7 @@ impl Task for MotionTeacherTask {
             steps: 50,
             guidance: 7.5,
             seed: 0,
+            gamma: None,
         };
         let c = &self.settings.config;
         let z = sample_latents(
