@@ -239,6 +239,34 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
     run(&["--n", "10000000"], &["--n 10000000", "GiB"]);
     assert!(!Path::new("/tmp/lcm-never-written.png").exists());
 
+    // The same for the shipped motion model: each bad flag is named, nothing is written.
+    let motion_out = "/tmp/lcm-never-written.npy";
+    let motion = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "tiny-motion",
+            "--prompt",
+            "a person walks",
+        ];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--output") {
+            args.extend_from_slice(&["--output", motion_out]);
+        }
+        expect_error(&args, needles);
+    };
+    motion(&["--guidance", "nan"], &["--guidance", "NaN"]);
+    motion(&["--guidance=-1"], &["--guidance", "-1"]);
+    motion(&["--seconds", "0"], &["--seconds"]);
+    motion(&["--seconds", "100"], &["frames", "2000"]);
+    motion(&["--n", "0"], &["--n"]);
+    motion(&["--tcd-gamma", "2"], &["gamma", "2"]);
+    motion(&["--steps", "80"], &["80", "original_inference_steps"]);
+    motion(&["--sampler", "flowmap"], &["flowmap", "not a flow map"]);
+    motion(&["--width", "64"], &["--width", "image models"]);
+    motion(&["--output", "/tmp/lcm-m.xyz"], &["xyz", ".bvh"]);
+    assert!(!Path::new(motion_out).exists());
+
     // A safetensors file without a `latents` tensor.
     expect_error(
         &[

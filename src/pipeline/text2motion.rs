@@ -209,6 +209,9 @@ pub fn sample_latents_with(
     if c.guidance.len() != n {
         bail!("{} guidance scales for {n} motions", c.guidance.len())
     }
+    if let Some(g) = c.guidance.iter().find(|g| !(g.is_finite() && **g >= 0.0)) {
+        bail!("--guidance must be a finite number ≥ 0, got {g}")
+    }
     let device = c.cond.device();
     let sampler = Sampler::new(
         s.sampler,
