@@ -234,10 +234,10 @@ impl Pipeline {
         let native = self.unet.config.sample_size.unwrap_or(64) * f;
         let width = req.width.or(d.width).unwrap_or(native);
         let height = req.height.or(d.height).unwrap_or(native);
-        let tcd_gamma = req.tcd_gamma.or(d.tcd_gamma).unwrap_or(match sampler {
-            SamplerKind::FlowMap => 0.0,
-            _ => 0.3,
-        });
+        let tcd_gamma = req
+            .tcd_gamma
+            .or(d.tcd_gamma)
+            .unwrap_or_else(|| SamplerOptions::default().gamma(sampler));
         let strength = match (&req.init_image, req.strength) {
             (Some(_), s) => s.unwrap_or(0.8),
             (None, None) => 1.0,
@@ -259,12 +259,10 @@ impl Pipeline {
         if req.n == 0 {
             bail!("--n must be at least 1")
         }
+        // One γ flag for both stochastic samplers; each reads its own.
         let opts = SamplerOptions {
-            tcd_gamma,
             strength,
-            // One γ flag for both stochastic samplers; each reads its own.
-            flow_gamma: tcd_gamma,
-            ..Default::default()
+            ..SamplerOptions::with_gamma(Some(tcd_gamma))
         };
         let plan =
             Sampler::new(sampler, &self.scheduler_config, steps, opts).with_context(|| {
@@ -520,10 +518,8 @@ impl Pipeline {
             &self.scheduler_config,
             s.steps,
             SamplerOptions {
-                tcd_gamma: s.tcd_gamma,
                 strength: s.strength,
-                flow_gamma: s.tcd_gamma,
-                ..Default::default()
+                ..SamplerOptions::with_gamma(Some(s.tcd_gamma))
             },
         )?;
         // Per-sample guidance, one value per image.

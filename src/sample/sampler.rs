@@ -209,6 +209,15 @@ impl SamplerOptions {
             ..d
         }
     }
+
+    /// The γ a sampler of this kind reads.
+    pub fn gamma(&self, kind: SamplerKind) -> f64 {
+        if kind == SamplerKind::FlowMap {
+            self.flow_gamma
+        } else {
+            self.tcd_gamma
+        }
+    }
 }
 
 impl Sampler {
@@ -244,11 +253,7 @@ impl Sampler {
             timesteps,
             num_train: cfg.num_train_timesteps,
             timestep_scaling: cfg.timestep_scaling.unwrap_or(10.0),
-            gamma: if kind == SamplerKind::FlowMap {
-                opts.flow_gamma
-            } else {
-                opts.tcd_gamma
-            },
+            gamma: opts.gamma(kind),
             grid_steps: steps,
         })
     }
