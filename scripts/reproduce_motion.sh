@@ -24,16 +24,16 @@ if [ ! -f "$WORK/meval/motion-evaluator/config.json" ]; then
         --batch-size 64 --lr 1e-3 --warmup-steps 50 --save-every 200 --sample-every 0 $(resume_flag "$WORK/meval")
 fi
 
-# Stage 1: the motion VAE.
+# Stage 1: the motion VAE: quadratic loss on the features and the root-relative joints (it keeps
+# the arms, docs/training-log.md "Motion VAE: why the arms are lost"), pseudo-Huber on the path.
 if [ ! -f "$WORK/mvae/motion_vae/config.json" ]; then
     # shellcheck disable=SC2046
     $LCM pretrain motion-vae --data "$DATA" --output "$WORK/mvae" --max-steps 3000 --batch-size 32 \
         --lr 4e-4 --warmup-steps 200 --decay-from 1500 --save-every 250 --sample-every 500 \
-        $(resume_flag "$WORK/mvae")
+        --local-joint-weight 1 --recon-loss l2 $(resume_flag "$WORK/mvae")
 fi
 
-# Stage 2: the latent teacher (ε-prediction, CFG dropout 10 %). Run here as 1000 steps of an
-# 8000-step schedule (constant lr after the warm-up, so identical), then on to this schedule.
+# Stage 2: the latent teacher (ε-prediction, CFG dropout 10 %).
 TEACHER="$WORK/mteach/model"
 if [ ! -f "$TEACHER/model_index.json" ]; then
     # shellcheck disable=SC2046
@@ -51,13 +51,14 @@ if [ ! -f "$WORK/mlcm/model_index.json" ]; then
         $(resume_flag "$WORK/mlcm")
 fi
 
-# Stage 4 (issue 30): the flow-map student, the LCM's exact flags with the flow-map objective.
+# Stage 4 (issue 30): the flow-map student, a 500-step fine-tune of the LCM with the flow-map
+# objective (the LCM's other flags).
 if [ ! -f "$WORK/mflow/model_index.json" ]; then
     # shellcheck disable=SC2046
-    $LCM distill --teacher "$TEACHER" --data "$DATA" --output "$WORK/mflow" --max-steps 1500 \
-        --batch-size 32 --lr 2e-4 --warmup-steps 100 --decay-from 1000 --loss huber --ema 0.95 \
+    $LCM distill --teacher "$TEACHER" --data "$DATA" --output "$WORK/mflow" --max-steps 500 \
+        --batch-size 32 --lr 2e-4 --warmup-steps 50 --decay-from 250 --loss huber --ema 0.95 \
         --w-min 5 --w-max 15 --ddim-steps 50 --save-every 250 --sample-every 500 --seed 0 \
-        --objective flow-map $(resume_flag "$WORK/mflow")
+        --objective flow-map --init "$WORK/mlcm" $(resume_flag "$WORK/mflow")
 fi
 
 # Ship: f16 copies in the layout of weights/ (the students read their teacher's motion VAE through

@@ -1,6 +1,7 @@
-//! The shipped motion students (weights/tiny-motion at 1 LCM step, its fastest setting, and
+//! The shipped motion students (weights/tiny-motion at 1 LCM step, its default, and
 //! weights/tiny-motion-flow at its default 4 flow-map jumps): prompts naming a direction, a turn
-//! side, a hand and a count give motions that pass the joint-space program checks for most seeds,
+//! side and a hand give motions that pass the joint-space program checks for most seeds (counts
+//! are measured and printed, without a bar: a known gap),
 //! and the same prompts with "left" and "right" swapped give motions whose side flips. Bars are set below the measured rates with
 //! margin (weights/tiny-motion/README.md has the rates of the shipped weights).
 
@@ -68,10 +69,11 @@ impl Ask {
 
 /// Prompts and what each asks; the bars below are the least fraction of the seeds that must
 /// satisfy it (for the prompt and, where it names a side, for its mirror). Measured on the
-/// shipped LCM with 32 seeds at 1 step: forward 1.00, backward 1.00, turn left 0.88 and its mirror
-/// (right) 0.62; the bars leave room for another CPU's rounding. Hands and counts have no bar:
-/// the motion VAE loses the arms (weights/tiny-motion/README.md), every gesture check scores 0 —
-/// they are measured and printed, so the gap shows in the test's output.
+/// shipped LCM with 32 seeds at 1 step: forward 1.00, backward 1.00, turn left 0.56 and its mirror
+/// (right) 0.50, the waving hand 1.00 (right) and 0.97 (left); the bars leave room for another
+/// CPU's rounding. Counts have no bar: two raises of one arm pass 0.00 / 0.03, three claps 0.00
+/// (weights/tiny-motion/README.md) — they are measured and printed, so the gap shows in the
+/// test's output.
 const CASES: &[(&str, Ask)] = &[
     ("a person walks forward", Ask::Travel(true)),
     ("a person walks backward", Ask::Travel(false)),
@@ -91,9 +93,9 @@ const CASES: &[(&str, Ask)] = &[
 ];
 
 /// The LCM's bars, one per case of `CASES`.
-const BARS_LCM_1: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.4), None, None, None];
+const BARS_LCM_1: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.4), Some(0.8), None, None];
 /// The flow-map student's bars, one per case of `CASES`.
-const BARS_FLOW_4: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.6), None, None, None];
+const BARS_FLOW_4: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.5), Some(0.8), None, None];
 
 const SEEDS: usize = 32;
 
@@ -148,15 +150,16 @@ fn assert_follows(
 }
 
 #[test]
-fn shipped_motion_student_follows_directions_sides_and_counts() -> Result<()> {
+fn shipped_motion_student_follows_directions_sides_and_hands() -> Result<()> {
     assert_follows("tiny-motion", SamplerKind::Lcm, 1, BARS_LCM_1)
 }
 
 /// The flow-map student (weights/tiny-motion-flow, issue 30) at its defaults: 4 flow-map jumps.
 // Measured on the shipped weights with 32 seeds: forward 1.00, backward 1.00, turn left 0.97 and
-// its mirror (right) 0.84 (the LCM at 1 step: 0.88 / 0.62); hands and counts 0, as the LCM's.
+// its mirror (right) 0.66 (the LCM at 1 step: 0.56 / 0.50), the waving hand 1.00 / 1.00; counts
+// 0.00, as the LCM's.
 #[test]
-fn shipped_flow_map_student_follows_directions_and_sides() -> Result<()> {
+fn shipped_flow_map_student_follows_directions_sides_and_hands() -> Result<()> {
     assert_follows("tiny-motion-flow", SamplerKind::FlowMap, 4, BARS_FLOW_4)
 }
 
