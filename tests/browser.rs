@@ -422,7 +422,7 @@ fn motion_mode_plays_pauses_and_downloads_a_bvh() {
         );
         assert_eq!(
             (model, steps, guidance, default_seconds),
-            (json!("tiny-motion"), json!("4"), json!("7.5"), json!("4"))
+            (json!("tiny-motion"), json!("1"), json!("7.5"), json!("4"))
         );
         let chips =
             cdp.eval("[...document.querySelectorAll('#examples .chip')].map(c => c.textContent)");

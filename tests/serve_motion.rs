@@ -361,7 +361,7 @@ fn models_metrics_and_openapi_describe_both_models() {
     );
     // The defaults are pipelines/tiny-motion.toml's, and so are the example prompts.
     let d = &motion["defaults"];
-    assert_eq!((&d["sampler"], &d["steps"]), (&json!("lcm"), &json!(4)));
+    assert_eq!((&d["sampler"], &d["steps"]), (&json!("lcm"), &json!(1)));
     assert_eq!(
         (&d["guidance_scale"], &d["seconds"]),
         (&json!(7.5), &json!(4.0))
