@@ -585,7 +585,10 @@ fn a_client_that_disconnects_stops_its_queued_work() {
         ..cfg()
     });
     let addr = srv.addr();
-    let slow = json!({"prompt": "slow", "steps": 8});
+    // Long enough to still be running when the second request arrives, in a release build too
+    // (8 steps at the fixture's own size finished within the 300 ms below there): 2.3 s release,
+    // 13 s in the test profile, on 2 busy Xeon cores.
+    let slow = json!({"prompt": "slow", "steps": 16, "size": "64x64"});
     let busy = std::thread::spawn(move || post_json(addr, "/v1/images/generations", &slow));
     std::thread::sleep(Duration::from_millis(300));
     // Queue a request behind it, then hang up.
