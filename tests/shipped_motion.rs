@@ -1,9 +1,9 @@
 //! The shipped motion students (weights/tiny-motion at 1 LCM step, its default, and
 //! weights/tiny-motion-flow at its default 4 flow-map jumps): prompts naming a direction, a turn
-//! side and a hand give motions that pass the joint-space program checks for most seeds (counts
-//! are measured and printed, without a bar: a known gap),
-//! and the same prompts with "left" and "right" swapped give motions whose side flips. Bars are set below the measured rates with
-//! margin (weights/tiny-motion/README.md has the rates of the shipped weights).
+//! side and a hand give motions that pass the joint-space program checks for most seeds, and the
+//! same prompts with "left" and "right" swapped give motions whose side flips. Counts are measured
+//! and printed without a bar (a known gap). Bars are set below the measured rates with margin
+//! (weights/tiny-motion/README.md has the rates of the shipped weights).
 
 mod common;
 
