@@ -200,6 +200,50 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     );
     assert!((x - y).abs() < 1e-3 * y.max(1.0), "{x} vs {y}");
     assert!(report["test"]["mpjpe_root_aligned_cm"].as_f64().unwrap() > 0.0);
+    // Gesture counts: the share is over the clips that have a gesture (none: no share).
+    let g = &again["gesture_clips"];
+    match again["gesture_counts_kept"].as_f64() {
+        Some(kept) => assert!(
+            g.as_u64().unwrap() > 0 && (0.0..=1.0).contains(&kept),
+            "{again}"
+        ),
+        None => assert_eq!(g.as_u64(), Some(0), "{again}"),
+    }
+    // `lcm motion vae-report` re-computes the export's report from the folder.
+    let rep = root.join("report.json");
+    ok(lcm_bin(&[
+        "motion",
+        "vae-report",
+        "--vae",
+        a.join("motion_vae").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        rep.to_str().unwrap(),
+    ]));
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let (x, y) = (
+        rep["test"]["mpjpe_cm"].as_f64().unwrap(),
+        report["test"]["mpjpe_cm"].as_f64().unwrap(),
+    );
+    assert!((x - y).abs() < 1e-3 * y.max(1.0), "{x} vs {y}");
+    assert_eq!(
+        rep["test"]["gesture_clips"],
+        report["test"]["gesture_clips"]
+    );
+    let empty = root.join("no-data");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = lcm_bin(&[
+        "motion",
+        "vae-report",
+        "--vae",
+        a.join("motion_vae").to_str().unwrap(),
+        "--data",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--data") && err.lines().count() <= 2, "{err}");
     // `lcm motion reconstruct` of one test clip reports the error the library measures for it.
     let clip = data.join(format!("new_joint_vecs/{}.npy", test.clips[0].name));
     let rec = root.join("rec.json");

@@ -185,6 +185,16 @@ pub fn claps(joints: &[Pose]) -> u32 {
     crossings(gap, MET, APART, false)
 }
 
+/// Every count a gesture check reads: the left hand's and the right hand's rises above the
+/// shoulder, and the claps. Two clips with equal counts pass the same count checks.
+pub fn gesture_counts(joints: &[Pose]) -> (u32, u32, u32) {
+    (
+        raises(joints, Side::Left),
+        raises(joints, Side::Right),
+        claps(joints),
+    )
+}
+
 /// Whether a clip shows the gesture: its hand for waves and raises, its count for raises and
 /// claps.
 pub fn gesture_adheres(o: &Overlay, joints: &[Pose]) -> bool {
@@ -280,6 +290,9 @@ mod tests {
             }
             let clap = apply(&still, Gesture::Clap, Side::Left, count);
             assert_eq!(claps(&clap), count, "claps ×{count}");
+            assert_eq!(gesture_counts(&clap), (0, 0, count));
+            let raise = apply(&still, Gesture::Raise, Side::Right, count);
+            assert_eq!(gesture_counts(&raise), (0, count, 0));
         }
     }
 

@@ -42,6 +42,19 @@ pub enum MotionCommand {
         #[arg(long)]
         output: PathBuf,
     },
+    /// A motion VAE's reconstruction report over a dataset's held-out splits (what its export
+    /// writes as reconstruction.json: joint errors, root drift, raised hands and gesture counts
+    /// kept), printed, and written as JSON with --output.
+    VaeReport {
+        /// A motion VAE folder, e.g. a motion model's motion_vae/.
+        #[arg(long)]
+        vae: PathBuf,
+        /// The `lcm data motion` folder.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Convert a clip: to .json (joints, metres, 20 fps), .npy (HumanML3D features) or .bvh (the
     /// 22-joint chain with local rotations).
     Convert {
@@ -322,6 +335,23 @@ pub fn run(cmd: &MotionCommand) -> Result<()> {
                 100.0 * drift,
                 output.display()
             );
+        }
+        MotionCommand::VaeReport { vae, data, output } => {
+            let device = candle_core::Device::Cpu;
+            let (model, norm) = crate::model::motion_vae::open(vae, &device)
+                .with_context(|| format!("--vae {}", vae.display()))?;
+            let report =
+                crate::train::motion_vae::reconstruction_report(&model, &norm, data, &device)?;
+            if report.is_empty() {
+                bail!("--data {}: no held-out split with clips", data.display())
+            }
+            if let Some(out) = output {
+                crate::files::write_atomic(
+                    out,
+                    &serde_json::to_vec_pretty(&serde_json::Value::Object(report))?,
+                )?;
+                println!("→ {}", out.display());
+            }
         }
         MotionCommand::Convert { input, output } => {
             let joints = read_clip(input)?;

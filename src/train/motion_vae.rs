@@ -280,19 +280,7 @@ impl Task for MotionVaeTask {
         )?;
         crate::files::save_safetensors(&state.weights(), &out.join(WEIGHTS_FILE))?;
         self.norm.save(&out)?;
-        let mut report = serde_json::Map::new();
-        for split in ["val", "test", "test_compositional", "real"] {
-            let Ok(d) = load(&self.data_dir, split, &LoadOptions::default()) else {
-                continue;
-            };
-            if d.clips.is_empty() {
-                continue;
-            }
-            let clips: Vec<Vec<f32>> = d.clips.iter().map(|c| c.features.clone()).collect();
-            let r = reconstruction(&self.model, &self.norm, &clips, &self.device)?;
-            println!("{split}: {r}");
-            report.insert(split.into(), r);
-        }
+        let report = reconstruction_report(&self.model, &self.norm, &self.data_dir, &self.device)?;
         crate::files::write_atomic(
             &out.join("reconstruction.json"),
             &serde_json::to_vec_pretty(&serde_json::Value::Object(report))?,
@@ -306,10 +294,36 @@ impl Task for MotionVaeTask {
     }
 }
 
+/// [`reconstruction`] on each held-out split of a dataset that has clips (val, test,
+/// test_compositional, real), printed as it goes: `reconstruction.json`'s content.
+pub fn reconstruction_report(
+    vae: &MotionVae,
+    norm: &Normaliser,
+    data_dir: &Path,
+    device: &Device,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut report = serde_json::Map::new();
+    for split in ["val", "test", "test_compositional", "real"] {
+        let Ok(d) = load(data_dir, split, &LoadOptions::default()) else {
+            continue;
+        };
+        if d.clips.is_empty() {
+            continue;
+        }
+        let clips: Vec<Vec<f32>> = d.clips.iter().map(|c| c.features.clone()).collect();
+        let r = reconstruction(vae, norm, &clips, device)?;
+        println!("{split}: {r}");
+        report.insert(split.into(), r);
+    }
+    Ok(report)
+}
+
 /// Reconstruction through the posterior mean of normalised clips: mean per-joint position error
 /// (cm; also with each frame's root aligned, the pose alone), root drift at the last frame (cm),
-/// the features' mean absolute error (z-units), and of the clips that raise a hand above the
-/// shoulder, the share whose reconstruction raises the same one (what the arms keep).
+/// the features' mean absolute error (z-units), of the clips that raise a hand above the
+/// shoulder the share whose reconstruction raises the same one (what the arms keep), and of the
+/// clips with a gesture the share whose reconstruction has as many (each hand's rises above the
+/// shoulder and the claps: what a count in a caption needs).
 pub fn reconstruction(
     vae: &MotionVae,
     norm: &Normaliser,
@@ -319,6 +333,7 @@ pub fn reconstruction(
     let (mut mpjpe, mut drift, mut feat, mut frames) = (0.0, 0.0, 0.0, 0usize);
     let mut local = 0.0;
     let (mut raised, mut raised_kept) = (0usize, 0usize);
+    let (mut gestures, mut gestures_kept) = (0usize, 0usize);
     for chunk in clips.chunks(32) {
         let (x, valid) = pad(chunk, device)?;
         let z = vae.encode(&x, Some(&valid))?.mean;
@@ -355,6 +370,12 @@ pub fn reconstruction(
                 raised_kept +=
                     usize::from(crate::eval::motion_checks::raised_hand(&jb) == Some(side));
             }
+            let want = crate::eval::motion_checks::gesture_counts(&ja);
+            if want != (0, 0, 0) {
+                gestures += 1;
+                gestures_kept +=
+                    usize::from(crate::eval::motion_checks::gesture_counts(&jb) == want);
+            }
         }
     }
     let n = clips.len().max(1) as f64;
@@ -366,6 +387,8 @@ pub fn reconstruction(
         "feature_mae": feat / frames.max(1) as f64,
         "raised_hand_clips": raised,
         "raised_hand_kept": if raised > 0 { Some(raised_kept as f64 / raised as f64) } else { None },
+        "gesture_clips": gestures,
+        "gesture_counts_kept": if gestures > 0 { Some(gestures_kept as f64 / gestures as f64) } else { None },
     }))
 }
 
