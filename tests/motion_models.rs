@@ -157,6 +157,24 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     ok(run(&l2, "1", &["--recon-loss", "l2"]));
     let with_l2 = losses(&l2.join("metrics.jsonl"));
     assert!(with_l2[0].1 > full[0].1, "{with_l2:?} vs {full:?}");
+    // Training can go on from an exported VAE (fresh optimizer and schedule): from the same
+    // seed its first batch is run a's first, which a's trained weights fit better than a seeded
+    // init. A folder whose tensors do not fit is refused in one line naming --init.
+    let i = root.join("init");
+    let exported = a.join("motion_vae");
+    ok(run(&i, "1", &["--init", exported.to_str().unwrap()]));
+    let from_init = losses(&i.join("metrics.jsonl"));
+    assert!(from_init[0].1 < full[0].1, "{from_init:?} vs {full:?}");
+    let e = run(
+        &root.join("init-bad"),
+        "1",
+        &["--init", data.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success() && err.contains("--init") && err.lines().count() == 1,
+        "{err}"
+    );
     // `--keep-checkpoints 2` keeps the newest two; a half-written checkpoint a killed run left
     // behind is removed at the next save.
     let d = root.join("d");

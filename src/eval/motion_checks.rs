@@ -195,6 +195,33 @@ pub fn gesture_counts(joints: &[Pose]) -> (u32, u32, u32) {
     )
 }
 
+/// How high the lower foot must be above the clip's lowest foot point for the body to count as
+/// airborne (m), and how close it must come back to it before the next flight counts. On the
+/// data's jumps (DeepMimic's, ≈ 22 cm of toe clearance) this counts the jumps of all 142
+/// single-step jump clips of every split exactly; runs have a flight each stride, cartwheels and
+/// flips one.
+const AIRBORNE: f64 = 0.12;
+const LANDED: f64 = 0.05;
+
+/// How many times both feet leave the ground: the jumps of a jumping clip. The floor is the
+/// clip's lowest foot point, so a motion that floats or sinks as a whole still counts.
+pub fn flights(joints: &[Pose]) -> u32 {
+    let lower = |p: &Pose| {
+        LEFT_FOOT
+            .iter()
+            .chain(&RIGHT_FOOT)
+            .map(|&j| p[j].y)
+            .fold(f64::MAX, f64::min)
+    };
+    let floor = joints.iter().map(lower).fold(f64::MAX, f64::min);
+    crossings(
+        joints.iter().map(|p| lower(p) - floor),
+        AIRBORNE,
+        LANDED,
+        true,
+    )
+}
+
 /// Whether a clip shows the gesture: its hand for waves and raises, its count for raises and
 /// claps.
 pub fn gesture_adheres(o: &Overlay, joints: &[Pose]) -> bool {
@@ -294,6 +321,44 @@ mod tests {
             let raise = apply(&still, Gesture::Raise, Side::Right, count);
             assert_eq!(gesture_counts(&raise), (0, count, 0));
         }
+    }
+
+    #[test]
+    fn flights_count_the_jumps() {
+        // Standing 2 s, then `n` hops of 30 cm (a parabola over 0.5 s), 0.5 s apart: n flights,
+        // whatever the height the whole figure stands at.
+        let hops = |n: usize, base: f64| -> Vec<Pose> {
+            let mut clip = vec![standing(base); 40];
+            for _ in 0..n {
+                for t in 0..10 {
+                    let u = t as f64 / 9.0;
+                    let h = 0.3 * 4.0 * u * (1.0 - u);
+                    clip.push(standing(base).map(|j| j + Vector3::new(0.0, h, 0.0)));
+                }
+                clip.extend(vec![standing(base); 10]);
+            }
+            clip
+        };
+        for n in 0..=3 {
+            assert_eq!(flights(&hops(n, 0.0)), n as u32, "{n} hops");
+            assert_eq!(flights(&hops(n, -0.3)), n as u32, "{n} hops, sunk");
+        }
+        // A crouch (the feet stay down) and a hop below the threshold are not jumps.
+        let low: Vec<Pose> = (0..20)
+            .map(|t| {
+                let h = if (5..10).contains(&t) { 0.1 } else { 0.0 };
+                standing(0.0).map(|j| j + Vector3::new(0.0, h, 0.0))
+            })
+            .collect();
+        assert_eq!(flights(&low), 0);
+        // One foot up (a kick) is not a flight: the other stays down.
+        let mut kick = vec![standing(0.0); 20];
+        for p in &mut kick[5..10] {
+            for j in LEFT_FOOT {
+                p[j].y = 0.5;
+            }
+        }
+        assert_eq!(flights(&kick), 0);
     }
 
     #[test]

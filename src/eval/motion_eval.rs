@@ -2,7 +2,7 @@
 //! motion from its first caption at its own length (as MLD/MotionLCM evaluate), scored by the
 //! motion evaluator — R-precision, FID against the real clips, MM-Dist, Diversity, MultiModality,
 //! the attribute heads — and from the joints alone: program adherence (travel direction, turn,
-//! gesture hand and count), foot skating and jitter. Ground truth and nearest-neighbour retrieval
+//! gesture hand, and the count of raises, claps and jumps), foot skating and jitter. Ground truth and nearest-neighbour retrieval
 //! are scored beside the model, as the literature's tables have them.
 
 use std::path::Path;
@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::metrics::{diversity, feature_stats, fid, multimodality, to_matrix};
 use super::motion::{CaptionTokenizer, MotionEvaluator};
-use super::motion_checks::{adheres, gesture_adheres, measure, plausibility};
+use super::motion_checks::{adheres, flights, gesture_adheres, measure, plausibility};
 use super::motion_train::{motion_features, nearest_neighbour, prepare, score_motions, Prepared};
 use crate::data::motion::{Action, Program};
 use crate::model::motion_vae::Normaliser;
@@ -55,6 +55,9 @@ impl Adherence {
             t.1 += 1;
         };
         if let [s] = p.steps.as_slice() {
+            if s.action == Action::Jump {
+                tally(&mut self.count, flights(joints) == s.count);
+            }
             if matches!(s.action, Action::Walk | Action::Run) {
                 let m = measure(joints);
                 let forward = if s.backward {

@@ -50,6 +50,10 @@ pub struct MotionVaeArgs {
     /// integrated drift (tens of centimetres) would swamp every other term.
     #[arg(long, value_enum, default_value = "huber")]
     pub recon_loss: ReconLoss,
+    /// Start from a trained motion VAE folder's weights (fresh optimizer and schedule) instead of
+    /// a seeded init: training on past the end of an earlier run's schedule.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -323,7 +327,8 @@ pub fn reconstruction_report(
 /// the features' mean absolute error (z-units), of the clips that raise a hand above the
 /// shoulder the share whose reconstruction raises the same one (what the arms keep), and of the
 /// clips with a gesture the share whose reconstruction has as many (each hand's rises above the
-/// shoulder and the claps: what a count in a caption needs).
+/// shoulder and the claps: what a count in a caption needs), and of the clips that leave the
+/// ground the share whose reconstruction does so as many times (jumps, run strides, flips).
 pub fn reconstruction(
     vae: &MotionVae,
     norm: &Normaliser,
@@ -334,6 +339,7 @@ pub fn reconstruction(
     let mut local = 0.0;
     let (mut raised, mut raised_kept) = (0usize, 0usize);
     let (mut gestures, mut gestures_kept) = (0usize, 0usize);
+    let (mut airborne, mut flights_kept) = (0usize, 0usize);
     for chunk in clips.chunks(32) {
         let (x, valid) = pad(chunk, device)?;
         let z = vae.encode(&x, Some(&valid))?.mean;
@@ -376,6 +382,11 @@ pub fn reconstruction(
                 gestures_kept +=
                     usize::from(crate::eval::motion_checks::gesture_counts(&jb) == want);
             }
+            let want = crate::eval::motion_checks::flights(&ja);
+            if want > 0 {
+                airborne += 1;
+                flights_kept += usize::from(crate::eval::motion_checks::flights(&jb) == want);
+            }
         }
     }
     let n = clips.len().max(1) as f64;
@@ -389,6 +400,8 @@ pub fn reconstruction(
         "raised_hand_kept": if raised > 0 { Some(raised_kept as f64 / raised as f64) } else { None },
         "gesture_clips": gestures,
         "gesture_counts_kept": if gestures > 0 { Some(gestures_kept as f64 / gestures as f64) } else { None },
+        "airborne_clips": airborne,
+        "flights_kept": if airborne > 0 { Some(flights_kept as f64 / airborne as f64) } else { None },
     }))
 }
 
@@ -398,6 +411,15 @@ pub fn run(args: &MotionVaeArgs) -> Result<()> {
     let (device, _) = c.runtime.resolve()?;
     let dir = c.motion_data()?.clone();
     let config = MotionVaeConfig::load(&args.config)?;
+    // --init is read before the data, so a wrong folder fails at once.
+    let mut init = crate::nn::init::init_weights(c.seed, &device, |vb| {
+        MotionVae::new(&config, vb).map_err(candle_core::Error::wrap)
+    })?;
+    if let Some(dir) = &args.init {
+        let trained = crate::model::folder::load_component(dir, &device)
+            .with_context(|| format!("--init {}", dir.display()))?;
+        crate::train::start::take_trained(&mut init, &trained, dir, false)?;
+    }
     let opts = LoadOptions {
         min_frames: 2,
         max_frames: usize::MAX,
@@ -442,9 +464,8 @@ pub fn run(args: &MotionVaeArgs) -> Result<()> {
         },
         stage: c.stage(config.max_frames, &PRETRAIN)?,
     };
-    let (state, model) = TrainState::fresh(c.seed, c.options(&PRETRAIN)?, &device, |vb| {
-        MotionVae::new(&config, vb)
-    })?;
+    let state = TrainState::new(init, c.options(&PRETRAIN)?)?;
+    let model = MotionVae::new(&config, state.var_builder(&device))?;
     let task = MotionVaeTask {
         settings,
         model,
