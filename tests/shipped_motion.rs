@@ -10,7 +10,7 @@ mod common;
 use anyhow::Result;
 use candle_core::Device;
 use lcm::data::augment::mirror_caption;
-use lcm::eval::motion_checks::{claps, measure, raised_hand, raises};
+use lcm::eval::motion_checks::{claps, flights, measure, raised_hand, raises};
 use lcm::motion::skeleton::Side;
 use lcm::motion::Pose;
 use lcm::pipeline::source::local_dir;
@@ -30,6 +30,8 @@ enum Ask {
     Raises(Side, u32),
     /// The hands meet exactly this many times.
     Claps(u32),
+    /// Both feet leave the ground exactly this many times.
+    Jumps(u32),
 }
 
 impl Ask {
@@ -53,6 +55,7 @@ impl Ask {
             Ask::Hand(s) => raised_hand(j) == Some(s),
             Ask::Raises(s, n) => raised_hand(j) == Some(s) && raises(j, s) == n,
             Ask::Claps(n) => claps(j) == n,
+            Ask::Jumps(n) => flights(j) == n,
         }
     }
 
@@ -62,7 +65,7 @@ impl Ask {
             Ask::Turn(s) => Some(Ask::Turn(s.other())),
             Ask::Hand(s) => Some(Ask::Hand(s.other())),
             Ask::Raises(s, n) => Some(Ask::Raises(s.other(), n)),
-            Ask::Travel(_) | Ask::Claps(_) => None,
+            Ask::Travel(_) | Ask::Claps(_) | Ask::Jumps(_) => None,
         }
     }
 }
@@ -71,9 +74,9 @@ impl Ask {
 /// satisfy it (for the prompt and, where it names a side, for its mirror). Measured on the
 /// shipped LCM with 32 seeds at 1 step: forward 1.00, backward 1.00, turn left 0.56 and its mirror
 /// (right) 0.50, the waving hand 1.00 (right) and 0.97 (left); the bars leave room for another
-/// CPU's rounding. Counts have no bar: two raises of one arm pass 0.00 / 0.03, three claps 0.00
-/// (weights/tiny-motion/README.md) — they are measured and printed, so the gap shows in the
-/// test's output.
+/// CPU's rounding. Counts have no bar: two raises of one arm pass 0.00 / 0.03, three claps 0.00,
+/// two jumps 0.03 (weights/tiny-motion/README.md) — they are measured and printed, so the gap
+/// shows in the test's output.
 const CASES: &[(&str, Ask)] = &[
     ("a person walks forward", Ask::Travel(true)),
     ("a person walks backward", Ask::Travel(false)),
@@ -90,12 +93,13 @@ const CASES: &[(&str, Ask)] = &[
         Ask::Raises(Side::Left, 2),
     ),
     ("a person claps three times", Ask::Claps(3)),
+    ("a person jumps up twice", Ask::Jumps(2)),
 ];
 
 /// The LCM's bars, one per case of `CASES`.
-const BARS_LCM_1: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.4), Some(0.8), None, None];
+const BARS_LCM_1: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.4), Some(0.8), None, None, None];
 /// The flow-map student's bars, one per case of `CASES`.
-const BARS_FLOW_4: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.5), Some(0.8), None, None];
+const BARS_FLOW_4: &[Option<f64>] = &[Some(0.8), Some(0.8), Some(0.5), Some(0.8), None, None, None];
 
 const SEEDS: usize = 32;
 
@@ -136,6 +140,7 @@ fn assert_follows(
         }
         Ok(())
     };
+    assert_eq!(bars.len(), CASES.len(), "one bar per case");
     for (&(prompt, ask), &bar) in CASES.iter().zip(bars) {
         check(prompt, ask, bar)?;
         // The same prompt with left and right swapped: the side must flip.
@@ -157,7 +162,7 @@ fn shipped_motion_student_follows_directions_sides_and_hands() -> Result<()> {
 /// The flow-map student (weights/tiny-motion-flow, issue 30) at its defaults: 4 flow-map jumps.
 // Measured on the shipped weights with 32 seeds: forward 1.00, backward 1.00, turn left 0.97 and
 // its mirror (right) 0.66 (the LCM at 1 step: 0.56 / 0.50), the waving hand 1.00 / 1.00; counts
-// 0.00, as the LCM's.
+// (raises, claps, jumps) 0.00.
 #[test]
 fn shipped_flow_map_student_follows_directions_sides_and_hands() -> Result<()> {
     assert_follows("tiny-motion-flow", SamplerKind::FlowMap, 4, BARS_FLOW_4)
