@@ -227,6 +227,15 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         ),
         None => assert_eq!(g.as_u64(), Some(0), "{again}"),
     }
+    // So are flights: over the clips that leave the ground.
+    let g = &again["airborne_clips"];
+    match again["flights_kept"].as_f64() {
+        Some(kept) => assert!(
+            g.as_u64().unwrap() > 0 && (0.0..=1.0).contains(&kept),
+            "{again}"
+        ),
+        None => assert_eq!(g.as_u64(), Some(0), "{again}"),
+    }
     // `lcm motion vae-report` re-computes the export's report from the folder.
     let rep = root.join("report.json");
     ok(lcm_bin(&[
