@@ -216,6 +216,18 @@ impl Module for Linear {
                 candle_nn::Linear::new(wt.t()?, bias.clone()).forward(xs)?
             }
             LinearWeights::Bf16(l) => l.forward(xs)?,
+            // Trainable or live f32 weights on the CPU: the kernel, whose backward sums the bias's
+            // gradient row by row (candle's broadcast-add backward walks the strided dimension
+            // one element at a time). The transposed view is copied per call, which keeps live
+            // weights live and passes the gradient back to `[out, in]`.
+            LinearWeights::Candle(l)
+                if xs.dtype() == DType::F32
+                    && xs.device().is_cpu()
+                    && l.weight().dtype() == DType::F32
+                    && l.bias().is_none_or(|b| b.dtype() == DType::F32) =>
+            {
+                crate::kernels::linear::linear(xs, &l.weight().t()?, l.bias())?
+            }
             LinearWeights::Candle(l) => l.forward(xs)?,
         };
         match &self.lora {
@@ -340,6 +352,11 @@ impl Module for LayerNorm {
         let tracked = xs.track_op() || self.weight.track_op() || self.bias.track_op();
         if !tracked && xs.is_contiguous() {
             return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
+        }
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if f32_cpu(xs) && f32_cpu(&self.weight) && f32_cpu(&self.bias) {
+            // Training on the CPU: one op with its own backward (crate::kernels::norm).
+            return crate::kernels::norm::layer_norm(xs, &self.weight, &self.bias, self.eps);
         }
         let mean = xs.mean_keepdim(D::Minus1)?;
         let centred = xs.broadcast_sub(&mean)?;
