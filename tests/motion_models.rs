@@ -148,9 +148,40 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
         "{}",
         String::from_utf8_lossy(&e.stderr)
     );
-    ok(run(&c, "2", &["--local-joint-weight", "1"]));
+    ok(run(
+        &c,
+        "2",
+        &["--local-joint-weight", "1", "--save-every", "2"],
+    ));
     let with_local = losses(&c.join("metrics.jsonl"));
     assert!(with_local[0].1 > full[0].1, "{with_local:?} vs {full:?}");
+    // The ground frame (heights kept) is a setting too: refused against the root frame's
+    // checkpoint, and from the same draws its loss differs (the heights are in it).
+    let c2 = c.join("checkpoints/checkpoint-00000002");
+    let e = run(
+        &root.join("g"),
+        "4",
+        &[
+            "--local-joint-weight",
+            "1",
+            "--local-frame",
+            "ground",
+            "--resume",
+            c2.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("different settings"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    ok(run(
+        &root.join("g"),
+        "2",
+        &["--local-joint-weight", "1", "--local-frame", "ground"],
+    ));
+    let ground = losses(&root.join("g").join("metrics.jsonl"));
+    assert_ne!(ground[0].1, with_local[0].1, "the frame changed nothing");
     // So is the quadratic reconstruction loss: d²/2c ≥ √(d² + c²) − c for every error, so from
     // the same draws and weights its first loss is the larger.
     let l2 = root.join("l2");

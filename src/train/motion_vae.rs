@@ -40,6 +40,11 @@ pub struct MotionVaeArgs {
     /// (default 0: off).
     #[arg(long, default_value_t = 0.0)]
     pub local_joint_weight: f64,
+    /// What --local-joint-weight's joints are relative to: root (the pelvis, each frame: the pose
+    /// alone) or ground (the pelvis's ground point: the pose and its height above the floor, so
+    /// a jump's rise is in the loss too).
+    #[arg(long, value_enum, default_value = "root")]
+    pub local_frame: LocalFrame,
     /// Train on the clips as they are (no mirror, warp or crop).
     #[arg(long)]
     pub no_augment: bool,
@@ -66,6 +71,9 @@ pub struct Settings {
     /// Left out of the settings when 0, so runs made before it existed still resume.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub local_joint_weight: f64,
+    /// Left out of the settings when root, so runs made before it existed still resume.
+    #[serde(default, skip_serializing_if = "LocalFrame::is_root")]
+    pub local_frame: LocalFrame,
     /// Left out of the settings when huber, so runs made before it existed still resume.
     #[serde(default, skip_serializing_if = "ReconLoss::is_huber")]
     pub recon_loss: ReconLoss,
@@ -112,6 +120,23 @@ impl ReconLoss {
             Self::Huber => pseudo_huber(a, b, c),
             Self::L2 => Ok(((a - b)?.sqr()? / (2.0 * c))?),
         }
+    }
+}
+
+/// The frame the local joint loss measures joints in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalFrame {
+    /// Relative to the root joint in each frame.
+    #[default]
+    Root,
+    /// Relative to the root's point on the ground (x and z only): heights kept.
+    Ground,
+}
+
+impl LocalFrame {
+    fn is_root(&self) -> bool {
+        *self == Self::Root
     }
 }
 
@@ -168,7 +193,19 @@ impl MotionVaeTask {
         // [b, t, 22, 3] relative to joint 0, the root, in the same frame.
         let local = |j: &Tensor| j.broadcast_sub(&j.narrow(2, 0, 1)?);
         let (lr, lx) = (local(&jr)?, local(&jx)?);
-        let local_joints = masked_mean(&r.elementwise(&lr, &lx, JOINT_C)?, valid)?;
+        let local_joints = match self.settings.local_frame {
+            LocalFrame::Root => masked_mean(&r.elementwise(&lr, &lx, JOINT_C)?, valid)?,
+            LocalFrame::Ground => {
+                let xz = Tensor::new(&[1f32, 0.0, 1.0], x.device())?;
+                let ground = |j: &Tensor| -> Result<Tensor> {
+                    Ok(j.broadcast_sub(&j.narrow(2, 0, 1)?.broadcast_mul(&xz)?)?)
+                };
+                masked_mean(
+                    &r.elementwise(&ground(&jr)?, &ground(&jx)?, JOINT_C)?,
+                    valid,
+                )?
+            }
+        };
         let local_err = masked_mean(&(lr - lx)?.sqr()?.sum_keepdim(3)?.sqrt()?, valid)?;
         Ok(Losses {
             feat,
@@ -456,6 +493,7 @@ pub fn run(args: &MotionVaeArgs) -> Result<()> {
         kl_weight: args.kl_weight,
         joint_weight: args.joint_weight,
         local_joint_weight: args.local_joint_weight,
+        local_frame: args.local_frame,
         recon_loss: args.recon_loss,
         augment: if args.no_augment {
             Augment::NONE
