@@ -249,23 +249,17 @@ fn motion_vae_teacher_and_student_train_resume_and_export() {
     );
     assert!((x - y).abs() < 1e-3 * y.max(1.0), "{x} vs {y}");
     assert!(report["test"]["mpjpe_root_aligned_cm"].as_f64().unwrap() > 0.0);
-    // Gesture counts: the share is over the clips that have a gesture (none: no share).
-    let g = &again["gesture_clips"];
-    match again["gesture_counts_kept"].as_f64() {
-        Some(kept) => assert!(
-            g.as_u64().unwrap() > 0 && (0.0..=1.0).contains(&kept),
-            "{again}"
-        ),
-        None => assert_eq!(g.as_u64(), Some(0), "{again}"),
-    }
-    // So are flights: over the clips that leave the ground.
-    let g = &again["airborne_clips"];
-    match again["flights_kept"].as_f64() {
-        Some(kept) => assert!(
-            g.as_u64().unwrap() > 0 && (0.0..=1.0).contains(&kept),
-            "{again}"
-        ),
-        None => assert_eq!(g.as_u64(), Some(0), "{again}"),
+    // Gesture counts: the share is over the clips that have a gesture (none: no share); flights
+    // over the clips that leave the ground.
+    for (clips, kept) in [
+        ("gesture_clips", "gesture_counts_kept"),
+        ("airborne_clips", "flights_kept"),
+    ] {
+        let n = again[clips].as_u64().unwrap();
+        match again[kept].as_f64() {
+            Some(k) => assert!(n > 0 && (0.0..=1.0).contains(&k), "{kept}: {again}"),
+            None => assert_eq!(n, 0, "{kept}: {again}"),
+        }
     }
     // `lcm motion vae-report` re-computes the export's report from the folder.
     let rep = root.join("report.json");
