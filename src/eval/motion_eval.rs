@@ -2,8 +2,9 @@
 //! motion from its first caption at its own length (as MLD/MotionLCM evaluate), scored by the
 //! motion evaluator — R-precision, FID against the real clips, MM-Dist, Diversity, MultiModality,
 //! the attribute heads — and from the joints alone: program adherence (travel direction, turn,
-//! gesture hand, and the count of raises, claps and jumps), foot skating and jitter. Ground truth and nearest-neighbour retrieval
-//! are scored beside the model, as the literature's tables have them.
+//! gesture hand, and the count of raises, claps and jumps), foot skating and jitter. Ground
+//! truth and nearest-neighbour retrieval are scored beside the model, as the literature's tables
+//! have them.
 
 use std::path::Path;
 use std::time::Instant;
