@@ -8,6 +8,15 @@ use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{apply, Grads, Input, Kernel};
+
+/// Mean and 1/σ of one group's or row's values, in f64.
+fn stats(v: &[f32], eps: f64) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
 struct GroupNormOp {
     groups: usize,
     eps: f64,
@@ -34,14 +43,6 @@ impl GroupNormOp {
         }
         Ok((d[0], d[1], d[2..].iter().product()))
     }
-
-    /// Mean and 1/σ of one group's values.
-    fn stats(&self, v: &[f32]) -> (f64, f64) {
-        let n = v.len() as f64;
-        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-        (mean, 1.0 / (var + self.eps).sqrt())
-    }
 }
 
 impl Kernel for GroupNormOp {
@@ -65,7 +66,7 @@ impl Kernel for GroupNormOp {
             .zip(x.par_chunks(cg * s))
             .enumerate()
             .for_each(|(i, (o, xg))| {
-                let (mean, rstd) = self.stats(xg);
+                let (mean, rstd) = stats(xg, self.eps);
                 let c0 = (i % self.groups) * cg;
                 for (k, (oc, xc)) in o.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
                     let scale = (rstd * w[c0 + k] as f64) as f32;
@@ -93,7 +94,7 @@ impl Kernel for GroupNormOp {
             .zip(xs.par_chunks(cg * s).zip(gs.par_chunks(cg * s)))
             .enumerate()
             .map(|(i, (dxg, (xg, gg)))| {
-                let (mean, rstd) = self.stats(xg);
+                let (mean, rstd) = stats(xg, self.eps);
                 let c0 = (i % self.groups) * cg;
                 let (mut sum_g, mut sum_gx) = (0f64, 0f64);
                 let mut dbeta = vec![0f64; cg];
@@ -153,14 +154,6 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 const ROWS_PER_TASK: usize = 64;
 
 impl LayerNormOp {
-    /// Mean and 1/σ of one row.
-    fn stats(&self, v: &[f32]) -> (f64, f64) {
-        let n = v.len() as f64;
-        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-        (mean, 1.0 / (var + self.eps).sqrt())
-    }
-
     fn width(shape: &Shape, weight: usize, bias: usize) -> Result<usize> {
         let d = shape.dims().last().copied().unwrap_or(0);
         if d == 0 || weight != d || bias != d {
@@ -182,7 +175,7 @@ impl Kernel for LayerNormOp {
             .zip(x.data.par_chunks(d * ROWS_PER_TASK))
             .for_each(|(o, xs)| {
                 for (orow, xrow) in o.chunks_mut(d).zip(xs.chunks(d)) {
-                    let (mean, rstd) = self.stats(xrow);
+                    let (mean, rstd) = stats(xrow, self.eps);
                     let (mean, rstd) = (mean as f32, rstd as f32);
                     for (((y, &v), &g), &c) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
                         *y = (v - mean) * rstd * g + c;
@@ -216,7 +209,7 @@ impl Kernel for LayerNormOp {
                 let (mut dgamma, mut dbeta) = (vec![0f64; d], vec![0f64; d]);
                 let mut xh = vec![0f64; d];
                 for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                    let (mean, rstd) = self.stats(xr);
+                    let (mean, rstd) = stats(xr, self.eps);
                     let (mut sum_g, mut sum_gx) = (0f64, 0f64);
                     for j in 0..d {
                         xh[j] = (xr[j] as f64 - mean) * rstd;

@@ -218,8 +218,9 @@ impl Module for Linear {
             LinearWeights::Bf16(l) => l.forward(xs)?,
             // Trainable or live f32 weights on the CPU: the kernel, whose backward sums the bias's
             // gradient row by row (candle's broadcast-add backward walks the strided dimension
-            // one element at a time). The transposed view is copied per call, which keeps live
-            // weights live and passes the gradient back to `[out, in]`.
+            // one element at a time). The transposed view is copied per call (a column-major
+            // right-hand side is gemm's slow case), which keeps live weights live and passes the
+            // gradient back to `[out, in]`.
             LinearWeights::Candle(l)
                 if xs.dtype() == DType::F32
                     && xs.device().is_cpu()
