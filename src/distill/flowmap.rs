@@ -84,6 +84,9 @@ pub enum LossUnits {
     /// weighted by √((1−ᾱ_s)/ᾱ_s), large at high noise, as LCD's loss on its x₀-like output
     /// weights them (the start of a 1-step jump is the noisiest).
     X0,
+    /// x̂₀'s units for the jumps that end at the data (there the loss is LCD's: the consistency
+    /// map, which a 1-step sample uses from the noisiest start), ε's for every other jump.
+    CleanX0,
 }
 
 impl LossUnits {
@@ -320,10 +323,14 @@ pub fn flow_map_step(
     )?;
     let loss = match cfg.units {
         LossUnits::Eps => cfg.loss.compute(&online_eps, &target_eps)?,
-        LossUnits::X0 => {
+        LossUnits::X0 | LossUnits::CleanX0 => {
             let k: Vec<f64> = start
                 .iter()
-                .map(|&s| {
+                .zip(batch.end)
+                .map(|(&s, &t)| {
+                    if cfg.units == LossUnits::CleanX0 && t != CLEAN {
+                        return 1.0;
+                    }
                     let a = schedule.alpha_bar(s as i64);
                     ((1.0 - a) / a).sqrt()
                 })
@@ -627,7 +634,11 @@ mod tests {
         let z0 = Tensor::new(&[[1.2f32], [2.0], [0.9]], &dev)?;
         let noise = Tensor::new(&[[0.3f32], [-1.1], [0.7]], &dev)?;
         let cond = Tensor::zeros((3, 1), DType::F32, &dev)?;
-        let run_in = |units: LossUnits, end: &[EndTime], mid: &[usize]| -> Result<FlowOutputs> {
+        let run_as = |condition: FlowCondition,
+                      units: LossUnits,
+                      end: &[EndTime],
+                      mid: &[usize]|
+         -> Result<FlowOutputs> {
             let batch = FlowBatch {
                 z0: &z0,
                 noise: &noise,
@@ -640,7 +651,7 @@ mod tests {
             };
             let cfg = FlowConfig {
                 units,
-                condition: FlowCondition::Semigroup,
+                condition,
                 w_embed_dim: None,
                 loss: Loss::L2,
             };
@@ -653,6 +664,9 @@ mod tests {
                 &batch,
                 &cfg,
             )
+        };
+        let run_in = |units: LossUnits, end: &[EndTime], mid: &[usize]| {
+            run_as(FlowCondition::Semigroup, units, end, mid)
         };
         let run = |end: &[EndTime], mid: &[usize]| -> Result<f32> {
             Ok(run_in(LossUnits::Eps, end, mid)?.loss.to_scalar::<f32>()?)
@@ -681,6 +695,26 @@ mod tests {
         assert!(
             (got - want).abs() <= 1e-5 * want,
             "x0 units: {got} vs {want}"
+        );
+        // Mixed: only the jump to the data (the first) counts in clean-estimate units. (Eulerian:
+        // its target carries the teacher step's error to every end, so no row's error is 0.)
+        let out = run_as(
+            FlowCondition::Eulerian,
+            LossUnits::CleanX0,
+            &[CLEAN, 599, 239],
+            &[0, 0, 0],
+        )?;
+        let d: Vec<f32> = (&out.online_eps - &out.target_eps)?
+            .flatten_all()?
+            .to_vec1()?;
+        let a = s.alpha_bar(out.start[0] as i64);
+        let want =
+            ((1.0 - a) / a * (d[0] as f64).powi(2) + (d[1] as f64).powi(2) + (d[2] as f64).powi(2))
+                / 3.0;
+        let got = out.loss.to_scalar::<f32>()? as f64;
+        assert!(
+            d[0] != 0.0 && (got - want).abs() <= 1e-5 * want,
+            "clean-x0 units: {got} vs {want}"
         );
         // Bad ends and intermediates are refused.
         assert!(run(&[990, 0, 0], &[500, 100, 10]).is_err());

@@ -11,5 +11,6 @@ pub mod student;
 pub mod task;
 
 pub use task::{
-    distillation, DistillConfig, Distillation, LcdTask, Objective, TrainData, LORA_FILE,
+    distillation, DistillConfig, Distillation, EndEmbedding, LcdTask, Objective, TrainData,
+    LORA_FILE,
 };
