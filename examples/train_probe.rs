@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         huber_c: Some(0.001),
         ..Default::default()
     };
-    let student = UNetStudent::new(&teacher.config, c.student_w_embed(), None);
+    let student = UNetStudent::new(&teacher.config, c.student_w_embed(), false);
     let mut t = distillation(
         &teacher,
         Box::new(student),
@@ -109,7 +109,7 @@ fn sd15_lora(resolution: usize, teacher_dtype: DType) -> anyhow::Result<()> {
         lora_rank: Some(64),
         ..Default::default()
     };
-    let student = UNetStudent::new(&cfg, c.student_w_embed(), None);
+    let student = UNetStudent::new(&cfg, c.student_w_embed(), false);
     let mut t = distillation(
         &teacher,
         Box::new(student),

@@ -57,7 +57,7 @@ fn trainer<'t>(
     let student = UNetStudent::new(
         &teacher.config,
         config.student_w_embed(),
-        config.flow_end_embedding(),
+        config.objective.flow_condition().is_some(),
     );
     distillation(
         teacher,
@@ -180,11 +180,6 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         ..config()
     });
     assert!(units.contains("--flow-loss"), "{units}");
-    let end = lcd_with(DistillConfig {
-        end_embedding: lcm::distill::EndEmbedding::FromClean,
-        ..config()
-    });
-    assert!(end.contains("--end-embedding"), "{end}");
     std::fs::remove_dir_all(run).ok();
 }
 
@@ -207,7 +202,7 @@ fn the_target_network_follows_the_ema() {
     for _ in 0..3 {
         a.step().unwrap();
     }
-    let student = UNetStudent::new(&teacher.config, config().student_w_embed(), None);
+    let student = UNetStudent::new(&teacher.config, config().student_w_embed(), false);
     let ema = a.state.ema_weights().unwrap();
     let fresh = student
         .build(candle_nn::VarBuilder::from_tensors(
@@ -291,26 +286,13 @@ fn flow_map_distillation_starts_at_its_source_and_resumes_exactly() {
     let resumed: Vec<f64> = (0..2).map(|_| b.step().unwrap().loss).collect();
     assert_eq!(resumed, losses[2..]);
     // An LCD run cannot resume a flow-map checkpoint (the settings differ).
-    let mut lcd = trainer(&teacher, &weights, schedule.clone(), config()).unwrap();
+    let mut lcd = trainer(&teacher, &weights, schedule, config()).unwrap();
     assert!(lcd.resume(&latest, &Device::Cpu).is_err());
     let lora = DistillConfig {
         lora_rank: Some(4),
         ..flow()
     };
     assert!(lora.check().is_err());
-    // Relative to the clean end: the student's folder says so.
-    let rel = trainer(
-        &teacher,
-        &weights,
-        schedule,
-        DistillConfig {
-            end_embedding: lcm::distill::EndEmbedding::FromClean,
-            ..flow()
-        },
-    )
-    .unwrap();
-    assert_eq!(rel.task.settings()["student"]["end_time_from_clean"], true);
-    assert_eq!(rel.task.settings()["config"]["end_embedding"], "from-clean");
     std::fs::remove_dir_all(run).ok();
 }
 

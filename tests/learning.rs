@@ -225,7 +225,7 @@ fn distillation_learns_the_teachers_samples() -> Result<()> {
         ddim_steps: 10,
         ..Default::default()
     };
-    let student = UNetStudent::new(&base, config.student_w_embed(), None);
+    let student = UNetStudent::new(&base, config.student_w_embed(), false);
     let student_cfg = student.config.clone();
     let mut trainer = distillation(
         &teacher,

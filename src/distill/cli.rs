@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::student::UNetStudent;
-use super::task::{distillation, DistillConfig, EndEmbedding, TrainData};
+use super::task::{distillation, DistillConfig, TrainData};
 use crate::data::encode::{EncodeSpec, TextEncoderRef};
 use crate::model::folder::ModelFolder;
 use crate::model::unet::UNet2DConditionModel;
@@ -71,15 +71,11 @@ pub struct DistillArgs {
     /// own end, or uniform between. More weight on clean favours 1-step sampling.
     #[arg(long, default_value = "1:1:2")]
     pub end_mix: super::flowmap::EndMix,
-    /// Flow maps: compare ε̂ with its target in ε (eps) or in the clean estimate each implies
-    /// (x0: errors weighted by √((1−ᾱ_s)/ᾱ_s), as LCD's loss weights them).
+    /// Flow maps: compare ε̂ with its target in ε (eps), in the clean estimate each implies
+    /// (x0: errors weighted by √((1−ᾱ_s)/ᾱ_s), as LCD's loss weights them), or in the clean
+    /// estimate's units for the jumps to the data only (clean-x0).
     #[arg(long, value_enum, default_value = "eps")]
     pub flow_loss: super::flowmap::LossUnits,
-    /// Flow maps: the end time's embedding as the sinusoid of the end (absolute) or minus the
-    /// clean end's (from-clean: the jump to the data gets none, so a student started from an LCM
-    /// keeps its 1-step map's input unchanged).
-    #[arg(long, value_enum, default_value = "absolute")]
-    pub end_embedding: super::task::EndEmbedding,
     #[arg(long, default_value_t = 0.95)]
     pub ema: f64,
     /// l2 or huber.
@@ -166,7 +162,6 @@ impl DistillArgs {
             objective: self.objective,
             end_mix: self.end_mix,
             flow_loss: self.flow_loss,
-            end_embedding: self.end_embedding,
         };
         config.check()?;
         Ok(config)
@@ -260,7 +255,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     let student = UNetStudent::new(
         &pipe.unet.config,
         config.student_w_embed(),
-        config.flow_end_embedding(),
+        config.objective.flow_condition().is_some(),
     );
     let student_cfg = student.config.clone();
     let schedule = NoiseSchedule::from_config(&pipe.scheduler_config)?;
@@ -323,9 +318,6 @@ fn export(
     unet_cfg["time_cond_proj_dim"] = config.w_embed_dim.into();
     if config.objective.flow_condition().is_some() {
         unet_cfg["end_time_embedding"] = true.into();
-        if config.end_embedding == EndEmbedding::FromClean {
-            unet_cfg["end_time_from_clean"] = true.into();
-        }
     }
     crate::files::write_atomic(
         &out.join("unet/config.json"),

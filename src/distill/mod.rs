@@ -11,6 +11,5 @@ pub mod student;
 pub mod task;
 
 pub use task::{
-    distillation, DistillConfig, Distillation, EndEmbedding, LcdTask, Objective, TrainData,
-    LORA_FILE,
+    distillation, DistillConfig, Distillation, LcdTask, Objective, TrainData, LORA_FILE,
 };

@@ -91,7 +91,7 @@ pub fn run(args: &DistillArgs, dir: &Path) -> Result<()> {
     let student = MotionStudent::new(
         &folder.denoiser,
         config.w_embed_dim,
-        config.flow_end_embedding(),
+        config.objective.flow_condition().is_some(),
     );
     let student_cfg = student.config.clone();
     let schedule = NoiseSchedule::from_config(&folder.scheduler)?;

@@ -7,7 +7,6 @@ use anyhow::Result;
 use candle_core::DType;
 use candle_nn::VarBuilder;
 
-use super::task::EndEmbedding;
 use crate::model::config::UNetConfig;
 use crate::model::unet::UNet2DConditionModel;
 use crate::sample::denoiser::Denoiser;
@@ -57,18 +56,13 @@ pub struct UNetStudent {
 
 impl UNetStudent {
     /// `teacher`'s layout with a `w_embed_dim`-wide guidance embedding (`None`: without one, as
-    /// LCM-LoRA students are), and for a flow map (`flow_map`: `Some`) an end-time embedding.
-    pub fn new(
-        teacher: &UNetConfig,
-        w_embed_dim: Option<usize>,
-        flow_map: Option<EndEmbedding>,
-    ) -> Self {
+    /// LCM-LoRA students are), and an end-time embedding if `flow_map`.
+    pub fn new(teacher: &UNetConfig, w_embed_dim: Option<usize>, flow_map: bool) -> Self {
         let mut config = teacher.clone();
         if w_embed_dim.is_some() {
             config.time_cond_proj_dim = w_embed_dim;
         }
-        config.end_time_embedding |= flow_map.is_some();
-        config.end_time_from_clean |= flow_map == Some(EndEmbedding::FromClean);
+        config.end_time_embedding |= flow_map;
         Self { config }
     }
 }
@@ -94,12 +88,11 @@ impl MotionStudent {
     pub fn new(
         teacher: &crate::model::motion_denoiser::MotionDenoiserConfig,
         w_embed_dim: usize,
-        flow_map: Option<EndEmbedding>,
+        flow_map: bool,
     ) -> Self {
         let mut config = teacher.clone();
         config.time_cond_proj_dim = Some(w_embed_dim);
-        config.end_time_embedding |= flow_map.is_some();
-        config.end_time_from_clean |= flow_map == Some(EndEmbedding::FromClean);
+        config.end_time_embedding |= flow_map;
         Self { config }
     }
 }

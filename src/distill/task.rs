@@ -63,26 +63,6 @@ pub struct DistillConfig {
     /// Flow maps: the loss in ε or in the implied clean estimate's units.
     #[serde(default, skip_serializing_if = "LossUnits::is_eps")]
     pub flow_loss: LossUnits,
-    /// Flow maps: the end-time embedding absolute or relative to the clean end's.
-    #[serde(default, skip_serializing_if = "EndEmbedding::is_absolute")]
-    pub end_embedding: EndEmbedding,
-}
-
-/// How a flow-map student embeds the end time (`--end-embedding`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum EndEmbedding {
-    /// The end time's sinusoid.
-    #[default]
-    Absolute,
-    /// The end time's sinusoid minus the clean end's: zero for a jump to the data.
-    FromClean,
-}
-
-impl EndEmbedding {
-    fn is_absolute(&self) -> bool {
-        *self == EndEmbedding::Absolute
-    }
 }
 
 /// The distillation objective (`--objective`).
@@ -118,11 +98,6 @@ fn is_zero(x: &usize) -> bool {
 }
 
 impl DistillConfig {
-    /// A flow-map student's end-time embedding; `None` for an LCM.
-    pub fn flow_end_embedding(&self) -> Option<EndEmbedding> {
-        self.objective.flow_condition().map(|_| self.end_embedding)
-    }
-
     /// The settings' own bounds, named by their flags (checked before any data is encoded).
     pub fn check(&self) -> Result<()> {
         if self.batch_size == 0 {
@@ -136,9 +111,6 @@ impl DistillConfig {
         }
         if self.objective == Objective::Lcd && !self.flow_loss.is_eps() {
             bail!("--flow-loss applies to the flow-map objectives")
-        }
-        if self.objective == Objective::Lcd && !self.end_embedding.is_absolute() {
-            bail!("--end-embedding applies to the flow-map objectives")
         }
         if self.objective == Objective::Lcd && !self.end_mix.is_default() {
             bail!(
@@ -176,7 +148,6 @@ impl Default for DistillConfig {
             objective: Objective::Lcd,
             end_mix: EndMix::default(),
             flow_loss: LossUnits::Eps,
-            end_embedding: EndEmbedding::Absolute,
         }
     }
 }

@@ -128,9 +128,6 @@ pub struct UNetConfig {
     /// `time_embedding.end_proj`, a sinusoid like the timestep's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub end_time_embedding: bool,
-    /// The end-time sinusoid is taken relative to the clean end's (`nn::end_time_embedding`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub end_time_from_clean: bool,
     #[serde(default)]
     pub use_linear_projection: bool,
     #[serde(default = "one")]

@@ -37,9 +37,6 @@ pub struct MotionDenoiserConfig {
     /// A flow-map student: the jump's end time enters through `time_embedding.end_proj`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub end_time_embedding: bool,
-    /// The end-time sinusoid is taken relative to the clean end's (`nn::end_time_embedding`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub end_time_from_clean: bool,
 }
 
 impl MotionDenoiserConfig {
@@ -150,14 +147,7 @@ impl MotionDenoiser {
         }
         match (&self.end_proj, end) {
             (Some(p), end) => {
-                let e = crate::nn::end_time_embedding(
-                    end.unwrap_or(t),
-                    d,
-                    true,
-                    0.0,
-                    c.end_time_from_clean,
-                )?;
-                temb = (temb + p.forward(&e)?)?
+                temb = (temb + p.forward(&timestep_embedding(end.unwrap_or(t), d, true, 0.0)?)?)?
             }
             (None, Some(_)) => {
                 bail!("this motion denoiser is not a flow map (it has no end-time embedding)")

@@ -413,17 +413,7 @@ impl UNet2DConditionModel {
         };
         let mut t_emb = sinusoid(timesteps)?;
         match (&self.end_proj, end) {
-            (Some(p), end) => {
-                let e = nn::end_time_embedding(
-                    end.unwrap_or(timesteps),
-                    cfg.block_out_channels[0],
-                    cfg.flip_sin_to_cos,
-                    cfg.freq_shift,
-                    cfg.end_time_from_clean,
-                )?
-                .to_dtype(self.time_linear_1.dtype())?;
-                t_emb = (p.forward(&e)? + t_emb)?
-            }
+            (Some(p), end) => t_emb = (p.forward(&sinusoid(end.unwrap_or(timesteps))?)? + t_emb)?,
             (None, Some(_)) => {
                 candle_core::bail!("this U-Net is not a flow map (it has no end-time embedding)")
             }

@@ -528,32 +528,6 @@ pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
 /// Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `get_timestep_embedding`:
 /// frequencies `exp(-ln(max_period)·k/(half − shift))`, output `[sin | cos]`, or `[cos | sin]` when
 /// `flip_sin_to_cos`. `timesteps` is `[b]`; the result is `[b, dim]` in f32.
-/// The end time a flow map's jump to the data is given (no noise level: ᾱ = 1).
-pub const CLEAN_END_TIME: i64 = -1;
-
-/// A flow map's end-time sinusoid (the timestep's, at the end time); with `from_clean` minus the
-/// clean end's, so a jump to the data adds nothing through the end-time embedding and a student
-/// started from an LCM keeps its consistency map there whatever `end_proj` learns.
-pub fn end_time_embedding(
-    ends: &Tensor,
-    dim: usize,
-    flip_sin_to_cos: bool,
-    freq_shift: f64,
-    from_clean: bool,
-) -> Result<Tensor> {
-    let emb = timestep_embedding(ends, dim, flip_sin_to_cos, freq_shift)?;
-    if !from_clean {
-        return Ok(emb);
-    }
-    let clean = Tensor::new(&[CLEAN_END_TIME as f32], ends.device())?;
-    emb.broadcast_sub(&timestep_embedding(
-        &clean,
-        dim,
-        flip_sin_to_cos,
-        freq_shift,
-    )?)
-}
-
 pub fn timestep_embedding(
     timesteps: &Tensor,
     dim: usize,

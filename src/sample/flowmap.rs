@@ -13,7 +13,7 @@ use super::schedule::{per_sample, NoiseSchedule};
 pub type EndTime = i64;
 
 /// The end time of the data (ᾱ = 1).
-pub const CLEAN: EndTime = crate::nn::CLEAN_END_TIME;
+pub const CLEAN: EndTime = -1;
 
 /// ᾱ at an end time (1 for [`CLEAN`]).
 pub fn end_alpha_bar(schedule: &NoiseSchedule, t: EndTime) -> f64 {
@@ -219,9 +219,8 @@ mod tests {
     use super::*;
 
     /// A student with the teacher's weights and a zero `end_proj` predicts the teacher's ε for
-    /// every end time; a non-zero one makes the end time matter, except for a jump to the data
-    /// when the embedding is taken from the clean end's. Checked on the motion denoiser and the
-    /// U-Net (random weights, the shipped and fixture layouts).
+    /// every end time; a non-zero one makes the end time matter. Checked on the motion denoiser
+    /// and the U-Net (random weights, the shipped and fixture layouts).
     #[test]
     fn a_zero_end_embedding_starts_the_student_at_the_teacher() -> Result<()> {
         let dev = Device::Cpu;
@@ -257,14 +256,12 @@ mod tests {
             &teacher_cfg,
             VarBuilder::from_varmap(&vars, DType::F32, &dev),
         )?;
+        let mut student_cfg = teacher_cfg.clone();
+        student_cfg.end_time_embedding = true;
         let x = Tensor::randn(0f32, 1.0, (3, cfg.latent_tokens, cfg.latent_channels), &dev)?;
         let c = Tensor::randn(0f32, 1.0, (3, cfg.text_tokens, cfg.text_dim), &dev)?;
         let want = teacher.predict_eps(&x, &[999, 500, 20], &c, None)?;
-        // Relative to the clean end, a jump to the data is the teacher's whatever end_proj is.
-        for (scale, from_clean) in [(0.0, false), (0.5, false), (0.5, true)] {
-            let mut student_cfg = teacher_cfg.clone();
-            student_cfg.end_time_embedding = true;
-            student_cfg.end_time_from_clean = from_clean;
+        for (scale, same) in [(0.0, true), (0.5, false)] {
             let student = MotionDenoiser::new(
                 &student_cfg,
                 VarBuilder::from_tensors(with_end(&vars, scale), DType::F32, &dev),
@@ -272,11 +269,10 @@ mod tests {
             for &e in &ends {
                 let got = student.predict_jump_eps(&x, &[999, 500, 20], &[e; 3], &c, None)?;
                 let d = differs(&got, &want)?;
-                let same = scale == 0.0 || (from_clean && e == CLEAN);
                 assert_eq!(
                     d == 0.0,
                     same,
-                    "motion, end_proj ×{scale}, from clean {from_clean}, end {e}: differs by {d}"
+                    "motion, end_proj ×{scale}, end {e}: differs by {d}"
                 );
             }
         }
@@ -288,14 +284,13 @@ mod tests {
         let vars = VarMap::new();
         let teacher =
             UNet2DConditionModel::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
+        let mut student_cfg = cfg.clone();
+        student_cfg.end_time_embedding = true;
         let s = cfg.sample_size.unwrap_or(8);
         let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, s, s), &dev)?;
         let c = Tensor::randn(0f32, 1.0, (2, 4, cfg.cross_attention_dim), &dev)?;
         let want = teacher.predict_eps(&x, &[999, 20], &c, None)?;
-        for (scale, from_clean) in [(0.0, false), (0.5, false), (0.5, true)] {
-            let mut student_cfg = cfg.clone();
-            student_cfg.end_time_embedding = true;
-            student_cfg.end_time_from_clean = from_clean;
+        for (scale, same) in [(0.0, true), (0.5, false)] {
             let student = UNet2DConditionModel::new(
                 &student_cfg,
                 VarBuilder::from_tensors(with_end(&vars, scale), DType::F32, &dev),
@@ -303,11 +298,10 @@ mod tests {
             for &e in &ends {
                 let got = student.predict_jump_eps(&x, &[999, 20], &[e; 2], &c, None)?;
                 let d = differs(&got, &want)?;
-                let same = scale == 0.0 || (from_clean && e == CLEAN);
                 assert_eq!(
                     d == 0.0,
                     same,
-                    "U-Net, end_proj ×{scale}, from clean {from_clean}, end {e}: differs by {d}"
+                    "U-Net, end_proj ×{scale}, end {e}: differs by {d}"
                 );
             }
         }
